@@ -1,0 +1,52 @@
+# Everything sets itself up: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+VENV_LS := .venv-ls
+PY := $(VENV)/bin/python
+CACHE := $(CURDIR)/.cache
+export GKC_CACHE := $(CACHE)
+export NLTK_DATA := $(CACHE)/nltk_data
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup setup-ls test test-fast demo bench clean
+
+setup: $(VENV)/.installed $(CACHE)/.demo-model $(NLTK_DATA)/corpora/wordnet/lexnames
+
+/usr/share/wordnet/data.noun:
+	@echo "installing WordNet (Debian wordnet-base, wordnet-sense-index)"
+	(apt-get install -y -q wordnet-base wordnet-sense-index || (apt-get update -q && apt-get install -y -q wordnet-base wordnet-sense-index)) >/dev/null
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(NLTK_DATA)/corpora/wordnet/lexnames: /usr/share/wordnet/data.noun $(VENV)/.installed
+	$(PY) -c "from model.wordnet import ensure_wordnet; ensure_wordnet()"
+
+$(CACHE)/.demo-model: demo/assets/demo-clip-weights.pt $(VENV)/.installed
+	$(PY) -c "from demo.train_clip import materialize; print(materialize())"
+	touch $@
+
+# Label Studio lives in its own environment: its pins must not meet the model's.
+setup-ls: $(VENV_LS)/.installed
+$(VENV_LS)/.installed:
+	test -x $(VENV_LS)/bin/python || $(PYTHON) -m venv $(VENV_LS)
+	$(VENV_LS)/bin/pip install -q label-studio==1.23.2
+	touch $@
+
+test: setup setup-ls
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not labelstudio"
+
+demo: setup setup-ls
+	$(PY) -m demo
+
+bench: setup
+	$(PY) -m bench.speed
+	$(PY) -m bench.accuracy
+
+clean:
+	rm -rf $(VENV) $(VENV_LS) $(CACHE) .demo

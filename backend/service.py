@@ -1,0 +1,209 @@
+"""The segmentation service behind the HTTP app: model lifecycle, /setup and /predict logic."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backend.images import ImageError, ImageFetcher
+from backend.label_config import LabelConfigError, Target, parse_targets
+from backend.results import build_results
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """A request the service can't answer; ``status`` is the HTTP status to send."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class LoadedModel:
+    predictor: object
+    name: str  # model identity + checkpoint, e.g. "ViT-B-16/openai@zero-shot"
+
+
+@dataclass
+class Metrics:
+    requests: int = 0
+    tasks: int = 0
+    task_errors: int = 0
+    predict_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def as_dict(self) -> dict:
+        with self.lock:
+            return {"predict_requests": self.requests, "predicted_tasks": self.tasks,
+                    "failed_tasks": self.task_errors, "predict_seconds_total": round(self.predict_seconds, 3)}
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """CLIP → segmenter → predictor, as the settings say."""
+    from model.clip import load_clip
+    from model.predictor import Predictor
+    from model.segmenter import build_segmenter
+    from model.vocabulary import TextEncoder
+
+    clip = load_clip(settings.clip_model, settings.clip_pretrained, settings.device)
+    segmenter = build_segmenter(clip)
+    encoder = TextEncoder(clip, cache_dir=settings.cache_dir)
+    predictor = Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=settings.inference_size,
+                          batch_size=settings.predict_batch_size, device=settings.device)
+    return LoadedModel(predictor=predictor, name=f"{clip.identity}@zero-shot")
+
+
+class SegmentationService:
+    """Loads the model in the background and answers /setup and /predict payloads."""
+
+    def __init__(self, settings: Settings, model_loader=load_model):
+        self.settings = settings
+        self.fetcher = ImageFetcher(settings.label_studio_url, settings.label_studio_api_key,
+                                    settings.allowed_image_hosts, settings.max_image_bytes,
+                                    settings.max_image_pixels, settings.fetch_timeout)
+        self.metrics = Metrics()
+        self._model: LoadedModel | None = None
+        self._model_error: str | None = None
+        self._loaded = threading.Event()
+        self._model_loader = model_loader
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
+
+    # ------------------------------------------------------------------ model lifecycle
+    def start(self) -> None:
+        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        started = time.time()
+        try:
+            self._model = self._model_loader(self.settings)
+            log.info("model %s ready in %.1fs", self._model.name, time.time() - started)
+        except Exception as error:
+            self._model_error = str(error)
+            log.error("model failed to load: %s", error)
+        finally:
+            self._loaded.set()
+
+    def model(self, wait: float = 300.0) -> LoadedModel:
+        if not self._loaded.wait(wait):
+            raise ServiceError("the model is still loading; try again shortly", 503)
+        if self._model is None:
+            raise ServiceError(f"the model could not be loaded: {self._model_error}", 500)
+        return self._model
+
+    @property
+    def state(self) -> str:
+        if not self._loaded.is_set():
+            return "loading"
+        return "ready" if self._model is not None else "error"
+
+    def status(self) -> dict:
+        status = {"model_state": self.state}
+        if self._model is not None:
+            status["model"] = self._model.name
+        if self._model_error:
+            status["model_error"] = self._model_error
+        return status
+
+    # ------------------------------------------------------------------ protocol
+    @staticmethod
+    def model_version(model: LoadedModel, targets: tuple[Target, ...]) -> str:
+        vocab = hashlib.sha1("|".join(t.vocabulary.key for t in targets).encode()).hexdigest()[:8]
+        return f"{model.name}:vocab-{vocab}"
+
+    def setup(self, payload: dict) -> dict:
+        schema = payload.get("schema") or payload.get("label_config") or ""
+        targets = self._targets(schema)
+        hostname, token = payload.get("hostname"), payload.get("access_token")
+        if hostname and token and not self.settings.label_studio_url:
+            # Label Studio says where and how to fetch its images; environment settings win.
+            self.fetcher.configure(hostname, self.settings.label_studio_api_key or token)
+        model = self.model(wait=2.5)  # Label Studio waits ~3 s for /setup
+        return {"model_version": self.model_version(model, targets)}
+
+    def webhook(self, payload: dict) -> dict:
+        """Acknowledge Label Studio's events at once (it waits about a second)."""
+        action = payload.get("action")
+        if not action:
+            raise ServiceError("webhook payload without an 'action'")
+        log.info("webhook %s acknowledged", action)
+        return {"status": "ok", "action": action}
+
+    def versions(self) -> dict:
+        model = self._model
+        return {"versions": [model.name] if model else [], "model_dir": str(self.settings.model_dir)}
+
+    @staticmethod
+    def _targets(label_config: str) -> tuple[Target, ...]:
+        try:
+            return parse_targets(label_config)
+        except LabelConfigError as error:
+            raise ServiceError(str(error), 400) from None
+
+    def _load_image(self, task: dict, target: Target) -> np.ndarray:
+        data = task.get("data") or {}
+        if target.data_key not in data:
+            raise ImageError(f"task data has no {target.data_key!r} field (the Image tag reads ${target.data_key})")
+        return self.fetcher.fetch(data[target.data_key], task.get("id"))
+
+    def predict(self, payload: dict) -> dict:
+        started = time.time()
+        tasks = payload.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise ServiceError("the request has no tasks: expected {\"tasks\": [...], \"label_config\": ...}")
+        if not all(isinstance(t, dict) for t in tasks):
+            raise ServiceError("every task must be a JSON object")
+        targets = self._targets(payload.get("label_config") or payload.get("schema") or "")
+        model = self.model()
+        version = self.model_version(model, targets)
+        errors: dict[int, str] = {}
+        results: list[list[dict]] = [[] for _ in tasks]
+        scores: list[list[float]] = [[] for _ in tasks]
+        # Targets reading the same image with the same vocabulary share one prediction.
+        for (data_key, _), group in _group_targets(targets).items():
+            futures = [self._pool.submit(self._load_image, task, group[0]) for task in tasks]
+            images, indices = [], []
+            for index, future in enumerate(futures):
+                try:
+                    images.append(future.result())
+                    indices.append(index)
+                except ImageError as error:
+                    errors.setdefault(index, str(error))
+                except Exception as error:  # never let one task break the batch
+                    log.exception("unexpected error loading task %s", tasks[index].get("id"))
+                    errors.setdefault(index, f"{error.__class__.__name__}: {error}")
+            if not images:
+                continue
+            predictions = model.predictor.predict(images, group[0].vocabulary)
+            for index, prediction in zip(indices, predictions):
+                scores[index].append(float(prediction.confidence.mean()))
+                for target in group:
+                    results[index].extend(build_results(target, prediction))
+        answer = []
+        for index, task in enumerate(tasks):
+            if index in errors:
+                log.warning("task %s: %s", task.get("id"), errors[index])
+                answer.append({"result": [], "score": 0.0, "model_version": version, "error": errors[index]})
+            else:
+                answer.append({"result": results[index], "score": round(float(np.mean(scores[index])), 4),
+                               "model_version": version})
+        with self.metrics.lock:
+            self.metrics.requests += 1
+            self.metrics.tasks += len(tasks)
+            self.metrics.task_errors += len(errors)
+            self.metrics.predict_seconds += time.time() - started
+        return {"results": answer, "model_version": version}
+
+
+def _group_targets(targets: tuple[Target, ...]) -> dict[tuple[str, str], list[Target]]:
+    groups: dict[tuple[str, str], list[Target]] = {}
+    for target in targets:
+        groups.setdefault((target.data_key, target.vocabulary.key), []).append(target)
+    return groups

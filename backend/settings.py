@@ -1,0 +1,38 @@
+"""Settings from the environment (same names as Label Studio's official ML backends where they exist)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+@dataclass(frozen=True)
+class Settings:
+    label_studio_url: str = field(default_factory=lambda: _env("LABEL_STUDIO_URL") or _env("LABEL_STUDIO_HOST"))
+    label_studio_api_key: str = field(default_factory=lambda: _env("LABEL_STUDIO_API_KEY"))
+    model_dir: Path = field(default_factory=lambda: Path(_env("MODEL_DIR", "./model_dir")))
+    basic_auth_user: str = field(default_factory=lambda: _env("BASIC_AUTH_USER"))
+    basic_auth_pass: str = field(default_factory=lambda: _env("BASIC_AUTH_PASS"))
+    log_level: str = field(default_factory=lambda: _env("LOG_LEVEL", "INFO").upper())
+    host: str = field(default_factory=lambda: _env("HOST", "0.0.0.0"))
+    port: int = field(default_factory=lambda: int(_env("PORT", "9090")))
+    workers: int = field(default_factory=lambda: int(_env("WORKERS", "1")))
+    threads: int = field(default_factory=lambda: int(_env("THREADS", "8")))
+    clip_model: str = field(default_factory=lambda: _env("CLIP_MODEL", "ViT-B-16"))
+    clip_pretrained: str = field(default_factory=lambda: _env("CLIP_PRETRAINED", "openai"))
+    device: str = field(default_factory=lambda: _env("DEVICE", "cpu"))
+    inference_size: int = field(default_factory=lambda: int(_env("INFERENCE_SIZE", "448")))
+    predict_batch_size: int = field(default_factory=lambda: int(_env("PREDICT_BATCH_SIZE", "8")))
+    allowed_image_hosts: tuple[str, ...] = field(
+        default_factory=lambda: tuple(h for h in _env("ALLOWED_IMAGE_HOSTS").split(",") if h.strip()))
+    max_image_bytes: int = field(default_factory=lambda: int(_env("MAX_IMAGE_BYTES", str(50 * 2**20))))
+    max_image_pixels: int = field(default_factory=lambda: int(_env("MAX_IMAGE_PIXELS", str(64 * 2**20))))
+    fetch_timeout: float = field(default_factory=lambda: float(_env("FETCH_TIMEOUT", "10")))
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.model_dir / "cache"

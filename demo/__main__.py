@@ -1,0 +1,91 @@
+"""``make demo``: a real Label Studio pre-labeled by our backend, from scratch, offline.
+
+Starts Label Studio on 127.0.0.1:8080 and the backend (demo model) on 127.0.0.1:9090,
+creates a project from ``labeling_config/demo-world.xml``, imports demo-world images,
+connects the backend, asks Label Studio to pre-label every task, reports the mIoU of
+the predictions Label Studio stored, and keeps both servers running until Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from backend.annotations import results_to_label_map
+from backend.label_config import parse_targets
+from demo import world
+from demo.labelstudio import ROOT, LabelStudio, start_backend
+from model.metrics import ConfusionMatrix
+
+CONFIG = ROOT / "labeling_config" / "demo-world.xml"
+SCENE_NAME = re.compile(r"scene-(\d+)\.png$")
+
+
+def stored_prediction_miou(label_studio: LabelStudio, project: int, scenes, label_config: str) -> ConfusionMatrix:
+    """Decode the predictions Label Studio stored and score them against the scenes' truth."""
+    target = parse_targets(label_config)[0]
+    confusion = ConfusionMatrix(len(target.vocabulary))
+    for task in label_studio.tasks(project):
+        match = SCENE_NAME.search(task["data"]["image"])
+        if not match or not task.get("predictions"):
+            continue
+        truth = scenes[int(match.group(1))][1]
+        predicted = results_to_label_map(task["predictions"][-1]["result"], target, *truth.shape)
+        confusion.update(truth, predicted)
+    return confusion
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--ls-port", type=int, default=8080)
+    parser.add_argument("--backend-port", type=int, default=9090)
+    parser.add_argument("--work-dir", type=Path, default=ROOT / ".demo")
+    parser.add_argument("--exit", action="store_true", help="stop after reporting instead of waiting for Ctrl-C")
+    args = parser.parse_args(argv)
+
+    shutil.rmtree(args.work_dir, ignore_errors=True)
+    args.work_dir.mkdir(parents=True)
+    scenes = world.test_scenes(args.images)
+    started = time.time()
+    print(f"starting Label Studio on 127.0.0.1:{args.ls_port} (about a minute on first start)...", flush=True)
+    label_studio = LabelStudio(args.work_dir / "label-studio", port=args.ls_port, password="demo-password")
+    backend = None
+    try:
+        label_studio.start()
+        print("starting the backend with the demo model...", flush=True)
+        backend = start_backend(args.backend_port, args.work_dir / "model_dir", label_studio)
+        label_config = CONFIG.read_text()
+        project = label_studio.create_project("Open-vocabulary demo world", label_config)
+        label_studio.import_images(project, {f"scene-{i:03d}.png": image for i, (image, _) in enumerate(scenes)})
+        label_studio.connect_backend(project, f"http://127.0.0.1:{args.backend_port}")
+        print(f"pre-labeling {len(scenes)} tasks through Label Studio...", flush=True)
+        label_studio.retrieve_predictions(project)
+        confusion = stored_prediction_miou(label_studio, project, scenes, label_config)
+        base = [world.NAMES.index(n) for n in world.BASE]
+        novel = [world.NAMES.index(n) for n in world.NOVEL]
+        print(
+            f"\nLabel Studio: {label_studio.url}/projects/{project}/data\n"
+            f"login: {label_studio.username} / {label_studio.password}\n"
+            f"backend: http://127.0.0.1:{args.backend_port} (PID {backend.pid}), Label Studio PID {label_studio.process.pid}\n"
+            f"stored zero-shot predictions: mIoU all={confusion.miou():.1f} base={confusion.miou(base):.1f} "
+            f"novel={confusion.miou(novel):.1f} (%, {len(scenes)} images)\n"
+            f"ready in {time.time() - started:.0f}s", flush=True)
+        if not args.exit:
+            print("press Ctrl-C to stop", flush=True)
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        if backend:
+            backend.stop()
+        label_studio.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Running a real Label Studio server and our backend on loopback, and the few API calls the demo needs.
+
+Used by ``make demo`` and by the end-to-end tests. Label Studio runs from its own
+virtual environment (``.venv-ls``); processes are stopped by their PID.
+"""
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+LABEL_STUDIO_BIN = ROOT / ".venv-ls" / "bin" / "label-studio"
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) != 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"process for {url} exited with {process.returncode}\n{tail}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+class ManagedProcess:
+    """A child process in its own process group, with its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict, log: Path):
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(log, "ab")
+        self.process = subprocess.Popen(args, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log_file.close()
+
+
+class LabelStudio:
+    """A Label Studio server on 127.0.0.1 with a known user and legacy API token."""
+
+    def __init__(self, data_dir: Path, port: int = 8080, username: str = "admin@example.com",
+                 password: str | None = None, token: str | None = None):
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.username = username
+        self.password = password or secrets.token_urlsafe(9)
+        self.token = token or secrets.token_hex(20)
+        self.process: ManagedProcess | None = None
+
+    def start(self, timeout: float = 240) -> "LabelStudio":
+        if not LABEL_STUDIO_BIN.exists():
+            raise RuntimeError(f"{LABEL_STUDIO_BIN} missing: run `make setup-ls`")
+        if not port_is_free(self.port):
+            raise RuntimeError(f"port {self.port} is busy: Label Studio would silently pick another one")
+        env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir), "ML_BLOCK_LOCAL_IP": "false",
+               "SSRF_PROTECTION_ENABLED": "false", "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true"}
+        self.process = ManagedProcess(
+            [str(LABEL_STUDIO_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1",
+             "--port", str(self.port), "--username", self.username, "--password", self.password,
+             "--user-token", self.token, "--enable-legacy-api-token"],
+            env, self.data_dir / "label-studio.log")
+        wait_for(f"{self.url}/health", timeout, self.process.process, self.process.log)
+        return self
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+    # ------------------------------------------------------------------ API
+    def api(self, method: str, path: str, **kwargs):
+        response = requests.request(method, f"{self.url}{path}", timeout=kwargs.pop("timeout", 120),
+                                    headers={"Authorization": f"Token {self.token}"}, **kwargs)
+        if response.status_code >= 400:
+            raise RuntimeError(f"{method} {path} → {response.status_code}: {response.text[:500]}")
+        return response.json() if response.content else None
+
+    def create_project(self, title: str, label_config: str) -> int:
+        return self.api("POST", "/api/projects", json={"title": title, "label_config": label_config})["id"]
+
+    def import_images(self, project: int, images: dict[str, np.ndarray]) -> None:
+        files = {}
+        for k, (name, image) in enumerate(images.items()):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            files[f"file{k}"] = (name, buffer.getvalue(), "image/png")
+        self.api("POST", f"/api/projects/{project}/import", files=files)
+
+    def connect_backend(self, project: int, url: str, title: str = "GKC open-vocabulary segmenter") -> int:
+        return self.api("POST", "/api/ml", json={"url": url, "project": project, "title": title,
+                                                "is_interactive": False})["id"]
+
+    def retrieve_predictions(self, project: int) -> None:
+        self.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
+                 json={"selectedItems": {"all": True, "excluded": []}}, timeout=600)
+
+    def tasks(self, project: int) -> list[dict]:
+        tasks, page = [], 1
+        while True:
+            batch = self.api("GET", f"/api/tasks?project={project}&page={page}&page_size=100&fields=all")
+            items = batch["tasks"] if isinstance(batch, dict) else batch
+            tasks.extend(items)
+            if len(items) < 100:
+                return tasks
+            page += 1
+
+
+def start_backend(port: int, model_dir: Path, label_studio: LabelStudio | None, env_extra: dict | None = None,
+                  timeout: float = 120) -> ManagedProcess:
+    """``python -m backend`` with the demo model on 127.0.0.1:port."""
+    from demo.train_clip import CONFIG, materialize
+
+    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "MODEL_DIR": str(model_dir),
+           "CLIP_MODEL": str(CONFIG), "CLIP_PRETRAINED": str(materialize()), "INFERENCE_SIZE": "128",
+           "WORKERS": "1", "THREADS": "4", "LOG_LEVEL": "INFO"}
+    if label_studio:
+        env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
+    env.update(env_extra or {})
+    process = ManagedProcess([sys.executable, "-m", "backend"], env, Path(model_dir) / "backend.log")
+    wait_for(f"http://127.0.0.1:{port}/health", timeout, process.process, process.log)
+    return process

@@ -1,0 +1,135 @@
+"""One pass of a CLIP image tower that yields dense, text-aligned embeddings.
+
+CLIP is trained to align one *global* image embedding with text; its per-location
+features are not aligned as they stand. Two training-free fixes are used here:
+
+* ViT towers — ClearCLIP (Lan et al., "ClearCLIP: Decomposing CLIP Representations
+  for Dense Vision-Language Inference", ECCV 2024): in the last block, drop the
+  residual connection and the feed-forward network and use query-query attention;
+  the result goes through the usual ``ln_post`` and projection.
+* ResNet towers — MaskCLIP (Zhou et al., "Extract Free Dense Labels from CLIP",
+  ECCV 2022): the attention pool's value and output projections applied at every
+  location, without the query-key pooling.
+
+The same pass also returns intermediate feature maps from several depths, which the
+trainable decoder (:mod:`model.segmenter`) builds on. Position embeddings are
+interpolated, so any input size that is a multiple of the patch (or stride) works.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TowerOutput:
+    """What one image-tower pass returns.
+
+    Attributes:
+        dense: (B, D, h, w) embeddings in CLIP's joint space (not normalised).
+        features: intermediate maps, each (B, C_i, h_i, w_i), shallow to deep.
+    """
+
+    dense: torch.Tensor
+    features: list[torch.Tensor]
+
+
+def _resize_grid(pos: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """(g_h*g_w, C) position embeddings → (h*w, C) by bicubic interpolation."""
+    if tuple(grid) == tuple(size):
+        return pos
+    channels = pos.shape[-1]
+    pos = pos.reshape(1, grid[0], grid[1], channels).permute(0, 3, 1, 2)
+    pos = F.interpolate(pos.float(), size=size, mode="bicubic", align_corners=False)
+    return pos.permute(0, 2, 3, 1).reshape(size[0] * size[1], channels)
+
+
+class ViTDenseTower(nn.Module):
+    """Dense embeddings from an open_clip ``VisionTransformer`` (ClearCLIP last block)."""
+
+    def __init__(self, visual: nn.Module, feature_depths: int = 3):
+        super().__init__()
+        self.visual = visual
+        blocks = len(visual.transformer.resblocks)
+        # Taps spread over the depth, the last one being the input of the final block.
+        self.taps = sorted({max(0, round(blocks * (k + 1) / feature_depths) - 2) for k in range(feature_depths)})
+        self.stride = visual.patch_size[0]
+        self.feature_dims = [visual.transformer.width] * len(self.taps)
+        self.embed_dim = visual.output_dim
+
+    def _last_block_clearclip(self, x: torch.Tensor) -> torch.Tensor:
+        block = self.visual.transformer.resblocks[-1]
+        attn = block.attn
+        y = block.ln_1(x)
+        if not attn.batch_first:
+            y = y.transpose(0, 1)
+        batch, tokens, width = y.shape
+        heads = attn.num_heads
+        q, _, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q = q.reshape(batch, tokens, heads, -1).transpose(1, 2)
+        v = v.reshape(batch, tokens, heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, q, v)
+        out = out.transpose(1, 2).reshape(batch, tokens, width)
+        return block.ls_1(attn.out_proj(out))
+
+    def forward(self, images: torch.Tensor) -> TowerOutput:
+        """images: (B, 3, H, W), normalised, H and W multiples of the patch size."""
+        v = self.visual
+        b, _, height, width = images.shape
+        h, w = height // self.stride, width // self.stride
+        x = v.conv1(images).flatten(2).transpose(1, 2)  # (B, h*w, C)
+        cls = v.class_embedding.to(x.dtype).expand(b, 1, -1)
+        pos = v.positional_embedding.to(x.dtype)
+        pos = torch.cat([pos[:1], _resize_grid(pos[1:], v.grid_size, (h, w)).to(x.dtype)])
+        x = v.ln_pre(torch.cat([cls, x], dim=1) + pos)
+        if not v.transformer.resblocks[0].attn.batch_first:
+            raise NotImplementedError("sequence-first transformer blocks are not supported")
+        features = []
+        for index, block in enumerate(v.transformer.resblocks[:-1]):
+            x = block(x)
+            if index in self.taps:
+                features.append(x[:, 1:].transpose(1, 2).reshape(b, -1, h, w))
+        if len(v.transformer.resblocks) - 1 in self.taps or len(features) < len(self.taps):
+            features.append(x[:, 1:].transpose(1, 2).reshape(b, -1, h, w))
+        dense = v.ln_post(self._last_block_clearclip(x)[:, 1:]) @ v.proj
+        return TowerOutput(dense=dense.transpose(1, 2).reshape(b, -1, h, w), features=features)
+
+
+class ResNetDenseTower(nn.Module):
+    """Dense embeddings from an open_clip ``ModifiedResNet`` (MaskCLIP attention pool)."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+        self.stride = 32
+        self.feature_dims = [visual.layer2[-1].conv3.out_channels, visual.layer3[-1].conv3.out_channels,
+                             visual.layer4[-1].conv3.out_channels]
+        self.embed_dim = visual.attnpool.c_proj.out_features
+
+    def forward(self, images: torch.Tensor) -> TowerOutput:
+        v = self.visual
+        x = v.stem(images)
+        x = v.layer1(x)
+        f2 = v.layer2(x)
+        f3 = v.layer3(f2)
+        f4 = v.layer4(f3)
+        b, c, h, w = f4.shape
+        pool = v.attnpool
+        grid = int(round((pool.positional_embedding.shape[0] - 1) ** 0.5))
+        pos = _resize_grid(pool.positional_embedding[1:], (grid, grid), (h, w)).to(f4.dtype)
+        tokens = f4.flatten(2).transpose(1, 2) + pos
+        dense = pool.c_proj(pool.v_proj(tokens))
+        return TowerOutput(dense=dense.transpose(1, 2).reshape(b, -1, h, w), features=[f2, f3, f4])
+
+
+def build_dense_tower(visual: nn.Module) -> nn.Module:
+    """The dense tower matching an open_clip image tower."""
+    name = visual.__class__.__name__
+    if name == "VisionTransformer":
+        return ViTDenseTower(visual)
+    if name == "ModifiedResNet":
+        return ResNetDenseTower(visual)
+    raise NotImplementedError(f"no dense CLIP method for image tower {name}")

@@ -1,0 +1,142 @@
+"""Inference: images + vocabulary → semantic label maps with per-pixel confidences."""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.vocabulary import TextEncoder, Vocabulary
+
+log = logging.getLogger(__name__)
+UNLABELED = -1
+
+
+@dataclass
+class SemanticPrediction:
+    """One image's result at its original size.
+
+    Attributes:
+        label_map: (H, W) int16, the vocabulary index per pixel, or ``UNLABELED``.
+        confidence: (H, W) float32, the winning class's probability per pixel.
+    """
+
+    label_map: np.ndarray
+    confidence: np.ndarray
+
+
+class Predictor:
+    """Runs a :class:`model.segmenter.Segmenter` on RGB images.
+
+    Each image is resized so its short side is ``inference_size`` (rounded to the tower's
+    stride); images of the same resized shape are batched into one forward pass. Images
+    whose long side exceeds ``max_aspect`` × the short side are covered by overlapping
+    square windows instead. Text embeddings come from the :class:`TextEncoder`'s cache.
+    """
+
+    def __init__(self, segmenter, text_encoder: TextEncoder, mean, std, inference_size: int = 448,
+                 batch_size: int = 8, max_aspect: float = 2.0, device: str | torch.device = "cpu"):
+        self.segmenter = segmenter.to(device).eval()
+        self.text_encoder = text_encoder
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.stride = segmenter.stride
+        self.inference_size = max(self.stride, int(round(inference_size / self.stride)) * self.stride)
+        self.batch_size = batch_size
+        self.max_aspect = max_aspect
+        self._lock = threading.Lock()  # one forward at a time per model (torch uses all cores anyway)
+
+    def _resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        scale = self.inference_size / min(height, width)
+        snap = lambda v: max(self.stride, int(round(v * scale / self.stride)) * self.stride)  # noqa: E731
+        return snap(height), snap(width)
+
+    def _to_tensor(self, image: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+        x = F.interpolate(x[None], size=shape, mode="bilinear", align_corners=False, antialias=True)[0]
+        return (x - self.mean) / self.std
+
+    def _windows(self, shape: tuple[int, int]) -> list[tuple[int, int]]:
+        """Top-left corners of square windows covering ``shape`` with about one third overlap."""
+        size = self.inference_size
+        def starts(length):
+            if length <= size:
+                return [0]
+            count = math.ceil((length - size) / (size * 2 / 3)) + 1
+            return [round(i * (length - size) / (count - 1)) for i in range(count)]
+        return [(y, x) for y in starts(shape[0]) for x in starts(shape[1])]
+
+    @torch.no_grad()
+    def logits(self, images: list[np.ndarray], text: torch.Tensor) -> list[torch.Tensor]:
+        """Per image (C, h, w) logits at the resized resolution / stride."""
+        jobs = []  # (image index, window corner or None, tensor)
+        for index, image in enumerate(images):
+            shape = self._resized_shape(*image.shape[:2])
+            tensor = self._to_tensor(image, shape)
+            if max(shape) > self.max_aspect * min(shape):
+                for y, x in self._windows(shape):
+                    crop = tensor[:, y:y + self.inference_size, x:x + self.inference_size]
+                    jobs.append((index, (y, x, shape), crop))
+            else:
+                jobs.append((index, None, tensor))
+        outputs: list = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for j, (_, _, tensor) in enumerate(jobs):
+            groups.setdefault(tuple(tensor.shape), []).append(j)
+        with self._lock:
+            for members in groups.values():
+                for start in range(0, len(members), self.batch_size):
+                    chunk = members[start:start + self.batch_size]
+                    batch = torch.stack([jobs[j][2] for j in chunk]).to(self.device)
+                    for j, out in zip(chunk, self.segmenter(batch, text.to(self.device)).float().cpu()):
+                        outputs[j] = out
+        results: list = [None] * len(images)
+        for (index, window, _), out in zip(jobs, outputs):
+            if window is None:
+                results[index] = out
+                continue
+            y, x, shape = window
+            if results[index] is None:
+                grid = (shape[0] // self.stride, shape[1] // self.stride)
+                results[index] = [torch.zeros(out.shape[0], *grid), torch.zeros(1, *grid)]
+            total, count = results[index]
+            ys, xs = y // self.stride, x // self.stride
+            total[:, ys:ys + out.shape[1], xs:xs + out.shape[2]] += out
+            count[:, ys:ys + out.shape[1], xs:xs + out.shape[2]] += 1
+        return [r if isinstance(r, torch.Tensor) else r[0] / r[1].clamp(min=1) for r in results]
+
+    @staticmethod
+    def to_semantic(logits: torch.Tensor, height: int, width: int, min_confidence: float = 0.0,
+                    rows_per_chunk: int = 512) -> SemanticPrediction:
+        """Upsample (C, h, w) logits to (height, width) in row chunks; argmax and probability."""
+        label_map = np.empty((height, width), np.int16)
+        confidence = np.empty((height, width), np.float32)
+        logits = logits[None]
+        h = logits.shape[-2]
+        for top in range(0, height, rows_per_chunk):
+            bottom = min(height, top + rows_per_chunk)
+            # Sample the source rows this chunk needs, with the same geometry as a full resize.
+            src_top = max(0, int(math.floor((top + 0.5) * h / height - 0.5)) - 1)
+            src_bottom = min(h, int(math.ceil((bottom - 0.5) * h / height - 0.5)) + 2)
+            part = logits[:, :, src_top:src_bottom]
+            full_rows = torch.arange(top, bottom, dtype=torch.float32)
+            src = ((full_rows + 0.5) * h / height - 0.5).clamp(0, h - 1) - src_top
+            grid_y = (src + 0.5) / part.shape[-2] * 2 - 1
+            grid_x = ((torch.arange(width, dtype=torch.float32) + 0.5) / width * 2 - 1)
+            grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)[None]
+            up = F.grid_sample(part, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+            prob, label = up.softmax(0).max(0)
+            label[prob < min_confidence] = UNLABELED
+            label_map[top:bottom] = label.numpy()
+            confidence[top:bottom] = prob.numpy()
+        return SemanticPrediction(label_map, confidence)
+
+    def predict(self, images: list[np.ndarray], vocabulary: Vocabulary) -> list[SemanticPrediction]:
+        """images: RGB uint8 arrays (H, W, 3) of any sizes → one prediction per image."""
+        text = self.text_encoder.embed(vocabulary)
+        return [self.to_semantic(out, *image.shape[:2]) for image, out in zip(images, self.logits(images, text))]

@@ -1,0 +1,33 @@
+import pytest
+
+from backend.label_config import LabelConfigError, parse_targets
+
+
+def test_brush_and_polygon_targets_with_prompts_and_thresholds():
+    config = """<View><Image name="img" value="$photo"/>
+      <BrushLabels name="mask" toName="img" model_score_threshold="0.4">
+        <Label value="car" predicted_values="automobile, auto"/><Label value="sky"/></BrushLabels>
+      <PolygonLabels name="poly" toName="img"><Label value="tree"/></PolygonLabels>
+      <Choices name="c" toName="img"><Choice value="x"/></Choices></View>"""
+    brush, polygon = parse_targets(config)
+    assert (brush.control, brush.control_type, brush.image, brush.data_key) == ("mask", "BrushLabels", "img", "photo")
+    assert brush.vocabulary.labels == ("car", "sky")
+    assert brush.vocabulary.texts[0] == ("car", "automobile", "auto")
+    assert brush.score_threshold == 0.4
+    assert polygon.control_type == "PolygonLabels" and polygon.vocabulary.labels == ("tree",)
+    assert polygon.score_threshold == 0.0
+
+
+@pytest.mark.parametrize("config, message", [
+    ('<View><Image name="i" value="$image"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>',
+     "no BrushLabels or PolygonLabels"),
+    ('<View><Image name="i" value="$image"/><BrushLabels name="m" toName="i"></BrushLabels></View>',
+     "vocabulary is empty"),
+    ('<View><Image name="i" value="$image"/><BrushLabels name="m" toName="i" model_score_threshold="high">'
+     '<Label value="a"/></BrushLabels></View>', "not a number"),
+    ("<View><Image", "can't be parsed"),
+    ("", "empty"),
+])
+def test_unservable_configs_say_why(config, message):
+    with pytest.raises(LabelConfigError, match=message):
+        parse_targets(config)
