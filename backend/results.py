@@ -22,13 +22,13 @@ class ResultBuilder:
 
     def __init__(self, target: Target, min_area: int = 16):
         self.target = target
-        self.min_area = min_area
+        self.min_area = min_area  # polygon parts smaller than this many pixels are specks
 
     def regions(self, prediction: SemanticPrediction):
-        """(label, mask, score) for each label with enough pixels whose score passes the threshold."""
+        """(label, mask, score) for each predicted label whose score passes the threshold."""
         labels = self.target.vocabulary.labels
         counts = np.bincount(prediction.label_map.ravel().astype(np.int64) + 1, minlength=len(labels) + 1)[1:]
-        for index in np.flatnonzero(counts >= self.min_area):
+        for index in np.flatnonzero(counts):
             mask = prediction.label_map == index
             score = float(prediction.confidence[mask].mean())
             if score >= self.target.score_threshold:

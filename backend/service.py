@@ -58,7 +58,14 @@ def load_model(settings: Settings) -> LoadedModel:
     encoder = TextEncoder(clip, cache_dir=settings.cache_dir)
     predictor = Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=settings.inference_size,
                           batch_size=settings.predict_batch_size, device=settings.device)
-    return LoadedModel(predictor=predictor, name=f"{clip.identity}@zero-shot")
+    return LoadedModel(predictor=predictor, name=model_name(settings))
+
+
+def model_name(settings: Settings) -> str:
+    """Names the model and its checkpoint; known before the model has loaded."""
+    from model.clip import clip_identity
+
+    return f"{clip_identity(settings.clip_model, settings.clip_pretrained)}@zero-shot"
 
 
 class SegmentationService:
@@ -114,9 +121,10 @@ class SegmentationService:
 
     # ------------------------------------------------------------------ protocol
     @staticmethod
-    def model_version(model: LoadedModel, targets: tuple[Target, ...]) -> str:
+    def model_version(name: str, targets: tuple[Target, ...]) -> str:
+        """``<model>/<weights>@<checkpoint>:vocab-<hash>``: a new vocabulary or checkpoint is a new version."""
         vocab = hashlib.sha1("|".join(t.vocabulary.key for t in targets).encode()).hexdigest()[:8]
-        return f"{model.name}:vocab-{vocab}"
+        return f"{name}:vocab-{vocab}"
 
     def setup(self, payload: dict) -> dict:
         schema = payload.get("schema") or payload.get("label_config") or ""
@@ -125,8 +133,10 @@ class SegmentationService:
         if hostname and token and not self.settings.label_studio_url:
             # Label Studio says where and how to fetch its images; environment settings win.
             self.fetcher.configure(hostname, self.settings.label_studio_api_key or token)
-        model = self.model(wait=2.5)  # Label Studio waits ~3 s for /setup
-        return {"model_version": self.model_version(model, targets)}
+        if self.state == "error":
+            raise ServiceError(f"the model could not be loaded: {self._model_error}", 500)
+        # Answer at once (Label Studio waits ~3 s); the model may still be loading.
+        return {"model_version": self.model_version(model_name(self.settings), targets)}
 
     def webhook(self, payload: dict) -> dict:
         """Acknowledge Label Studio's events at once (it waits about a second)."""
@@ -162,7 +172,7 @@ class SegmentationService:
             raise ServiceError("every task must be a JSON object")
         targets = self._targets(payload.get("label_config") or payload.get("schema") or "")
         model = self.model()
-        version = self.model_version(model, targets)
+        version = self.model_version(model.name, targets)
         errors: dict[int, str] = {}
         results: list[list[dict]] = [[] for _ in tasks]
         scores: list[list[float]] = [[] for _ in tasks]

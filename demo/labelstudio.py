@@ -157,4 +157,12 @@ def start_backend(port: int, model_dir: Path, label_studio: LabelStudio | None, 
     env.update(env_extra or {})
     process = ManagedProcess([sys.executable, "-m", "backend"], env, Path(model_dir) / "backend.log")
     wait_for(f"http://127.0.0.1:{port}/health", timeout, process.process, process.log)
+    deadline = time.time() + timeout
+    while (state := requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["model_state"]) == "loading":
+        if time.time() > deadline:
+            raise TimeoutError("the backend's model did not load in time")
+        time.sleep(0.5)
+    if state != "ready":
+        process.stop()
+        raise RuntimeError(f"the backend's model failed to load; see {process.log}")
     return process

@@ -64,6 +64,12 @@ def _weights_identity(pretrained: str) -> str:
     return pretrained
 
 
+def clip_identity(model: str, pretrained: str) -> str:
+    """The short name of a (model, weights) pair, known without loading anything."""
+    name = Path(model).stem if model.endswith(".json") else model
+    return f"{name}/{_weights_identity(pretrained)}"
+
+
 def load_clip(model: str = "ViT-B-16", pretrained: str = "openai", device: str | torch.device = "cpu") -> Clip:
     """Create an open_clip model and load its weights.
 
@@ -110,7 +116,7 @@ def load_clip(model: str = "ViT-B-16", pretrained: str = "openai", device: str |
     normalize = [t for t in preprocess.transforms if t.__class__.__name__ == "Normalize"][0]
     image_size = clip.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    identity = f"{name}/{_weights_identity(pretrained)}"
+    identity = clip_identity(model, pretrained)
     log.info("loaded CLIP %s (image size %d)", identity, image_size)
     return Clip(
         model=clip,

@@ -57,7 +57,7 @@ class Predictor:
         return snap(height), snap(width)
 
     def _to_tensor(self, image: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+        x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(255)
         x = F.interpolate(x[None], size=shape, mode="bilinear", align_corners=False, antialias=True)[0]
         return (x - self.mean) / self.std
 

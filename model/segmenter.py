@@ -14,6 +14,7 @@ Fine-tuning moves E for the annotated classes while the distillation regulariser
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,9 @@ class Segmenter(nn.Module):
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W) → (fine-tuned E, zero-shot Z), both (B, D, h, w) and L2-normalised."""
-        out = self.image_tower(images)
+        tower_frozen = not any(p.requires_grad for p in self.image_tower.parameters())
+        with torch.no_grad() if tower_frozen else nullcontext():
+            out = self.image_tower(images)
         tuned = out.dense + self.decoder(out.features, out.dense)
         return F.normalize(tuned, dim=1), F.normalize(out.dense, dim=1)
 
@@ -88,8 +91,11 @@ class Segmenter(nn.Module):
         return {n: t.detach().cpu().clone() for n, t in self.state_dict().items() if n in names}
 
 
-def build_segmenter(clip, hidden: int = 128, unfreeze_blocks: int = 0) -> Segmenter:
-    """A segmenter on top of a loaded :class:`model.clip.Clip` (the tower is shared, frozen by default)."""
+def build_segmenter(clip, hidden: int = 128, unfreeze_blocks: int = 0, seed: int = 0) -> Segmenter:
+    """A segmenter on top of a loaded :class:`model.clip.Clip` (the tower is shared, frozen by default).
+
+    The decoder's initialisation depends only on ``seed``.
+    """
     from model.dense import build_dense_tower
 
     tower = build_dense_tower(clip.model.visual)
@@ -99,6 +105,8 @@ def build_segmenter(clip, hidden: int = 128, unfreeze_blocks: int = 0) -> Segmen
         for block in clip.model.visual.transformer.resblocks[-unfreeze_blocks:]:
             for p in block.parameters():
                 p.requires_grad_(True)
-    decoder = DenseDecoder(tower.feature_dims, tower.embed_dim, hidden)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        decoder = DenseDecoder(tower.feature_dims, tower.embed_dim, hidden)
     scale = float(clip.model.logit_scale.detach().exp()) if hasattr(clip.model, "logit_scale") else 100.0
     return Segmenter(tower, decoder, logit_scale=scale).eval()

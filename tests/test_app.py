@@ -1,0 +1,157 @@
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend.annotations import results_to_label_map
+from backend.app import create_app
+from backend.label_config import parse_targets
+from backend.service import SegmentationService, load_model
+from backend.settings import Settings
+from demo import world
+from demo.train_clip import CONFIG, materialize
+from model.metrics import ConfusionMatrix
+from tests.conftest import png_bytes
+
+LABEL_CONFIG = (Path(__file__).parents[1] / "labeling_config" / "demo-world.xml").read_text()
+POLYGON_CONFIG = LABEL_CONFIG.replace("BrushLabels", "PolygonLabels")
+
+
+@pytest.fixture(scope="module")
+def loaded_model(tmp_path_factory):
+    settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()), inference_size=128,
+                        model_dir=tmp_path_factory.mktemp("model_dir"))
+    return load_model(settings)
+
+
+@pytest.fixture()
+def make_client(loaded_model, file_server, tmp_path):
+    def make(**overrides):
+        settings = Settings(label_studio_url=file_server.url, label_studio_api_key="good-token",
+                            model_dir=tmp_path, **overrides)
+        service = SegmentationService(settings, model_loader=lambda _: loaded_model)
+        service.start()
+        return create_app(settings, service).test_client(), service
+    return make
+
+
+def _tasks(file_server, scenes):
+    return [{"id": i, "data": {"image": file_server.add(f"scene-{i}.png", png_bytes(image))}}
+            for i, (image, _) in enumerate(scenes)]
+
+
+def test_health_setup_versions_metrics(make_client):
+    client, _ = make_client()
+    health = client.get("/health").get_json()
+    assert health["status"] == "UP" and client.get("/").status_code == 200
+    setup = client.post("/setup", json={"project": "1.1", "schema": LABEL_CONFIG, "hostname": "http://x",
+                                        "access_token": "t"})
+    assert setup.status_code == 200 and "demo-clip" in setup.get_json()["model_version"]
+    assert client.get("/versions").get_json()["versions"]
+    assert "predicted_tasks" in client.get("/metrics").get_json()
+    assert client.post("/webhook", json={"action": "SOMETHING_NEW"}).status_code == 201
+
+
+def test_predict_matches_the_model_and_caches_text(make_client, file_server, scenes, loaded_model):
+    client, _ = make_client()
+    tasks = _tasks(file_server, scenes)
+    response = client.post("/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG, "project": "1.1"})
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert len(body["results"]) == len(tasks)
+    target = parse_targets(LABEL_CONFIG)[0]
+    direct = loaded_model.predictor.predict([image for image, _ in scenes], target.vocabulary)
+    served, model = ConfusionMatrix(len(world.NAMES)), ConfusionMatrix(len(world.NAMES))
+    for (image, truth), entry, prediction in zip(scenes, body["results"], direct):
+        assert entry["model_version"] == body["model_version"] and 0 < entry["score"] <= 1
+        assert all(r["value"]["brushlabels"][0] in world.NAMES for r in entry["result"])
+        served.update(truth, results_to_label_map(entry["result"], target, *truth.shape))
+        model.update(truth, prediction.label_map)
+    assert served.miou() == pytest.approx(model.miou(), abs=1e-9)  # nothing lost in the service
+
+    forwards = loaded_model.predictor.text_encoder.forward_count
+    assert client.post("/predict", json={"tasks": tasks[:2], "label_config": LABEL_CONFIG}).status_code == 200
+    assert loaded_model.predictor.text_encoder.forward_count == forwards  # warm vocabulary: no text forward
+
+
+def test_polygon_predictions(make_client, file_server, scenes):
+    client, _ = make_client()
+    body = client.post("/predict", json={"tasks": _tasks(file_server, scenes[:2]),
+                                         "label_config": POLYGON_CONFIG}).get_json()
+    regions = [r for entry in body["results"] for r in entry["result"]]
+    assert regions and all(r["type"] == "polygonlabels" and len(r["value"]["points"]) >= 3 for r in regions)
+
+
+def test_bad_tasks_fail_alone(make_client, file_server, scenes):
+    client, _ = make_client(max_image_pixels=200 * 200)
+    good = file_server.add("good.png", png_bytes(scenes[0][0]))
+    tasks = [
+        {"id": 1, "data": {"image": good}},
+        {"id": 2, "data": {"image": file_server.add("broken.png", b"not an image")}},
+        {"id": 3, "data": {"image": "/data/upload/1/missing.png"}},
+        {"id": 4, "data": {"image": file_server.add("huge.png", png_bytes(np.zeros((300, 300, 3), np.uint8)))}},
+        {"id": 5, "data": {"picture": good}},
+        {"id": 6, "data": {"image": "http://169.254.169.254/latest/meta-data"}},
+        {"id": 7, "data": {"image": "data:image/png;base64," + base64.b64encode(png_bytes(scenes[1][0])).decode()}},
+    ]
+    body = client.post("/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG}).get_json()
+    results = body["results"]
+    assert len(results) == len(tasks)
+    assert results[0]["result"] and "error" not in results[0]
+    assert results[6]["result"] and "error" not in results[6]
+    for index, message in [(1, "not a readable image"), (2, "HTTP 404"), (3, "over the limit"),
+                           (4, "no 'image' field"), (5, "non-public address")]:
+        assert results[index]["result"] == [] and message in results[index]["error"], results[index]
+    assert client.get("/metrics").get_json()["failed_tasks"] == 5
+
+
+def test_wrong_token_is_reported_per_task(make_client, file_server, scenes):
+    client, service = make_client()
+    service.fetcher.configure(file_server.url, "wrong-token")
+    body = client.post("/predict", json={"tasks": _tasks(file_server, scenes[:1]),
+                                         "label_config": LABEL_CONFIG}).get_json()
+    assert "HTTP 401" in body["results"][0]["error"] and "LABEL_STUDIO_API_KEY" in body["results"][0]["error"]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ("{not json", 400, "JSON object"),
+    (json.dumps({"label_config": "<View/>"}), 400, "no tasks"),
+    (json.dumps({"tasks": [], "label_config": "<View/>"}), 400, "no tasks"),
+    (json.dumps({"tasks": [{"data": {}}], "label_config":
+                 '<View><Image name="i" value="$image"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>'}),
+     400, "no BrushLabels or PolygonLabels"),
+    (json.dumps({"tasks": [{"data": {}}], "label_config":
+                 '<View><Image name="i" value="$image"/><BrushLabels name="m" toName="i"/></View>'}),
+     400, "vocabulary is empty"),
+])
+def test_bad_requests_get_clear_errors(make_client, body, status, message):
+    client, _ = make_client()
+    response = client.post("/predict", data=body, content_type="application/json")
+    assert response.status_code == status and message in response.get_json()["error"]
+    assert client.get("/health").status_code == 200  # still serving
+
+
+def test_setup_rejects_configs_without_segmentation(make_client):
+    client, _ = make_client()
+    response = client.post("/setup", json={"schema": '<View><Image name="i" value="$image"/></View>'})
+    assert response.status_code == 400 and "BrushLabels" in response.get_json()["error"]
+
+
+def test_basic_auth(make_client):
+    client, _ = make_client(basic_auth_user="u", basic_auth_pass="p")
+    assert client.get("/health").status_code == 401
+    token = base64.b64encode(b"u:p").decode()
+    assert client.get("/health", headers={"Authorization": f"Basic {token}"}).status_code == 200
+
+
+def test_missing_weights_are_reported_not_fatal(tmp_path):
+    settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(tmp_path / "nope.pt"), model_dir=tmp_path)
+    app = create_app(settings)
+    client = app.test_client()
+    app.config["service"]._loaded.wait(60)
+    health = client.get("/health").get_json()
+    assert health["model_state"] == "error" and "CLIP_PRETRAINED" in health["model_error"]
+    response = client.post("/predict", json={"tasks": [{"data": {"image": "x"}}], "label_config": LABEL_CONFIG})
+    assert response.status_code == 500 and "CLIP_PRETRAINED" in response.get_json()["error"]

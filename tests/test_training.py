@@ -1,0 +1,146 @@
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.losses import (classification_loss, distillation_loss, diversified_logits, pool_regions,
+                          text_guided_distillation_loss)
+from model.segmenter import build_segmenter
+from model.synonyms import candidate_names, filter_synonyms
+from model.train import Sample, TrainConfig, finetune, masked_crop
+from model.vocabulary import TextEncoder, Vocabulary
+
+
+def test_distillation_losses_known_values():
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    teacher = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    assert distillation_loss(student, teacher).item() == pytest.approx(1.0)  # (2 + 0) / 2
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # V = s·tᵀ = [[0, 0], [1, 1]]; T = 2·w·wᵀ = all 2 → errors 4, 4, 1, 1 → mean 2.5
+    value = text_guided_distillation_loss(student, teacher, text, torch.tensor(2.0))
+    assert value.item() == pytest.approx(2.5)
+
+
+def test_pool_regions_averages_inside_the_mask():
+    embeddings = torch.zeros(2, 2, 2)
+    embeddings[0, :, 0] = 1.0  # left column points along x
+    embeddings[1, :, 1] = 1.0  # right column along y
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, :, :2] = True
+    assert torch.allclose(pool_regions(embeddings, masks), torch.tensor([[1.0, 0.0]]))
+
+
+def test_diversified_logits_replace_the_class_column_inside_the_region_only():
+    embeddings = F.normalize(torch.randn(1, 3, 2, 2), dim=1)
+    text = F.normalize(torch.randn(2, 3), dim=1)
+    synonym = F.normalize(torch.randn(1, 3), dim=1)
+    mask = torch.zeros(1, 2, 2, dtype=torch.bool)
+    mask[0, 0] = True
+    scale = torch.tensor(10.0)
+    plain = diversified_logits(embeddings, text, scale, [mask], [torch.tensor([1])], None, (2, 2))
+    diversified = diversified_logits(embeddings, text, scale, [mask], [torch.tensor([1])], [synonym], (2, 2))
+    expected = 10 * torch.einsum("dhw,d->hw", embeddings[0], synonym[0])
+    assert torch.allclose(diversified[0, 1, 0], expected[0])
+    assert torch.allclose(diversified[0, 1, 1], plain[0, 1, 1])
+    assert torch.allclose(diversified[0, 0], plain[0, 0])
+
+
+def test_classification_loss_ignores_unannotated_pixels():
+    logits = torch.tensor([[[[0.0, 5.0]], [[math.log(3), -5.0]]]])  # (1, 2, 1, 2)
+    labels = torch.tensor([[[1, -1]]])
+    assert classification_loss(logits, labels).item() == pytest.approx(math.log(4) - math.log(3))
+
+
+def test_synonym_filter_keeps_fitting_names_and_always_the_class_name():
+    region = torch.tensor([1.0, 0.0])
+    candidates = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8], [-1.0, 0.0]])
+    # softmax(2 · [0, 1, 0.6, -1]) = [0.08, 0.62, 0.28, 0.01]
+    assert filter_synonyms(region, candidates, logit_scale=2.0, threshold=0.1) == [0, 1, 2]
+    assert filter_synonyms(region, candidates, logit_scale=2.0, threshold=0.5) == [0, 1]
+    assert filter_synonyms(region, candidates, logit_scale=2.0, threshold=0.9) == [0]
+
+
+def test_candidates_come_from_wordnet_and_prompts():
+    names = candidate_names(Vocabulary.from_labels(["car", "zzqx"], {"car": ["sedan"]}))
+    assert names[0][:2] == ["car", "sedan"] and "automobile" in names[0]
+    assert names[1] == ["zzqx"]
+
+
+def test_masked_crop_greys_out_the_background():
+    image = np.zeros((10, 10, 3), np.uint8) + 200
+    mask = np.zeros((10, 10), bool)
+    mask[2:4, 2:8] = True
+    mask[3, 2] = False
+    crop = masked_crop(image, mask, 12)
+    assert crop.shape == (12, 12, 3) and (crop == 128).any() and (crop > 180).any()
+
+
+@pytest.fixture()
+def tiny_samples():
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(3):
+        labels = np.full((64, 64), -1, np.int64)
+        labels[:32] = 0
+        labels[40:, 10:50] = 1
+        image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        samples.append(Sample(image, labels))
+    return samples
+
+
+def test_finetuning_is_deterministic_and_checkpoints_round_trip(demo_clip, tiny_samples, tmp_path):
+    vocabulary = Vocabulary.from_labels(["sky", "grass"])
+    config = TrainConfig(steps=3, batch_size=2, size=64, seed=5)
+    states = []
+    for _ in range(2):
+        segmenter = build_segmenter(demo_clip, seed=5)
+        summary = finetune(segmenter, demo_clip, TextEncoder(demo_clip), tiny_samples, vocabulary, config)
+        states.append(segmenter.trainable_state_dict())
+    assert summary["step"] == 3 and summary["regions"] == 6
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(not torch.equal(states[0][k], build_segmenter(demo_clip, seed=5).trainable_state_dict()[k])
+               for k in states[0])  # training changed something
+
+    path = save_checkpoint(tmp_path / "ckpt.pt", segmenter, demo_clip.identity, vocabulary=list(vocabulary.labels))
+    fresh = build_segmenter(demo_clip, seed=99)
+    meta = load_checkpoint(path, fresh, demo_clip.identity)
+    assert meta["vocabulary"] == ["sky", "grass"]
+    assert all(torch.equal(fresh.trainable_state_dict()[k], states[1][k]) for k in states[1])
+    x = torch.randn(1, 3, 64, 64)
+    text = F.normalize(torch.randn(2, 128), dim=1)
+    assert torch.allclose(fresh(x, text), segmenter(x, text))
+    with pytest.raises(CheckpointError, match="trained on CLIP"):
+        load_checkpoint(path, fresh, "other-clip")
+
+
+def test_a_killed_writer_leaves_the_previous_checkpoint(demo_clip, tmp_path):
+    segmenter = build_segmenter(demo_clip)
+    path = save_checkpoint(tmp_path / "ckpt.pt", segmenter, demo_clip.identity, note="first")
+    code = (
+        "import os, torch\n"
+        "from model.checkpoint import save_checkpoint\n"
+        "real_save = torch.save\n"
+        "def dying_save(obj, f):\n"
+        "    f.write(b'partial')\n"
+        "    os._exit(9)\n"
+        "torch.save = dying_save\n"
+        "class S:\n"
+        "    def trainable_state_dict(self): return {}\n"
+        f"save_checkpoint({str(path)!r}, S(), 'x')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd())
+    assert result.returncode == 9
+    assert load_checkpoint(path, build_segmenter(demo_clip), demo_clip.identity)["note"] == "first"
+
+
+def test_untrained_segmenter_reproduces_zero_shot(demo_clip):
+    segmenter = build_segmenter(demo_clip, seed=3)
+    tuned, zero_shot = segmenter.embed(torch.randn(2, 3, 64, 96))
+    assert torch.equal(tuned, zero_shot)

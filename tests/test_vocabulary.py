@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from model.vocabulary import EmptyVocabulary, TextEncoder, Vocabulary
+
+
+def test_vocabulary_from_labels_keeps_order_and_prompts():
+    vocabulary = Vocabulary.from_labels(["car", "sky", "car"], {"car": ["auto"]})
+    assert vocabulary.labels == ("car", "sky")
+    assert vocabulary.texts == (("car", "auto"), ("sky",))
+    assert vocabulary.key != Vocabulary.from_labels(["car", "sky"]).key
+    with pytest.raises(EmptyVocabulary):
+        Vocabulary.from_labels([])
+
+
+def test_text_embeddings_are_cached_in_memory_and_on_disk(demo_clip, tmp_path):
+    vocabulary = Vocabulary.from_labels(["car", "grass", "sky"])
+    encoder = TextEncoder(demo_clip, cache_dir=tmp_path)
+    first = encoder.embed(vocabulary)
+    assert encoder.forward_count == 1 and first.shape == (3, 128)
+    assert torch.allclose(first.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.equal(encoder.embed(vocabulary), first)
+    assert encoder.forward_count == 1  # warm: no text-tower forward
+    restarted = TextEncoder(demo_clip, cache_dir=tmp_path)
+    assert torch.equal(restarted.embed(vocabulary), first) and restarted.forward_count == 0
+
+
+def test_prompt_texts_change_the_class_embedding(demo_clip):
+    encoder = TextEncoder(demo_clip)
+    plain = encoder.embed(Vocabulary.from_labels(["car"]))
+    with_prompt = encoder.embed(Vocabulary.from_labels(["car"], {"car": ["motorcar"]}))
+    assert not torch.allclose(plain, with_prompt)
