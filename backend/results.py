@@ -27,7 +27,7 @@ class ResultBuilder:
     def regions(self, prediction: SemanticPrediction):
         """(label, mask, score) for each predicted label whose score passes the threshold."""
         labels = self.target.vocabulary.labels
-        counts = np.bincount(prediction.label_map.ravel().astype(np.int64) + 1, minlength=len(labels) + 1)[1:]
+        counts = np.bincount(prediction.label_map.ravel().astype(np.int64) + 1, minlength=len(labels) + 1)[1:len(labels) + 1]
         for index in np.flatnonzero(counts):
             mask = prediction.label_map == index
             score = float(prediction.confidence[mask].mean())

@@ -7,13 +7,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from backend.images import ImageError, ImageFetcher
 from backend.label_config import LabelConfigError, Target, parse_targets
 from backend.results import build_results
+from backend.jobs import TrainingJobs
 from backend.settings import Settings
+from backend.store import Store, Version, project_key
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,34 @@ class ServiceError(Exception):
 
 @dataclass
 class LoadedModel:
+    """The CLIP, its cached text encoder and the zero-shot predictor; fine-tuned predictors are
+    built on the same CLIP (the frozen tower is shared, only the small decoder differs)."""
+
     predictor: object
-    name: str  # model identity + checkpoint, e.g. "ViT-B-16/openai@zero-shot"
+    name: str  # model identity, e.g. "ViT-B-16/openai"
+    clip: object = None
+    encoder: object = None
+    settings: Settings | None = None
+    _tuned: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def predictor_for(self, checkpoint: Path | None):
+        """The predictor serving ``checkpoint`` (None: zero-shot), loaded once and kept."""
+        if checkpoint is None:
+            return self.predictor
+        with self._lock:
+            if checkpoint not in self._tuned:
+                from model.checkpoint import load_checkpoint
+                from model.predictor import Predictor
+                from model.segmenter import build_segmenter
+
+                segmenter = build_segmenter(self.clip, dense_method=self.settings.dense_method)
+                load_checkpoint(checkpoint, segmenter, self.clip.identity)
+                base = self.predictor
+                self._tuned[checkpoint] = Predictor(segmenter, self.encoder, self.clip.mean, self.clip.std,
+                                                    base.inference_size, base.batch_size, device=base.device)
+                log.info("loaded checkpoint %s", checkpoint)
+            return self._tuned[checkpoint]
 
 
 @dataclass
@@ -54,18 +83,19 @@ def load_model(settings: Settings) -> LoadedModel:
     from model.vocabulary import TextEncoder
 
     clip = load_clip(settings.clip_model, settings.clip_pretrained, settings.device)
-    segmenter = build_segmenter(clip)
+    segmenter = build_segmenter(clip, dense_method=settings.dense_method)
     encoder = TextEncoder(clip, cache_dir=settings.cache_dir)
     predictor = Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=settings.inference_size,
                           batch_size=settings.predict_batch_size, device=settings.device)
-    return LoadedModel(predictor=predictor, name=model_name(settings))
+    return LoadedModel(predictor=predictor, name=model_name(settings), clip=clip, encoder=encoder,
+                       settings=settings)
 
 
 def model_name(settings: Settings) -> str:
-    """Names the model and its checkpoint; known before the model has loaded."""
+    """Names the model and its weights; known before the model has loaded."""
     from model.clip import clip_identity
 
-    return f"{clip_identity(settings.clip_model, settings.clip_pretrained)}@zero-shot"
+    return clip_identity(settings.clip_model, settings.clip_pretrained)
 
 
 class SegmentationService:
@@ -82,6 +112,9 @@ class SegmentationService:
         self._loaded = threading.Event()
         self._model_loader = model_loader
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
+        self.store = Store(settings.model_dir)
+        self.jobs = TrainingJobs(settings, self.store)
+        self._configs: dict[str, str] = {}
 
     # ------------------------------------------------------------------ model lifecycle
     def start(self) -> None:
@@ -112,12 +145,34 @@ class SegmentationService:
         return "ready" if self._model is not None else "error"
 
     def status(self) -> dict:
-        status = {"model_state": self.state}
-        if self._model is not None:
-            status["model"] = self._model.name
+        status = {"model_state": self.state, "model": self.base_name, "training": self.jobs.status()}
         if self._model_error:
             status["model_error"] = self._model_error
         return status
+
+    # ------------------------------------------------------------------ versions
+    def current_version(self, project: str) -> Version | None:
+        """The version a project is served: the pinned one, else its newest; None = zero-shot."""
+        versions = self.store.versions(project) if project else []
+        pin = self.settings.pinned_versions.get(project)
+        if pin is not None:
+            matching = [v for v in versions if v.version == pin]
+            if pin and not matching:
+                raise ServiceError(f"PINNED_VERSIONS asks for v{pin} of project {project}, which doesn't exist", 500)
+            return matching[0] if matching else None
+        return versions[-1] if versions else None
+
+    @property
+    def base_name(self) -> str:
+        return self._model.name if self._model is not None else model_name(self.settings)
+
+    def _served_name(self, project: str, version: Version | None) -> str:
+        return f"{self.base_name}@{f'p{project}-{version.name}' if version else 'zero-shot'}"
+
+    def _remember_config(self, project: str, label_config: str) -> None:
+        if project and label_config and self._configs.get(project) != label_config:
+            self.store.set_label_config(project, label_config)
+            self._configs[project] = label_config
 
     # ------------------------------------------------------------------ protocol
     @staticmethod
@@ -129,26 +184,62 @@ class SegmentationService:
     def setup(self, payload: dict) -> dict:
         schema = payload.get("schema") or payload.get("label_config") or ""
         targets = self._targets(schema)
+        project = project_key(payload.get("project"))
+        self._remember_config(project, schema)
         hostname, token = payload.get("hostname"), payload.get("access_token")
         if hostname and token and not self.settings.label_studio_url:
             # Label Studio says where and how to fetch its images; environment settings win.
             self.fetcher.configure(hostname, self.settings.label_studio_api_key or token)
+            self.jobs.configure(LABEL_STUDIO_URL=hostname, LABEL_STUDIO_API_KEY=self.settings.label_studio_api_key or token)
         if self.state == "error":
             raise ServiceError(f"the model could not be loaded: {self._model_error}", 500)
         # Answer at once (Label Studio waits ~3 s); the model may still be loading.
-        return {"model_version": self.model_version(model_name(self.settings), targets)}
+        return {"model_version": self.model_version(self._served_name(project, self.current_version(project)),
+                                                    targets)}
 
     def webhook(self, payload: dict) -> dict:
-        """Acknowledge Label Studio's events at once (it waits about a second)."""
+        """Store annotation events and start training; answers at once (Label Studio waits ~1 s)."""
         action = payload.get("action")
         if not action:
             raise ServiceError("webhook payload without an 'action'")
-        log.info("webhook %s acknowledged", action)
-        return {"status": "ok", "action": action}
+        project_info = payload.get("project") or {}
+        annotation = payload.get("annotation") or {}
+        task = payload.get("task") or {}
+        project = project_key(project_info or task.get("project") or annotation.get("project"))
+        if isinstance(project_info, dict):
+            self._remember_config(project, project_info.get("label_config", ""))
+        answer = {"status": "ok", "action": action, "project": project}
+        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+            if not project or "id" not in annotation:
+                raise ServiceError(f"{action} without a project or an annotation id")
+            self.store.upsert_annotation(project, annotation, task)
+            threshold = self.settings.train_after_annotations
+            if threshold and self.store.changes_since_training(project) >= threshold:
+                answer["training"] = self.jobs.request(project)
+        elif action in ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED"):
+            for deleted in payload.get("annotations") or [annotation]:
+                if "id" in deleted:
+                    self.store.delete_annotation(project, deleted["id"])
+        elif action == "START_TRAINING":
+            if not project:
+                raise ServiceError("START_TRAINING without a project")
+            # The event carries no annotations: the job pulls them from Label Studio's API.
+            answer["training"] = self.jobs.request(project, pull=bool(self.settings.label_studio_url
+                                                                      or self.jobs.env.get("LABEL_STUDIO_URL")))
+        else:
+            answer["status"] = "ignored"
+        log.info("webhook %s for project %s: %s", action, project or "?", answer["status"])
+        return answer
 
     def versions(self) -> dict:
-        model = self._model
-        return {"versions": [model.name] if model else [], "model_dir": str(self.settings.model_dir)}
+        versions = [{"project": v.project, "version": v.name, "created": v.created,
+                     "model_version": f"{self.base_name}@p{v.project}-{v.name}",
+                     "summary": {k: v.summary.get(k) for k in ("images", "classes", "steps", "seconds", "loss")}}
+                    for v in self.store.versions()]
+        current = {p: (v.name if v else "zero-shot") for p in {v["project"] for v in versions}
+                   for v in [self.current_version(p)]}
+        return {"versions": versions, "current": current, "base_model": self.base_name,
+                "model_dir": str(self.settings.model_dir)}
 
     @staticmethod
     def _targets(label_config: str) -> tuple[Target, ...]:
@@ -170,9 +261,14 @@ class SegmentationService:
             raise ServiceError("the request has no tasks: expected {\"tasks\": [...], \"label_config\": ...}")
         if not all(isinstance(t, dict) for t in tasks):
             raise ServiceError("every task must be a JSON object")
-        targets = self._targets(payload.get("label_config") or payload.get("schema") or "")
+        label_config = payload.get("label_config") or payload.get("schema") or ""
+        targets = self._targets(label_config)
+        project = project_key(payload.get("project") or tasks[0].get("project"))
+        self._remember_config(project, label_config)
         model = self.model()
-        version = self.model_version(model.name, targets)
+        served = self.current_version(project)
+        predictor = model.predictor_for(served.path if served else None)
+        version = self.model_version(self._served_name(project, served), targets)
         errors: dict[int, str] = {}
         results: list[list[dict]] = [[] for _ in tasks]
         scores: list[list[float]] = [[] for _ in tasks]
@@ -191,7 +287,7 @@ class SegmentationService:
                     errors.setdefault(index, f"{error.__class__.__name__}: {error}")
             if not images:
                 continue
-            predictions = model.predictor.predict(images, group[0].vocabulary)
+            predictions = predictor.predict(images, group[0].vocabulary)
             for index, prediction in zip(indices, predictions):
                 scores[index].append(float(prediction.confidence.mean()))
                 for target in group:

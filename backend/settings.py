@@ -10,6 +10,18 @@ def _env(name: str, default: str = "") -> str:
     return os.environ.get(name, default).strip()
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _pins(raw: str) -> dict[str, int]:
+    """``PINNED_VERSIONS="12:3,15:0"`` → project 12 serves v3, project 15 the zero-shot model."""
+    pins = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        project, _, version = item.partition(":")
+        pins[project.strip()] = int(version.strip().lstrip("v"))
+    return pins
+
+
 @dataclass(frozen=True)
 class Settings:
     label_studio_url: str = field(default_factory=lambda: _env("LABEL_STUDIO_URL") or _env("LABEL_STUDIO_HOST"))
@@ -24,6 +36,7 @@ class Settings:
     threads: int = field(default_factory=lambda: int(_env("THREADS", "8")))
     clip_model: str = field(default_factory=lambda: _env("CLIP_MODEL", "ViT-B-16"))
     clip_pretrained: str = field(default_factory=lambda: _env("CLIP_PRETRAINED", "openai"))
+    dense_method: str = field(default_factory=lambda: _env("DENSE_METHOD", "clearclip"))
     device: str = field(default_factory=lambda: _env("DEVICE", "cpu"))
     inference_size: int = field(default_factory=lambda: int(_env("INFERENCE_SIZE", "448")))
     predict_batch_size: int = field(default_factory=lambda: int(_env("PREDICT_BATCH_SIZE", "8")))
@@ -32,6 +45,31 @@ class Settings:
     max_image_bytes: int = field(default_factory=lambda: int(_env("MAX_IMAGE_BYTES", str(50 * 2**20))))
     max_image_pixels: int = field(default_factory=lambda: int(_env("MAX_IMAGE_PIXELS", str(64 * 2**20))))
     fetch_timeout: float = field(default_factory=lambda: float(_env("FETCH_TIMEOUT", "10")))
+
+    # Learning from annotations (see README: "The learning loop")
+    train_steps: int = field(default_factory=lambda: int(_env("TRAIN_STEPS", "300")))
+    train_batch_size: int = field(default_factory=lambda: int(_env("TRAIN_BATCH_SIZE", "8")))
+    train_lr: float = field(default_factory=lambda: float(_env("TRAIN_LR", "1e-3")))
+    train_seed: int = field(default_factory=lambda: int(_env("TRAIN_SEED", "0")))
+    text_diversification: bool = field(default_factory=lambda: _env("TEXT_DIVERSIFICATION", "true").lower() in _TRUE)
+    distillation: bool = field(default_factory=lambda: _env("DISTILLATION", "true").lower() in _TRUE)
+    synonym_threshold: float = field(default_factory=lambda: float(_env("SYNONYM_THRESHOLD", "0.1")))
+    distill_weight: float = field(default_factory=lambda: float(_env("DISTILL_WEIGHT", "1.0")))
+    train_after_annotations: int = field(default_factory=lambda: int(_env("TRAIN_AFTER_ANNOTATIONS", "0")))
+    pinned_versions: dict = field(default_factory=lambda: _pins(_env("PINNED_VERSIONS")))
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as the environment variables that reproduce them (for child processes)."""
+        env = {}
+        for name, value in self.__dict__.items():
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            elif isinstance(value, dict):
+                value = ",".join(f"{k}:{v}" for k, v in value.items())
+            env[name.upper()] = str(value)
+        return env
 
     @property
     def cache_dir(self) -> Path:

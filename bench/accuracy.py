@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from demo import world
-from demo.train_clip import CONFIG, materialize
+from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
 from model.clip import load_clip
 from model.metrics import ConfusionMatrix
 from model.predictor import Predictor
@@ -59,7 +59,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--train-images", type=int, default=200)
     parser.add_argument("--test-images", type=int, default=80)
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=INFERENCE_SIZE)
+    parser.add_argument("--unfreeze-blocks", type=int, default=0, help="also fine-tune the last N tower blocks")
+    parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -72,19 +74,21 @@ def main(argv=None) -> None:
     def predictor_for(segmenter):
         return Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=args.size)
 
-    rows = {"zero-shot": [evaluate(predictor_for(build_segmenter(clip)), test)]}
+    rows = {"zero-shot": [evaluate(predictor_for(build_segmenter(clip, dense_method=DENSE_METHOD)), test)]}
     for name, switches in VARIANTS.items():
         rows[name] = []
         for seed in range(args.seeds):
             started = time.time()
-            segmenter = build_segmenter(clip, seed=seed)
+            segmenter = build_segmenter(clip, seed=seed, dense_method=DENSE_METHOD,
+                                        unfreeze_blocks=args.unfreeze_blocks)
             finetune(segmenter, clip, encoder, train, base_vocabulary,
-                     TrainConfig(steps=args.steps, size=args.size, seed=seed, **switches))
+                     TrainConfig(steps=args.steps, size=args.size, seed=seed, lr=args.lr, **switches))
             rows[name].append(evaluate(predictor_for(segmenter), test))
             print(f"  {name}, seed {seed}: {rows[name][-1]} ({time.time() - started:.0f}s)", flush=True)
 
-    print(f"\nmIoU (%) on {args.test_images} test scenes; fine-tuned {args.steps} steps on {args.train_images} "
-          f"base-only images; mean ± std over {args.seeds} seeds\n")
+    tower = f"last {args.unfreeze_blocks} tower blocks trained" if args.unfreeze_blocks else "tower frozen"
+    print(f"\nmIoU (%) on {args.test_images} test scenes; fine-tuned {args.steps} steps ({tower}) on "
+          f"{args.train_images} base-only images; mean ± std over {args.seeds} seeds\n")
     print(f"| method | base | novel | harmonic mean |\n|---|---|---|---|")
     summary = {}
     for name, results in rows.items():

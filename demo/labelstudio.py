@@ -147,10 +147,11 @@ class LabelStudio:
 def start_backend(port: int, model_dir: Path, label_studio: LabelStudio | None, env_extra: dict | None = None,
                   timeout: float = 120) -> ManagedProcess:
     """``python -m backend`` with the demo model on 127.0.0.1:port."""
-    from demo.train_clip import CONFIG, materialize
+    from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
 
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "MODEL_DIR": str(model_dir),
-           "CLIP_MODEL": str(CONFIG), "CLIP_PRETRAINED": str(materialize()), "INFERENCE_SIZE": "128",
+           "CLIP_MODEL": str(CONFIG), "CLIP_PRETRAINED": str(materialize()), "INFERENCE_SIZE": str(INFERENCE_SIZE),
+           "DENSE_METHOD": DENSE_METHOD,
            "WORKERS": "1", "THREADS": "4", "LOG_LEVEL": "INFO"}
     if label_studio:
         env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)

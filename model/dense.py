@@ -6,7 +6,9 @@ features are not aligned as they stand. Two training-free fixes are used here:
 * ViT towers — ClearCLIP (Lan et al., "ClearCLIP: Decomposing CLIP Representations
   for Dense Vision-Language Inference", ECCV 2024): in the last block, drop the
   residual connection and the feed-forward network and use query-query attention;
-  the result goes through the usual ``ln_post`` and projection.
+  the result goes through the usual ``ln_post`` and projection. MaskCLIP's ViT variant
+  (value projection only, no token mixing) is the alternative; on the small demo CLIP
+  it measures better (README), on web-scale CLIPs ClearCLIP is the published winner.
 * ResNet towers — MaskCLIP (Zhou et al., "Extract Free Dense Labels from CLIP",
   ECCV 2022): the attention pool's value and output projections applied at every
   location, without the query-key pooling.
@@ -47,12 +49,26 @@ def _resize_grid(pos: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
     return pos.permute(0, 2, 3, 1).reshape(size[0] * size[1], channels)
 
 
-class ViTDenseTower(nn.Module):
-    """Dense embeddings from an open_clip ``VisionTransformer`` (ClearCLIP last block)."""
+DENSE_METHODS = ("clearclip", "maskclip")
 
-    def __init__(self, visual: nn.Module, feature_depths: int = 3):
+
+class ViTDenseTower(nn.Module):
+    """Dense embeddings from an open_clip ``VisionTransformer``.
+
+    Args:
+        visual: the open_clip image tower.
+        method: ``clearclip`` (query-query attention in the last block) or ``maskclip``
+            (the last block's value projection alone, no token mixing). Both drop the last
+            block's residual and feed-forward paths.
+        feature_depths: how many intermediate maps to hand to the decoder.
+    """
+
+    def __init__(self, visual: nn.Module, method: str = "clearclip", feature_depths: int = 3):
         super().__init__()
+        if method not in DENSE_METHODS:
+            raise ValueError(f"unknown dense method {method!r}; choose one of {DENSE_METHODS}")
         self.visual = visual
+        self.method = method
         blocks = len(visual.transformer.resblocks)
         # Taps spread over the depth, the last one being the input of the final block.
         self.taps = sorted({max(0, round(blocks * (k + 1) / feature_depths) - 2) for k in range(feature_depths)})
@@ -60,7 +76,7 @@ class ViTDenseTower(nn.Module):
         self.feature_dims = [visual.transformer.width] * len(self.taps)
         self.embed_dim = visual.output_dim
 
-    def _last_block_clearclip(self, x: torch.Tensor) -> torch.Tensor:
+    def _last_block(self, x: torch.Tensor) -> torch.Tensor:
         block = self.visual.transformer.resblocks[-1]
         attn = block.attn
         y = block.ln_1(x)
@@ -69,11 +85,11 @@ class ViTDenseTower(nn.Module):
         batch, tokens, width = y.shape
         heads = attn.num_heads
         q, _, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        q = q.reshape(batch, tokens, heads, -1).transpose(1, 2)
-        v = v.reshape(batch, tokens, heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, q, v)
-        out = out.transpose(1, 2).reshape(batch, tokens, width)
-        return block.ls_1(attn.out_proj(out))
+        if self.method == "clearclip":
+            q = q.reshape(batch, tokens, heads, -1).transpose(1, 2)
+            v = v.reshape(batch, tokens, heads, -1).transpose(1, 2)
+            v = F.scaled_dot_product_attention(q, q, v).transpose(1, 2).reshape(batch, tokens, width)
+        return block.ls_1(attn.out_proj(v))
 
     def forward(self, images: torch.Tensor) -> TowerOutput:
         """images: (B, 3, H, W), normalised, H and W multiples of the patch size."""
@@ -94,7 +110,7 @@ class ViTDenseTower(nn.Module):
                 features.append(x[:, 1:].transpose(1, 2).reshape(b, -1, h, w))
         if len(v.transformer.resblocks) - 1 in self.taps or len(features) < len(self.taps):
             features.append(x[:, 1:].transpose(1, 2).reshape(b, -1, h, w))
-        dense = v.ln_post(self._last_block_clearclip(x)[:, 1:]) @ v.proj
+        dense = v.ln_post(self._last_block(x)[:, 1:]) @ v.proj
         return TowerOutput(dense=dense.transpose(1, 2).reshape(b, -1, h, w), features=features)
 
 
@@ -125,11 +141,11 @@ class ResNetDenseTower(nn.Module):
         return TowerOutput(dense=dense.transpose(1, 2).reshape(b, -1, h, w), features=[f2, f3, f4])
 
 
-def build_dense_tower(visual: nn.Module) -> nn.Module:
-    """The dense tower matching an open_clip image tower."""
+def build_dense_tower(visual: nn.Module, method: str = "clearclip") -> nn.Module:
+    """The dense tower matching an open_clip image tower (``method`` applies to ViTs)."""
     name = visual.__class__.__name__
     if name == "VisionTransformer":
-        return ViTDenseTower(visual)
+        return ViTDenseTower(visual, method)
     if name == "ModifiedResNet":
         return ResNetDenseTower(visual)
     raise NotImplementedError(f"no dense CLIP method for image tower {name}")

@@ -13,6 +13,7 @@ Fine-tuning moves E for the annotated classes while the distillation regulariser
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import nullcontext
 
@@ -91,20 +92,26 @@ class Segmenter(nn.Module):
         return {n: t.detach().cpu().clone() for n, t in self.state_dict().items() if n in names}
 
 
-def build_segmenter(clip, hidden: int = 128, unfreeze_blocks: int = 0, seed: int = 0) -> Segmenter:
+def build_segmenter(clip, hidden: int = 128, unfreeze_blocks: int = 0, seed: int = 0,
+                    dense_method: str = "clearclip") -> Segmenter:
     """A segmenter on top of a loaded :class:`model.clip.Clip` (the tower is shared, frozen by default).
 
     The decoder's initialisation depends only on ``seed``.
     """
     from model.dense import build_dense_tower
 
-    tower = build_dense_tower(clip.model.visual)
+    visual = clip.model.visual
+    if unfreeze_blocks:
+        if not hasattr(visual, "transformer"):
+            raise NotImplementedError("unfreezing blocks is supported for ViT towers")
+        visual = copy.deepcopy(visual)  # the frozen original stays CLIP's (the distillation teacher)
+    tower = build_dense_tower(visual, dense_method)
     for p in tower.parameters():
         p.requires_grad_(False)
-    if unfreeze_blocks and hasattr(clip.model.visual, "transformer"):
-        for block in clip.model.visual.transformer.resblocks[-unfreeze_blocks:]:
-            for p in block.parameters():
-                p.requires_grad_(True)
+    for block in visual.transformer.resblocks[len(visual.transformer.resblocks) - unfreeze_blocks:] \
+            if unfreeze_blocks else []:
+        for p in block.parameters():
+            p.requires_grad_(True)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         decoder = DenseDecoder(tower.feature_dims, tower.embed_dim, hidden)

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    tower_lr_factor: float = 0.1  # unfrozen image-tower blocks learn this much slower than the decoder
     size: int = 448  # training crops are size×size after resizing the short side to about this
     seed: int = 0
     diversify: bool = True  # name regions by random kept synonyms
@@ -50,6 +52,8 @@ class TrainConfig:
     classification_weight: float = 1.0
     distill_weight: float = 1.0
     synonym_threshold: float = 0.1
+    synonym_temperature: float | None = 100.0  # CLIP's logit scale for the filter (None: the model's own)
+    distill_unlabeled: bool = True  # also distil the unannotated parts of each image
     max_regions: int = 200  # per step, as in the paper's code
     log_every: int = 25
 
@@ -86,34 +90,57 @@ def teacher_embeddings(clip, crops: list[np.ndarray], batch_size: int = 64) -> t
     return torch.cat(out) if out else torch.zeros(0, clip.model.visual.output_dim)
 
 
+UNLABELED_BASE = 1000  # region ids ≥ this are parts of the unannotated area
+
+
+def region_map(sample: Sample, min_fraction: float = 0.01) -> np.ndarray:
+    """(H, W) int32 region ids: the class index on annotated pixels; ``UNLABELED_BASE + k`` on the
+    k-th connected part of the unannotated area (parts under ``min_fraction`` of the image: IGNORE)."""
+    regions = sample.labels.astype(np.int32).copy()
+    count, parts = cv2.connectedComponents((sample.labels == IGNORE).astype(np.uint8), connectivity=4)
+    sizes = np.bincount(parts.ravel(), minlength=count)
+    for part in range(1, count):
+        if sizes[part] >= min_fraction * parts.size:
+            regions[parts == part] = UNLABELED_BASE + part
+    return regions
+
+
 def prepare_regions(clip, encoder: TextEncoder, samples: list[Sample], vocabulary: Vocabulary,
-                    threshold: float) -> dict[tuple[int, int], Region]:
-    """Teacher embeddings and kept synonyms for every (sample, class) region."""
+                    config: TrainConfig) -> tuple[dict[tuple[int, int], Region], list[np.ndarray]]:
+    """Region maps of the samples; teacher embeddings and kept synonyms for every region.
+
+    Unannotated parts get a teacher embedding too (``config.distill_unlabeled``): distilling
+    them keeps what CLIP knows about the classes nobody annotated.
+    """
+    maps = [region_map(sample) if config.distill_unlabeled else sample.labels.astype(np.int32) for sample in samples]
     keys, crops = [], []
-    for index, sample in enumerate(samples):
-        for cls in np.unique(sample.labels):
-            if cls != IGNORE and 0 <= cls < len(vocabulary):
-                keys.append((index, int(cls)))
-                crops.append(masked_crop(sample.image, sample.labels == cls, clip.image_size))
+    for index, (sample, regions) in enumerate(zip(samples, maps)):
+        for value in np.unique(regions):
+            if value >= UNLABELED_BASE or 0 <= value < len(vocabulary):
+                keys.append((index, int(value)))
+                crops.append(masked_crop(sample.image, regions == value, clip.image_size))
     teachers = teacher_embeddings(clip, crops)
     candidates = candidate_names(vocabulary)
     flat = encoder.embed_texts([name for names in candidates for name in names])
     candidate_text = list(torch.split(flat, [len(names) for names in candidates]))
-    scale = float(clip.model.logit_scale.detach().exp())
-    regions = {}
-    for (index, cls), teacher in zip(keys, teachers):
-        kept = filter_synonyms(teacher, candidate_text[cls], scale, threshold)
-        regions[(index, cls)] = Region(index, cls, teacher, [candidates[cls][k] for k in kept])
-    return regions
+    scale = config.synonym_temperature or float(clip.model.logit_scale.detach().exp())
+    out = {}
+    for (index, value), teacher in zip(keys, teachers):
+        if value >= UNLABELED_BASE:
+            out[(index, value)] = Region(index, -1, teacher, [])
+        else:
+            kept = filter_synonyms(teacher, candidate_text[value], scale, config.synonym_threshold)
+            out[(index, value)] = Region(index, value, teacher, [candidates[value][k] for k in kept])
+    return out, maps
 
 
-def _augment(rng: np.random.Generator, sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _augment(rng: np.random.Generator, image: np.ndarray, regions: np.ndarray, size: int):
     """Random scale (short side 1.0-1.3 × size), random size×size crop, random horizontal flip."""
-    height, width = sample.labels.shape
+    height, width = regions.shape
     scale = size * rng.uniform(1.0, 1.3) / min(height, width)
     new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-    image = np.asarray(Image.fromarray(sample.image).resize((new_w, new_h), Image.BILINEAR))
-    labels = np.asarray(Image.fromarray(sample.labels.astype(np.int32)).resize((new_w, new_h), Image.NEAREST))
+    image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    labels = np.asarray(Image.fromarray(regions.astype(np.int32)).resize((new_w, new_h), Image.NEAREST))
     top, left = rng.integers(0, new_h - size + 1), rng.integers(0, new_w - size + 1)
     image, labels = image[top:top + size, left:left + size], labels[top:top + size, left:left + size]
     if rng.random() < 0.5:
@@ -135,13 +162,17 @@ def finetune(segmenter, clip, encoder: TextEncoder, samples: list[Sample], vocab
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     text = encoder.embed(vocabulary)
-    regions = prepare_regions(clip, encoder, samples, vocabulary, config.synonym_threshold)
-    name_embedding = {name: e for r in regions.values() for name, e in zip(r.names, encoder.embed_texts(r.names))}
+    regions, maps = prepare_regions(clip, encoder, samples, vocabulary, config)
+    all_names = list(dict.fromkeys(n for r in regions.values() for n in r.names))
+    name_embedding = dict(zip(all_names, encoder.embed_texts(all_names))) if all_names else {}
     mean, std = torch.tensor(clip.mean).view(3, 1, 1), torch.tensor(clip.std).view(3, 1, 1)
     size = max(segmenter.stride, round(config.size / segmenter.stride) * segmenter.stride)
     text_scale = torch.nn.Parameter(torch.tensor(1.0))
-    parameters = [p for p in segmenter.parameters() if p.requires_grad] + [text_scale]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    tower = [p for p in segmenter.image_tower.parameters() if p.requires_grad]
+    head = [p for n, p in segmenter.named_parameters() if p.requires_grad and not n.startswith("image_tower.")]
+    optimizer = torch.optim.AdamW([{"params": head + [text_scale]},
+                                   {"params": tower, "lr": config.lr * config.tower_lr_factor}],
+                                  lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / config.steps)))
     device = next(segmenter.parameters()).device
@@ -149,19 +180,25 @@ def finetune(segmenter, clip, encoder: TextEncoder, samples: list[Sample], vocab
     summary: dict = {}
     for step in range(config.steps):
         chosen = rng.integers(0, len(samples), config.batch_size)
-        images, labels, masks, classes, drawn_text, teachers = [], [], [], [], [], []
+        images, labels, masks, classes, drawn_text, teachers, kd_masks = [], [], [], [], [], [], []
         for index in chosen:
-            image, label_map = _augment(rng, samples[index], size)
-            present = [int(c) for c in np.unique(label_map) if (int(index), int(c)) in regions]
-            region_list = [regions[(int(index), c)] for c in present]
-            images.append((torch.from_numpy(image).permute(2, 0, 1).float() / 255 - mean) / std)
-            labels.append(torch.from_numpy(label_map.astype(np.int64)))
-            masks.append(torch.from_numpy(np.stack([label_map == c for c in present])) if present
+            image, ids = _augment(rng, samples[index].image, maps[index], size)
+            present = [regions[(int(index), int(v))] for v in np.unique(ids) if (int(index), int(v)) in regions]
+            annotated = [r for r in present if r.cls >= 0]
+            images.append((torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - mean) / std)
+            labels.append(torch.from_numpy(np.where(ids < UNLABELED_BASE, ids, IGNORE).astype(np.int64)))
+            masks.append(torch.from_numpy(np.stack([ids == r.cls for r in annotated])) if annotated
                          else torch.zeros(0, size, size, dtype=torch.bool))
-            classes.append(torch.tensor(present, dtype=torch.long))
-            names = [r.names[rng.integers(len(r.names))] if config.diversify else r.names[0] for r in region_list]
+            classes.append(torch.tensor([r.cls for r in annotated], dtype=torch.long))
+            names = [r.names[rng.integers(len(r.names))] if config.diversify else r.names[0] for r in annotated]
             drawn_text.append(torch.stack([name_embedding[n] for n in names]) if names else text[:0])
-            teachers.append(torch.stack([r.teacher for r in region_list]) if region_list else text[:0])
+            # Distillation regions: annotated first (they also get the text-guided term), then unannotated parts.
+            unlabeled = [(int(v), regions[(int(index), int(v))]) for v in np.unique(ids) if v >= UNLABELED_BASE
+                         and (int(index), int(v)) in regions]
+            kd_masks.append(torch.from_numpy(np.stack([ids == r.cls for r in annotated] + [ids == v for v, _ in unlabeled]))
+                            if present else torch.zeros(0, size, size, dtype=torch.bool))
+            teachers.append(torch.stack([r.teacher for r in annotated] + [r.teacher for _, r in unlabeled])
+                            if present else text[:0])
         embeddings, _ = segmenter.embed(torch.stack(images).to(device))
         logits = diversified_logits(embeddings, text.to(device), segmenter.log_logit_scale.exp(),
                                     [m.to(device) for m in masks], classes,
@@ -173,15 +210,20 @@ def finetune(segmenter, clip, encoder: TextEncoder, samples: list[Sample], vocab
             budget = config.max_regions
             terms = []
             for b in range(len(images)):
-                count = min(len(classes[b]), budget)
+                count = min(len(teachers[b]), budget)
                 if count == 0:
                     continue
                 budget -= count
-                student = pool_regions(embeddings[b], masks[b][:count].to(device))
+                student = pool_regions(embeddings[b], kd_masks[b][:count].to(device))
                 teacher = teachers[b][:count].to(device)
                 plain = distillation_loss(student, teacher)
-                guided = text_guided_distillation_loss(student, teacher, drawn_text[b][:count].to(device), text_scale)
-                terms.append((plain + guided) / 2)
+                named = min(count, len(classes[b]))  # regions with a class name come first
+                if named:
+                    guided = text_guided_distillation_loss(student[:named], teacher[:named],
+                                                           drawn_text[b][:named].to(device), text_scale)
+                    terms.append((plain + guided) / 2)
+                else:
+                    terms.append(plain)
             if terms:
                 loss_kd = torch.stack(terms).mean()
                 loss = loss + config.distill_weight * loss_kd
@@ -197,7 +239,8 @@ def finetune(segmenter, clip, encoder: TextEncoder, samples: list[Sample], vocab
         if progress:
             progress(step + 1, summary)
     segmenter.eval()
+    named = [len(r.names) for r in regions.values() if r.cls >= 0]
     summary.update(seconds=round(time.time() - started, 1), regions=len(regions),
-                   mean_kept_names=round(float(np.mean([len(r.names) for r in regions.values()])), 2),
+                   mean_kept_names=round(float(np.mean(named)), 2) if named else 0.0,
                    config=asdict(config))
     return summary

@@ -1,4 +1,6 @@
 """End to end with a real Label Studio server (installed by `make setup-ls` in .venv-ls)."""
+import time
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,58 @@ def test_label_studio_stores_our_predictions(servers):
         for region in polygons:
             assert region["value"]["polygonlabels"][0] in world.NAMES
             assert len(region["value"]["points"]) >= 3 and region_mask(region, 128, 128).any()
+
+
+def _miou(label_studio, project, scenes, ids, config):
+    from backend.annotations import results_to_label_map
+    from backend.label_config import parse_targets
+    from model.metrics import ConfusionMatrix
+
+    target = parse_targets(config)[0]
+    confusion = ConfusionMatrix(len(world.NAMES))
+    versions = set()
+    for task in label_studio.tasks(project):
+        if task["id"] in ids:
+            prediction = task["predictions"][-1]
+            versions.add(prediction["model_version"])
+            truth = scenes[ids[task["id"]]][1]
+            confusion.update(truth, results_to_label_map(prediction["result"], target, *truth.shape))
+    base = [world.NAMES.index(n) for n in world.BASE]
+    novel = [world.NAMES.index(n) for n in world.NOVEL]
+    return versions, confusion.miou(base), confusion.miou(novel)
+
+
+def test_corrections_made_in_label_studio_train_a_better_model(servers):
+    """Annotate base classes in Label Studio, train through its train action, predict again."""
+    import requests
+
+    from tests.test_learning import LABEL_CONFIG, annotation_results
+
+    label_studio, backend_url = servers
+    train_scenes, held_out = world.test_scenes(30, seed=99), world.test_scenes(12)
+    project = label_studio.create_project("learning loop", LABEL_CONFIG)
+    label_studio.import_images(project, {f"train-{i:03d}.png": image for i, (image, _) in enumerate(train_scenes)})
+    label_studio.import_images(project, {f"held-{i:03d}.png": image for i, (image, _) in enumerate(held_out)})
+    ml = label_studio.connect_backend(project, backend_url)
+    tasks = label_studio.tasks(project)
+    held_ids = {t["id"]: int(t["data"]["image"][-7:-4]) for t in tasks if "held-" in t["data"]["image"]}
+    train_ids = {t["id"]: int(t["data"]["image"][-7:-4]) for t in tasks if "train-" in t["data"]["image"]}
+    label_studio.retrieve_predictions(project)
+    versions_before, base_before, novel_before = _miou(label_studio, project, held_out, held_ids, LABEL_CONFIG)
+
+    for task_id, index in train_ids.items():
+        label_studio.api("POST", f"/api/tasks/{task_id}/annotations",
+                         json={"result": annotation_results(train_scenes[index][1]), "was_cancelled": False})
+    label_studio.api("POST", f"/api/ml/{ml}/train", json={})
+    deadline = time.time() + 900
+    while not requests.get(f"{backend_url}/versions", timeout=5).json()["versions"]:
+        status = requests.get(f"{backend_url}/health", timeout=5).json()["training"]
+        assert time.time() < deadline and all(s.get("state") != "failed" for s in status.values()), status
+        time.sleep(2)
+    label_studio.retrieve_predictions(project)
+    versions_after, base_after, novel_after = _miou(label_studio, project, held_out, held_ids, LABEL_CONFIG)
+    print(f"Label Studio loop, held-out mIoU: base {base_before:.1f} → {base_after:.1f}, "
+          f"novel {novel_before:.1f} → {novel_after:.1f}; {versions_before} → {versions_after}")
+    assert len(versions_after) == 1 and "-v1:" in next(iter(versions_after))
+    assert base_after > base_before + 5
+    assert novel_after >= novel_before - 2

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from demo import world
 from model.metrics import ConfusionMatrix
+from demo.train_clip import DENSE_METHOD
 from model.predictor import Predictor
 from model.segmenter import build_segmenter
 from model.vocabulary import TextEncoder, Vocabulary
@@ -18,7 +19,7 @@ def test_chunked_upsampling_matches_a_full_resize():
 
 
 def _predictor(clip, **kwargs):
-    return Predictor(build_segmenter(clip), TextEncoder(clip), clip.mean, clip.std, inference_size=128, **kwargs)
+    return Predictor(build_segmenter(clip, dense_method=DENSE_METHOD), TextEncoder(clip), clip.mean, clip.std, inference_size=128, **kwargs)
 
 
 def test_batching_does_not_change_predictions(demo_clip, scenes):

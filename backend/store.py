@@ -1,0 +1,142 @@
+"""Per-project state in ``MODEL_DIR``: annotations, model versions, the label config.
+
+One SQLite database (``MODEL_DIR/backend.sqlite``, WAL mode): every write is a
+transaction, so a crash loses nothing that was acknowledged. Checkpoint files live in
+``MODEL_DIR/projects/<project>/`` and are registered here only after they are complete.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS annotations (
+    project TEXT NOT NULL, annotation_id INTEGER NOT NULL, task_id INTEGER, task_data TEXT NOT NULL,
+    result TEXT NOT NULL, updated REAL NOT NULL, PRIMARY KEY (project, annotation_id));
+CREATE TABLE IF NOT EXISTS projects (
+    project TEXT PRIMARY KEY, label_config TEXT, changes_since_training INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS versions (
+    project TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL, created REAL NOT NULL,
+    summary TEXT NOT NULL, PRIMARY KEY (project, version));
+"""
+
+
+def project_key(project) -> str:
+    """Label Studio names a project ``12`` in webhooks and ``12.1700000000`` in /predict: keep the id."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    return str(project).split(".")[0] if project not in (None, "") else ""
+
+
+@dataclass
+class Version:
+    project: str
+    version: int
+    path: Path
+    created: float
+    summary: dict
+
+    @property
+    def name(self) -> str:
+        return f"v{self.version}"
+
+
+class Store:
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._db() as db:
+            db.executescript(SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.model_dir / "backend.sqlite", timeout=30)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        return db
+
+    def project_dir(self, project: str) -> Path:
+        return self.model_dir / "projects" / project
+
+    # ------------------------------------------------------------------ annotations
+    def upsert_annotation(self, project: str, annotation: dict, task: dict) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO annotations VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(project, annotation_id) DO UPDATE "
+                "SET task_id=excluded.task_id, task_data=excluded.task_data, result=excluded.result, "
+                "updated=excluded.updated",
+                (project, int(annotation["id"]), task.get("id"), json.dumps(task.get("data") or {}),
+                 json.dumps(annotation.get("result") or []), time.time()))
+            self._count_change(db, project)
+
+    def delete_annotation(self, project: str, annotation_id: int) -> None:
+        with self._db() as db:
+            db.execute("DELETE FROM annotations WHERE project=? AND annotation_id=?", (project, int(annotation_id)))
+            self._count_change(db, project)
+
+    def replace_annotations(self, project: str, tasks: list[dict]) -> int:
+        """Make the stored annotations exactly those in ``tasks`` (Label Studio's JSON export)."""
+        rows = [(project, int(a["id"]), t.get("id"), json.dumps(t.get("data") or {}), json.dumps(a.get("result") or []),
+                 time.time())
+                for t in tasks for a in t.get("annotations") or [] if not a.get("was_cancelled")]
+        with self._db() as db:
+            db.execute("DELETE FROM annotations WHERE project=?", (project,))
+            db.executemany("INSERT INTO annotations VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def annotations(self, project: str) -> list[dict]:
+        """Latest annotation per task: ``{"task_id", "data", "result"}``."""
+        rows = self._db().execute(
+            "SELECT task_id, task_data, result FROM annotations WHERE project=? ORDER BY updated", (project,))
+        latest = {}
+        for task_id, data, result in rows:
+            latest[task_id] = {"task_id": task_id, "data": json.loads(data), "result": json.loads(result)}
+        return list(latest.values())
+
+    def _count_change(self, db: sqlite3.Connection, project: str) -> None:
+        db.execute("INSERT INTO projects (project, changes_since_training) VALUES (?, 1) ON CONFLICT(project) "
+                   "DO UPDATE SET changes_since_training = changes_since_training + 1", (project,))
+
+    def changes_since_training(self, project: str) -> int:
+        row = self._db().execute("SELECT changes_since_training FROM projects WHERE project=?", (project,)).fetchone()
+        return row[0] if row else 0
+
+    def reset_changes(self, project: str) -> None:
+        with self._db() as db:
+            db.execute("UPDATE projects SET changes_since_training=0 WHERE project=?", (project,))
+
+    def set_label_config(self, project: str, label_config: str) -> None:
+        with self._db() as db:
+            db.execute("INSERT INTO projects (project, label_config) VALUES (?, ?) ON CONFLICT(project) "
+                       "DO UPDATE SET label_config=excluded.label_config", (project, label_config))
+
+    def label_config(self, project: str) -> str | None:
+        row = self._db().execute("SELECT label_config FROM projects WHERE project=?", (project,)).fetchone()
+        return row[0] if row else None
+
+    # ------------------------------------------------------------------ versions
+    def add_version(self, project: str, path: Path, summary: dict) -> Version:
+        with self._db() as db:
+            (last,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE project=?", (project,)).fetchone()
+            created = time.time()
+            db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?)",
+                       (project, last + 1, str(path), created, json.dumps(summary)))
+        return Version(project, last + 1, Path(path), created, summary)
+
+    def versions(self, project: str | None = None) -> list[Version]:
+        query = "SELECT project, version, path, created, summary FROM versions"
+        rows = self._db().execute(query + (" WHERE project=?" if project else "") + " ORDER BY project, version",
+                                  (project,) if project else ())
+        return [Version(p, v, Path(path), c, json.loads(s)) for p, v, path, c, s in rows]
+
+    def next_version_number(self, project: str) -> int:
+        (last,) = self._db().execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE project=?",
+                                     (project,)).fetchone()
+        return last + 1

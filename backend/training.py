@@ -1,0 +1,170 @@
+"""Training a project's segmenter from its annotations; also a command-line tool.
+
+    python -m backend.training --project 12                      # from annotations stored by the webhook
+    python -m backend.training --project 12 --pull               # first pull them from Label Studio's API
+    python -m backend.training --project 12 --export export.json --label-config config.xml
+
+The backend runs the first two forms in a child process (``backend.jobs``); the third
+trains from a Label Studio JSON export file. Each run writes a checkpoint atomically and
+registers it as the project's next version; progress goes to ``<project dir>/job.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+from backend.annotations import results_to_label_map
+from backend.images import ImageError, ImageFetcher
+from backend.label_config import parse_targets
+from backend.settings import Settings
+from backend.store import Store, Version, project_key
+from model.train import Sample, TrainConfig, finetune
+from model.vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+def write_progress(path: Path, **state) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**state, "updated": time.time()}))
+    os.replace(tmp, path)
+
+
+def pull_annotations(settings: Settings, store: Store, project: str) -> int:
+    """Replace the stored annotations by Label Studio's current ones (its JSON export)."""
+    from backend.images import LabelStudioAuth
+
+    if not settings.label_studio_url:
+        raise RuntimeError("pulling annotations needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
+    base = settings.label_studio_url.rstrip("/")
+    response = requests.get(f"{base}/api/projects/{project}/export?exportType=JSON", headers=auth.header(),
+                            timeout=300)
+    response.raise_for_status()
+    details = requests.get(f"{base}/api/projects/{project}", headers=auth.header(), timeout=60)
+    details.raise_for_status()
+    store.set_label_config(project, details.json()["label_config"])
+    return store.replace_annotations(project, response.json())
+
+
+def build_samples(annotations: list[dict], label_config: str, fetcher: ImageFetcher) -> tuple[list[Sample], Vocabulary]:
+    """Annotated images as training samples, in the vocabulary of the classes that occur in them."""
+    target = parse_targets(label_config)[0]
+    samples, used = [], set()
+    for annotation in annotations:
+        data = annotation["data"]
+        try:
+            image = fetcher.fetch(data[target.data_key], annotation["task_id"])
+        except (ImageError, KeyError) as error:
+            log.warning("task %s skipped: %s", annotation["task_id"], error)
+            continue
+        sizes = [(r["original_height"], r["original_width"]) for r in annotation["result"] if "original_height" in r]
+        height, width = sizes[0] if sizes else image.shape[:2]
+        labels = results_to_label_map(annotation["result"], target, height, width)
+        if labels.shape != image.shape[:2]:
+            labels = np.asarray(Image.fromarray(labels.astype(np.int32)).resize(image.shape[1::-1], Image.NEAREST))
+        if (labels >= 0).any():
+            samples.append(Sample(image, labels))
+            used.update(int(c) for c in np.unique(labels) if c >= 0)
+    # Train on the annotated classes only: labels nobody annotated are not negatives.
+    classes = sorted(used)
+    remap = np.full(len(target.vocabulary) + 1, -1, np.int64)
+    remap[classes] = np.arange(len(classes))
+    for sample in samples:
+        sample.labels = remap[sample.labels]
+    texts = dict(zip(target.vocabulary.labels, target.vocabulary.texts))
+    labels = [target.vocabulary.labels[c] for c in classes]
+    return samples, Vocabulary(tuple(labels), tuple(texts[label] for label in labels))
+
+
+def train_config(settings: Settings) -> TrainConfig:
+    return TrainConfig(steps=settings.train_steps, batch_size=settings.train_batch_size, lr=settings.train_lr,
+                       size=settings.inference_size, diversify=settings.text_diversification,
+                       distill=settings.distillation, synonym_threshold=settings.synonym_threshold,
+                       distill_weight=settings.distill_weight, seed=settings.train_seed)
+
+
+def train_project(settings: Settings, project: str, pull: bool = False) -> Version:
+    """Fine-tune on the project's annotations; register and return the new version."""
+    from backend.service import load_model
+    from model.checkpoint import save_checkpoint
+    from model.segmenter import build_segmenter
+
+    store = Store(settings.model_dir)
+    directory = store.project_dir(project)
+    directory.mkdir(parents=True, exist_ok=True)
+    progress = directory / "job.json"
+    started = time.time()
+    write_progress(progress, state="preparing", pid=os.getpid(), started=started)
+    if pull:
+        log.info("project %s: pulled %d annotations from Label Studio", project,
+                 pull_annotations(settings, store, project))
+    label_config = store.label_config(project)
+    if not label_config:
+        raise RuntimeError(f"project {project}: no label config known yet (connect the backend or pass one)")
+    changes = store.changes_since_training(project)
+    fetcher = ImageFetcher(settings.label_studio_url, settings.label_studio_api_key, settings.allowed_image_hosts,
+                           settings.max_image_bytes, settings.max_image_pixels, settings.fetch_timeout)
+    samples, vocabulary = build_samples(store.annotations(project), label_config, fetcher)
+    if not samples:
+        raise RuntimeError(f"project {project}: no usable annotations to train on")
+    model = load_model(settings)
+    config = train_config(settings)
+    segmenter = build_segmenter(model.clip, seed=config.seed, dense_method=settings.dense_method)
+    log.info("project %s: training on %d images, classes %s", project, len(samples), list(vocabulary.labels))
+
+    def report(step: int, losses: dict) -> None:
+        if step % 10 == 0 or step == config.steps:
+            write_progress(progress, state="training", pid=os.getpid(), started=started,
+                           **{**losses, "steps": config.steps})
+
+    summary = finetune(segmenter, model.clip, model.encoder, samples, vocabulary, config, progress=report)
+    summary.update(images=len(samples), classes=list(vocabulary.labels))
+    number = store.next_version_number(project)
+    path = save_checkpoint(directory / f"v{number}.pt", segmenter, model.clip.identity,
+                           project=project, version=number, **summary)
+    version = store.add_version(project, path, summary)
+    if store.changes_since_training(project) == changes:
+        store.reset_changes(project)
+    write_progress(progress, state="finished", version=version.version, started=started,
+                   seconds=round(time.time() - started, 1))
+    log.info("project %s: version v%d ready (%s)", project, version.version, path)
+    return version
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project", required=True)
+    parser.add_argument("--pull", action="store_true", help="pull annotations from Label Studio's API first")
+    parser.add_argument("--export", type=Path, help="a Label Studio JSON export file to train from")
+    parser.add_argument("--label-config", type=Path, help="the project's label config (XML), with --export")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    project = project_key(args.project)
+    if args.export:
+        store = Store(settings.model_dir)
+        if args.label_config:
+            store.set_label_config(project, args.label_config.read_text())
+        count = store.replace_annotations(project, json.loads(args.export.read_text()))
+        log.info("project %s: %d annotations read from %s", project, count, args.export)
+    try:
+        version = train_project(settings, project, pull=args.pull)
+    except Exception as error:
+        directory = Store(settings.model_dir).project_dir(project)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_progress(directory / "job.json", state="failed", error=f"{error.__class__.__name__}: {error}")
+        raise
+    print(json.dumps({"project": project, "version": version.name, "path": str(version.path)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The learning loop inside the backend: annotation webhooks → training job → new version."""
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend.annotations import results_to_label_map
+from backend.app import create_app
+from backend.label_config import parse_targets
+from backend.results import build_results
+from backend.service import SegmentationService
+from backend.settings import Settings
+from backend.store import Store
+from demo import world
+from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
+from model.metrics import ConfusionMatrix
+from model.predictor import SemanticPrediction
+from tests.conftest import png_bytes
+
+LABEL_CONFIG = (Path(__file__).parents[1] / "labeling_config" / "demo-world.xml").read_text()
+TARGET = parse_targets(LABEL_CONFIG)[0]
+BASE = [world.NAMES.index(n) for n in world.BASE]
+NOVEL = [world.NAMES.index(n) for n in world.NOVEL]
+
+
+def annotation_results(label_map: np.ndarray) -> list[dict]:
+    """What an annotator correcting base classes only would submit."""
+    base_only = np.where(np.isin(label_map, BASE), label_map.astype(np.int16), -1).astype(np.int16)
+    return build_results(TARGET, SemanticPrediction(base_only, np.ones(label_map.shape, np.float32)))
+
+
+@pytest.fixture()
+def service(tmp_path, file_server):
+    settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()), inference_size=INFERENCE_SIZE,
+                        dense_method=DENSE_METHOD, model_dir=tmp_path / "model_dir", train_steps=150,
+                        label_studio_url=file_server.url, label_studio_api_key="good-token")
+    service = SegmentationService(settings)
+    service.start()
+    return service
+
+
+def _predict_miou(client, tasks, scenes):
+    body = client.post("/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG, "project": "7.123"}).get_json()
+    confusion = ConfusionMatrix(len(world.NAMES))
+    for entry, (_, truth) in zip(body["results"], scenes):
+        confusion.update(truth, results_to_label_map(entry["result"], TARGET, *truth.shape))
+    return body["model_version"], confusion.miou(BASE), confusion.miou(NOVEL)
+
+
+def test_annotations_train_a_new_version_that_is_served(service, file_server):
+    client = create_app(service.settings, service).test_client()
+    train_scenes = world.test_scenes(40, seed=99)
+    held_out = world.test_scenes(20)
+    tasks = [{"id": 1000 + i, "data": {"image": file_server.add(f"held-{i}.png", png_bytes(image))}}
+             for i, (image, _) in enumerate(held_out)]
+    zero_shot_version, base_before, novel_before = _predict_miou(client, tasks, held_out)
+    assert "@zero-shot" in zero_shot_version
+
+    for i, (image, labels) in enumerate(train_scenes):
+        task = {"id": i, "project": 7, "data": {"image": file_server.add(f"train-{i}.png", png_bytes(image))}}
+        event = {"action": "ANNOTATION_CREATED", "project": {"id": 7, "label_config": LABEL_CONFIG},
+                 "task": task, "annotation": {"id": 500 + i, "task": i, "result": annotation_results(labels)}}
+        assert client.post("/webhook", json=event).status_code == 201
+    # An update replaces, a deletion removes: 40 annotated tasks, one of them deleted.
+    assert client.post("/webhook", json={"action": "ANNOTATION_DELETED", "project": {"id": 7},
+                                         "annotation": {"id": 500}}).status_code == 201
+    assert len(service.store.annotations("7")) == 39
+
+    assert service.jobs.request("7") == "started"
+    assert service.jobs.request("7") == "queued"  # coalesced, never two at once
+    # Predictions keep being served while the job trains.
+    deadline = time.time() + 120
+    while service.jobs.status()["7"].get("state") != "running" or "step" not in service.jobs.status()["7"]:
+        assert time.time() < deadline and service.jobs.status()["7"].get("state") != "failed", service.jobs.status()
+        time.sleep(0.2)
+    during, _, _ = _predict_miou(client, tasks[:2], held_out[:2])
+    assert during == zero_shot_version
+    service.jobs.wait("7", timeout=600)
+
+    versions = client.get("/versions").get_json()
+    assert [v["version"] for v in versions["versions"]] == ["v1", "v2"]  # the queued request ran after
+    assert versions["current"]["7"] == "v2"
+    assert client.get("/health").get_json()["training"]["7"]["state"] == "finished"
+    tuned_version, base_after, novel_after = _predict_miou(client, tasks, held_out)
+    assert "@p7-v2" in tuned_version
+    print(f"held-out mIoU base {base_before:.1f} → {base_after:.1f}, novel {novel_before:.1f} → {novel_after:.1f}")
+    assert base_after > base_before + 5
+    assert novel_after >= novel_before - 2  # the uncorrected labels are not forgotten
+
+
+def test_a_killed_job_is_reported_and_changes_nothing(service, file_server):
+    client = create_app(service.settings, service).test_client()
+    scenes = world.test_scenes(6, seed=5)
+    for i, (image, labels) in enumerate(scenes):
+        task = {"id": i, "data": {"image": file_server.add(f"k-{i}.png", png_bytes(image))}}
+        client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 3, "label_config": LABEL_CONFIG},
+                                      "task": task, "annotation": {"id": i, "result": annotation_results(labels)}})
+    service.jobs.request("3")
+    process = service.jobs.running("3")
+    deadline = time.time() + 120
+    while json.loads((service.store.project_dir("3") / "job.json").read_text()).get("state") != "training":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGKILL)
+    service.jobs.wait("3")
+    status = client.get("/health").get_json()["training"]["3"]
+    assert status["state"] == "failed" and "-9" in status["error"]
+    assert client.get("/versions").get_json()["versions"] == []
+    task = {"id": 1, "data": {"image": file_server.add("after.png", png_bytes(scenes[0][0]))}}
+    body = client.post("/predict", json={"tasks": [task], "label_config": LABEL_CONFIG, "project": "3"}).get_json()
+    assert "@zero-shot" in body["model_version"] and body["results"][0]["result"]
+
+
+def test_store_survives_restarts_and_pins_versions(tmp_path):
+    store = Store(tmp_path)
+    store.upsert_annotation("1", {"id": 5, "result": [{"a": 1}]}, {"id": 9, "data": {"image": "x"}})
+    store.upsert_annotation("1", {"id": 5, "result": [{"a": 2}]}, {"id": 9, "data": {"image": "x"}})
+    store.add_version("1", tmp_path / "v1.pt", {"images": 1})
+    store.add_version("1", tmp_path / "v2.pt", {"images": 2})
+    reopened = Store(tmp_path)
+    assert reopened.annotations("1") == [{"task_id": 9, "data": {"image": "x"}, "result": [{"a": 2}]}]
+    assert [v.version for v in reopened.versions("1")] == [1, 2]
+    pinned = SegmentationService(Settings(model_dir=tmp_path, pinned_versions={"1": 1}), model_loader=None)
+    assert pinned.current_version("1").version == 1
+    assert SegmentationService(Settings(model_dir=tmp_path), model_loader=None).current_version("1").version == 2
+    assert SegmentationService(Settings(model_dir=tmp_path, pinned_versions={"1": 0}),
+                               model_loader=None).current_version("1") is None
