@@ -11,6 +11,7 @@ registers it as the project's next version; progress goes to ``<project dir>/job
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -101,6 +102,9 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
     store = Store(settings.model_dir)
     directory = store.project_dir(project)
     directory.mkdir(parents=True, exist_ok=True)
+    # One job per project across every backend worker process: later ones wait their turn.
+    lock = open(directory / "train.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     progress = directory / "job.json"
     started = time.time()
     write_progress(progress, state="preparing", pid=os.getpid(), started=started)

@@ -24,7 +24,7 @@ def servers(tmp_path_factory):
     backend = None
     try:
         backend_port = free_port()
-        backend = start_backend(backend_port, work / "model_dir", label_studio)
+        backend = start_backend(backend_port, work / "model_dir", label_studio, {"TRAIN_STEPS": "150"})
         yield label_studio, f"http://127.0.0.1:{backend_port}"
     finally:
         if backend:

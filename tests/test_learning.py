@@ -1,5 +1,4 @@
 """The learning loop inside the backend: annotation webhooks → training job → new version."""
-import json
 import os
 import signal
 import time
@@ -36,7 +35,7 @@ def annotation_results(label_map: np.ndarray) -> list[dict]:
 @pytest.fixture()
 def service(tmp_path, file_server):
     settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()), inference_size=INFERENCE_SIZE,
-                        dense_method=DENSE_METHOD, model_dir=tmp_path / "model_dir", train_steps=150,
+                        dense_method=DENSE_METHOD, model_dir=tmp_path / "model_dir", train_steps=100,
                         label_studio_url=file_server.url, label_studio_api_key="good-token")
     service = SegmentationService(settings)
     service.start()
@@ -91,6 +90,12 @@ def test_annotations_train_a_new_version_that_is_served(service, file_server):
     assert base_after > base_before + 5
     assert novel_after >= novel_before - 2  # the uncorrected labels are not forgotten
 
+    # A restarted backend serves the same version from MODEL_DIR.
+    restarted = SegmentationService(service.settings)
+    restarted.start()
+    again, base_again, _ = _predict_miou(create_app(service.settings, restarted).test_client(), tasks, held_out)
+    assert again == tuned_version and base_again == pytest.approx(base_after)
+
 
 def test_a_killed_job_is_reported_and_changes_nothing(service, file_server):
     client = create_app(service.settings, service).test_client()
@@ -102,8 +107,8 @@ def test_a_killed_job_is_reported_and_changes_nothing(service, file_server):
     service.jobs.request("3")
     process = service.jobs.running("3")
     deadline = time.time() + 120
-    while json.loads((service.store.project_dir("3") / "job.json").read_text()).get("state") != "training":
-        assert time.time() < deadline
+    while service.jobs.status()["3"].get("state") != "running" or "step" not in service.jobs.status()["3"]:
+        assert time.time() < deadline, service.jobs.status()
         time.sleep(0.1)
     os.kill(process.pid, signal.SIGKILL)
     service.jobs.wait("3")

@@ -102,7 +102,7 @@ def test_finetuning_is_deterministic_and_checkpoints_round_trip(demo_clip, tiny_
         segmenter = build_segmenter(demo_clip, seed=5)
         summary = finetune(segmenter, demo_clip, TextEncoder(demo_clip), tiny_samples, vocabulary, config)
         states.append(segmenter.trainable_state_dict())
-    assert summary["step"] == 3 and summary["regions"] == 6
+    assert summary["step"] == 3 and summary["regions"] == 9  # per image: 2 annotated + 1 unannotated part
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert any(not torch.equal(states[0][k], build_segmenter(demo_clip, seed=5).trainable_state_dict()[k])
