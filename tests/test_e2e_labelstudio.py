@@ -24,7 +24,7 @@ def servers(tmp_path_factory):
     backend = None
     try:
         backend_port = free_port()
-        backend = start_backend(backend_port, work / "model_dir", label_studio, {"TRAIN_STEPS": "150"})
+        backend = start_backend(backend_port, work / "model_dir", label_studio)
         yield label_studio, f"http://127.0.0.1:{backend_port}"
     finally:
         if backend:
@@ -87,7 +87,7 @@ def test_corrections_made_in_label_studio_train_a_better_model(servers):
     from tests.test_learning import LABEL_CONFIG, annotation_results
 
     label_studio, backend_url = servers
-    train_scenes, held_out = world.test_scenes(30, seed=99), world.test_scenes(12)
+    train_scenes, held_out = world.test_scenes(100, seed=99), world.test_scenes(60)
     project = label_studio.create_project("learning loop", LABEL_CONFIG)
     label_studio.import_images(project, {f"train-{i:03d}.png": image for i, (image, _) in enumerate(train_scenes)})
     label_studio.import_images(project, {f"held-{i:03d}.png": image for i, (image, _) in enumerate(held_out)})
@@ -113,4 +113,4 @@ def test_corrections_made_in_label_studio_train_a_better_model(servers):
           f"novel {novel_before:.1f} → {novel_after:.1f}; {versions_before} → {versions_after}")
     assert len(versions_after) == 1 and "-v1:" in next(iter(versions_after))
     assert base_after > base_before + 5
-    assert novel_after >= novel_before - 2
+    assert novel_after >= novel_before  # the labels nobody corrected are not forgotten

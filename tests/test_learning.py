@@ -35,7 +35,7 @@ def annotation_results(label_map: np.ndarray) -> list[dict]:
 @pytest.fixture()
 def service(tmp_path, file_server):
     settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()), inference_size=INFERENCE_SIZE,
-                        dense_method=DENSE_METHOD, model_dir=tmp_path / "model_dir", train_steps=100,
+                        dense_method=DENSE_METHOD, model_dir=tmp_path / "model_dir",
                         label_studio_url=file_server.url, label_studio_api_key="good-token")
     service = SegmentationService(settings)
     service.start()
@@ -52,8 +52,9 @@ def _predict_miou(client, tasks, scenes):
 
 def test_annotations_train_a_new_version_that_is_served(service, file_server):
     client = create_app(service.settings, service).test_client()
-    train_scenes = world.test_scenes(40, seed=99)
-    held_out = world.test_scenes(20)
+    # About 100 corrected images: with fewer, novel classes are within noise of zero-shot (README).
+    train_scenes = world.test_scenes(100, seed=99)
+    held_out = world.test_scenes(80)
     tasks = [{"id": 1000 + i, "data": {"image": file_server.add(f"held-{i}.png", png_bytes(image))}}
              for i, (image, _) in enumerate(held_out)]
     zero_shot_version, base_before, novel_before = _predict_miou(client, tasks, held_out)
@@ -64,10 +65,10 @@ def test_annotations_train_a_new_version_that_is_served(service, file_server):
         event = {"action": "ANNOTATION_CREATED", "project": {"id": 7, "label_config": LABEL_CONFIG},
                  "task": task, "annotation": {"id": 500 + i, "task": i, "result": annotation_results(labels)}}
         assert client.post("/webhook", json=event).status_code == 201
-    # An update replaces, a deletion removes: 40 annotated tasks, one of them deleted.
+    # A deletion removes: 100 annotated tasks, one of them deleted.
     assert client.post("/webhook", json={"action": "ANNOTATION_DELETED", "project": {"id": 7},
                                          "annotation": {"id": 500}}).status_code == 201
-    assert len(service.store.annotations("7")) == 39
+    assert len(service.store.annotations("7")) == 99
 
     assert service.jobs.request("7") == "started"
     assert service.jobs.request("7") == "queued"  # coalesced, never two at once
@@ -88,7 +89,9 @@ def test_annotations_train_a_new_version_that_is_served(service, file_server):
     assert "@p7-v2" in tuned_version
     print(f"held-out mIoU base {base_before:.1f} → {base_after:.1f}, novel {novel_before:.1f} → {novel_after:.1f}")
     assert base_after > base_before + 5
-    assert novel_after >= novel_before - 2  # the uncorrected labels are not forgotten
+    # Uncorrected labels are not forgotten; novel mIoU moves by ±2.6 between training seeds
+    # (bench.accuracy), so this checks for a collapse, and the Label Studio test for the gain.
+    assert novel_after >= novel_before - 1.5
 
     # A restarted backend serves the same version from MODEL_DIR.
     restarted = SegmentationService(service.settings)
@@ -104,7 +107,7 @@ def test_a_killed_job_is_reported_and_changes_nothing(service, file_server):
         task = {"id": i, "data": {"image": file_server.add(f"k-{i}.png", png_bytes(image))}}
         client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 3, "label_config": LABEL_CONFIG},
                                       "task": task, "annotation": {"id": i, "result": annotation_results(labels)}})
-    service.jobs.request("3")
+    assert service.jobs.request("3", pull=False) == "started"
     process = service.jobs.running("3")
     deadline = time.time() + 120
     while service.jobs.status()["3"].get("state") != "running" or "step" not in service.jobs.status()["3"]:
