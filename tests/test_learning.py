@@ -1,4 +1,5 @@
 """The learning loop inside the backend: annotation webhooks → training job → new version."""
+import json
 import os
 import signal
 import time
@@ -137,3 +138,26 @@ def test_store_survives_restarts_and_pins_versions(tmp_path):
     assert SegmentationService(Settings(model_dir=tmp_path), model_loader=None).current_version("1").version == 2
     assert SegmentationService(Settings(model_dir=tmp_path, pinned_versions={"1": 0}),
                                model_loader=None).current_version("1") is None
+
+
+def test_training_from_a_label_studio_export_file(tmp_path):
+    import base64
+    import subprocess
+    import sys
+
+    scenes = world.test_scenes(6, seed=11)
+    export = [{"id": i, "data": {"image": "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()},
+               "annotations": [{"id": 100 + i, "result": annotation_results(labels), "was_cancelled": False}]}
+              for i, (image, labels) in enumerate(scenes)]
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    (tmp_path / "config.xml").write_text(LABEL_CONFIG)
+    settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()), inference_size=INFERENCE_SIZE,
+                        dense_method=DENSE_METHOD, model_dir=tmp_path / "model_dir", train_steps=5)
+    result = subprocess.run(
+        [sys.executable, "-m", "backend.training", "--project", "5", "--export", str(tmp_path / "export.json"),
+         "--label-config", str(tmp_path / "config.xml")],
+        env={**os.environ, **settings.to_env()}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["version"] == "v1"
+    service = SegmentationService(settings)
+    assert service.current_version("5").summary["images"] == 6

@@ -144,3 +144,14 @@ def test_untrained_segmenter_reproduces_zero_shot(demo_clip):
     segmenter = build_segmenter(demo_clip, seed=3)
     tuned, zero_shot = segmenter.embed(torch.randn(2, 3, 64, 96))
     assert torch.equal(tuned, zero_shot)
+
+
+def test_convnet_towers_work_too():
+    from model.clip import load_clip
+
+    clip = load_clip("RN50", "random")
+    segmenter = build_segmenter(clip)
+    logits = segmenter(torch.randn(1, 3, 64, 96), F.normalize(torch.randn(4, 1024), dim=1))
+    assert logits.shape == (1, 4, 2, 3)
+    tuned, zero_shot = segmenter.embed(torch.randn(1, 3, 64, 64))
+    assert torch.equal(tuned, zero_shot)
