@@ -78,7 +78,8 @@ def create_app(settings: Settings | None = None, service: SegmentationService | 
 
     @app.get("/metrics")
     def metrics():
-        return jsonify({**service.metrics.as_dict(), **service.status()})
+        return jsonify({**service.metrics.as_dict(), "annotations": service.store.annotation_counts(),
+                        **service.status()})
 
     @app.get("/versions")
     def versions():

@@ -100,6 +100,13 @@ class Store:
             latest[task_id] = {"task_id": task_id, "data": json.loads(data), "result": json.loads(result)}
         return list(latest.values())
 
+    def annotation_counts(self) -> dict[str, dict[str, int]]:
+        """Per project: stored annotations and annotation changes since the last training."""
+        rows = self._db().execute(
+            "SELECT p.project, (SELECT COUNT(*) FROM annotations a WHERE a.project = p.project), "
+            "p.changes_since_training FROM projects p")
+        return {project: {"stored": stored, "changes_since_training": changes} for project, stored, changes in rows}
+
     def _count_change(self, db: sqlite3.Connection, project: str) -> None:
         db.execute("INSERT INTO projects (project, changes_since_training) VALUES (?, 1) ON CONFLICT(project) "
                    "DO UPDATE SET changes_since_training = changes_since_training + 1", (project,))

@@ -114,3 +114,32 @@ def test_corrections_made_in_label_studio_train_a_better_model(servers):
     assert len(versions_after) == 1 and "-v1:" in next(iter(versions_after))
     assert base_after > base_before + 5
     assert novel_after >= novel_before  # the labels nobody corrected are not forgotten
+
+
+def test_label_studio_annotation_events_reach_the_store(servers):
+    """Created, updated and deleted annotations arrive as Label Studio's own webhooks."""
+    import requests
+
+    from tests.test_learning import LABEL_CONFIG, annotation_results
+
+    label_studio, backend_url = servers
+    scenes = world.test_scenes(2)
+    project = label_studio.create_project("webhooks", LABEL_CONFIG)
+    label_studio.import_images(project, {f"s{i}.png": image for i, (image, _) in enumerate(scenes)})
+    label_studio.connect_backend(project, backend_url)
+    task = label_studio.tasks(project)[0]
+
+    def stored(expected: int, changes: int) -> None:
+        deadline = time.time() + 30
+        while (counts := requests.get(f"{backend_url}/metrics", timeout=5).json()["annotations"].get(str(project))) \
+                != {"stored": expected, "changes_since_training": changes}:
+            assert time.time() < deadline, counts
+            time.sleep(0.3)
+
+    annotation = label_studio.api("POST", f"/api/tasks/{task['id']}/annotations",
+                                  json={"result": annotation_results(scenes[0][1])})
+    stored(1, changes=1)
+    label_studio.api("PATCH", f"/api/annotations/{annotation['id']}", json={"result": annotation_results(scenes[1][1])})
+    stored(1, changes=2)  # replaced, not added
+    label_studio.api("DELETE", f"/api/annotations/{annotation['id']}")
+    stored(0, changes=3)
