@@ -296,7 +296,9 @@ class SegmentationService:
         for index, task in enumerate(tasks):
             if index in errors:
                 log.warning("task %s: %s", task.get("id"), errors[index])
-                answer.append({"result": [], "score": 0.0, "model_version": version, "error": errors[index]})
+                # No "result" key: Label Studio then stores nothing for this task, so a later
+                # "Retrieve predictions" tries it again instead of keeping an empty prediction.
+                answer.append({"model_version": version, "error": errors[index]})
             else:
                 answer.append({"result": results[index], "score": round(float(np.mean(scores[index])), 4),
                                "model_version": version})
