@@ -272,23 +272,25 @@ class SegmentationService:
         errors: dict[int, str] = {}
         results: list[list[dict]] = [[] for _ in tasks]
         scores: list[list[float]] = [[] for _ in tasks]
-        # Targets reading the same image with the same vocabulary share one prediction.
-        for (data_key, _), group in _group_targets(targets).items():
-            futures = [self._pool.submit(self._load_image, task, group[0]) for task in tasks]
-            images, indices = [], []
+        # Each image is fetched once; targets with the same image and vocabulary share one prediction.
+        images: dict[str, dict[int, np.ndarray]] = {}
+        for data_key, target in {t.data_key: t for t in targets}.items():
+            futures = [self._pool.submit(self._load_image, task, target) for task in tasks]
+            images[data_key] = {}
             for index, future in enumerate(futures):
                 try:
-                    images.append(future.result())
-                    indices.append(index)
+                    images[data_key][index] = future.result()
                 except ImageError as error:
                     errors.setdefault(index, str(error))
                 except Exception as error:  # never let one task break the batch
                     log.exception("unexpected error loading task %s", tasks[index].get("id"))
                     errors.setdefault(index, f"{error.__class__.__name__}: {error}")
-            if not images:
+        for (data_key, _), group in _group_targets(targets).items():
+            loaded = images[data_key]
+            if not loaded:
                 continue
-            predictions = predictor.predict(images, group[0].vocabulary)
-            for index, prediction in zip(indices, predictions):
+            predictions = predictor.predict(list(loaded.values()), group[0].vocabulary)
+            for index, prediction in zip(loaded, predictions):
                 scores[index].append(float(prediction.confidence.mean()))
                 for target in group:
                     results[index].extend(build_results(target, prediction))

@@ -156,3 +156,17 @@ def test_missing_weights_are_reported_not_fatal(tmp_path):
     assert health["model_state"] == "error" and "CLIP_PRETRAINED" in health["model_error"]
     response = client.post("/predict", json={"tasks": [{"data": {"image": "x"}}], "label_config": LABEL_CONFIG})
     assert response.status_code == 500 and "CLIP_PRETRAINED" in response.get_json()["error"]
+
+
+def test_two_targets_with_different_vocabularies_fetch_each_image_once(make_client, file_server, scenes):
+    stuff = "".join(f'<Label value="{world.NAMES[i]}"/>' for i in world.STUFF)
+    things = "".join(f'<Label value="{world.NAMES[i]}"/>' for i in world.THINGS)
+    config = (f'<View><Image name="image" value="$image"/><BrushLabels name="stuff" toName="image">{stuff}'
+              f'</BrushLabels><PolygonLabels name="things" toName="image">{things}</PolygonLabels></View>')
+    client, _ = make_client()
+    tasks = _tasks(file_server, scenes[:3])
+    body = client.post("/predict", json={"tasks": tasks, "label_config": config}).get_json()
+    assert len(file_server.requests) == 3
+    for entry in body["results"]:
+        assert {r["from_name"] for r in entry["result"]} == {"stuff", "things"}
+        assert all(r["value"][r["type"]][0] in world.NAMES for r in entry["result"])

@@ -32,12 +32,19 @@ def servers(tmp_path_factory):
         label_studio.stop()
 
 
-def test_label_studio_stores_our_predictions(servers):
+def connected_project(servers, title: str, config: str, images: dict[str, np.ndarray]) -> tuple[int, int]:
+    """A project with ``images`` as tasks and our backend connected: (project id, ML backend id)."""
     label_studio, backend_url = servers
+    project = label_studio.create_project(title, config)
+    label_studio.import_images(project, images)
+    return project, label_studio.connect_backend(project, backend_url)
+
+
+def test_label_studio_stores_our_predictions(servers):
+    label_studio, _ = servers
     scenes = world.test_scenes(4)
-    project = label_studio.create_project("e2e", CONFIG)
-    label_studio.import_images(project, {f"scene-{i:03d}.png": image for i, (image, _) in enumerate(scenes)})
-    label_studio.connect_backend(project, backend_url)
+    project, _ = connected_project(servers, "e2e", CONFIG,
+                                   {f"scene-{i:03d}.png": image for i, (image, _) in enumerate(scenes)})
     label_studio.retrieve_predictions(project)
     tasks = label_studio.tasks(project)
     assert len(tasks) == 4
@@ -88,10 +95,9 @@ def test_corrections_made_in_label_studio_train_a_better_model(servers):
 
     label_studio, backend_url = servers
     train_scenes, held_out = world.test_scenes(100, seed=99), world.test_scenes(60)
-    project = label_studio.create_project("learning loop", LABEL_CONFIG)
-    label_studio.import_images(project, {f"train-{i:03d}.png": image for i, (image, _) in enumerate(train_scenes)})
-    label_studio.import_images(project, {f"held-{i:03d}.png": image for i, (image, _) in enumerate(held_out)})
-    ml = label_studio.connect_backend(project, backend_url)
+    images = {f"train-{i:03d}.png": image for i, (image, _) in enumerate(train_scenes)}
+    images.update({f"held-{i:03d}.png": image for i, (image, _) in enumerate(held_out)})
+    project, ml = connected_project(servers, "learning loop", LABEL_CONFIG, images)
     tasks = label_studio.tasks(project)
     held_ids = {t["id"]: int(t["data"]["image"][-7:-4]) for t in tasks if "held-" in t["data"]["image"]}
     train_ids = {t["id"]: int(t["data"]["image"][-7:-4]) for t in tasks if "train-" in t["data"]["image"]}
@@ -124,9 +130,8 @@ def test_label_studio_annotation_events_reach_the_store(servers):
 
     label_studio, backend_url = servers
     scenes = world.test_scenes(2)
-    project = label_studio.create_project("webhooks", LABEL_CONFIG)
-    label_studio.import_images(project, {f"s{i}.png": image for i, (image, _) in enumerate(scenes)})
-    label_studio.connect_backend(project, backend_url)
+    project, _ = connected_project(servers, "webhooks", LABEL_CONFIG,
+                                   {f"s{i}.png": image for i, (image, _) in enumerate(scenes)})
     task = label_studio.tasks(project)[0]
 
     def stored(expected: int, changes: int) -> None:
