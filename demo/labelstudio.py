@@ -117,13 +117,16 @@ class LabelStudio:
     def create_project(self, title: str, label_config: str) -> int:
         return self.api("POST", "/api/projects", json={"title": title, "label_config": label_config})["id"]
 
-    def import_images(self, project: int, images: dict[str, np.ndarray]) -> None:
-        files = {}
-        for k, (name, image) in enumerate(images.items()):
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format="PNG")
-            files[f"file{k}"] = (name, buffer.getvalue(), "image/png")
-        self.api("POST", f"/api/projects/{project}/import", files=files)
+    def import_images(self, project: int, images: dict[str, np.ndarray], per_request: int = 50) -> None:
+        """Upload PNGs as tasks; Label Studio caps the files per request (DATA_UPLOAD_MAX_NUMBER_FILES=100)."""
+        items = list(images.items())
+        for start in range(0, len(items), per_request):
+            files = {}
+            for k, (name, image) in enumerate(items[start:start + per_request]):
+                buffer = io.BytesIO()
+                Image.fromarray(image).save(buffer, format="PNG")
+                files[f"file{k}"] = (name, buffer.getvalue(), "image/png")
+            self.api("POST", f"/api/projects/{project}/import", files=files)
 
     def connect_backend(self, project: int, url: str, title: str = "GKC open-vocabulary segmenter") -> int:
         return self.api("POST", "/api/ml", json={"url": url, "project": project, "title": title,
