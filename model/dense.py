@@ -108,7 +108,7 @@ class ViTDenseTower(nn.Module):
             x = block(x)
             if index in self.taps:
                 features.append(x[:, 1:].transpose(1, 2).reshape(b, -1, h, w))
-        if len(v.transformer.resblocks) - 1 in self.taps or len(features) < len(self.taps):
+        if not features:  # a one-block tower: its only tap is the final block's input
             features.append(x[:, 1:].transpose(1, 2).reshape(b, -1, h, w))
         dense = v.ln_post(self._last_block(x)[:, 1:]) @ v.proj
         return TowerOutput(dense=dense.transpose(1, 2).reshape(b, -1, h, w), features=features)

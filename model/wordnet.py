@@ -91,8 +91,7 @@ def noun_synonyms(word: str, max_synsets: int = 3) -> list[str]:
     names = [word.strip()]
     for synset in wn.synsets(key, pos=wn.NOUN)[:max_synsets]:
         names.extend(name.replace("_", " ") for name in synset.lemma_names())
-    seen: dict[str, None] = {}
+    first_by_lower: dict[str, str] = {}
     for name in names:
-        if name.lower() not in {n.lower() for n in seen}:
-            seen[name] = None
-    return list(seen)
+        first_by_lower.setdefault(name.lower(), name)
+    return list(first_by_lower.values())
