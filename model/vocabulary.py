@@ -83,6 +83,7 @@ class TextEncoder:
         self.batch_size = batch_size
         self.forward_count = 0
         self._memory: dict[str, torch.Tensor] = {}
+        self._classes: dict[str, torch.Tensor] = {}  # vocabulary key → (C, D)
         self._lock = threading.Lock()
         self._namespace = hashlib.sha1(json.dumps([clip.identity, self.templates]).encode()).hexdigest()[:10]
 
@@ -125,10 +126,13 @@ class TextEncoder:
 
     def embed(self, vocabulary: Vocabulary) -> torch.Tensor:
         """Class embeddings (C, D): per label, the normalised mean over its texts."""
+        if vocabulary.key in self._classes:
+            return self._classes[vocabulary.key]
         flat = [t for texts in vocabulary.texts for t in texts]
         embeddings = self.embed_texts(flat, cache_key=vocabulary.key)
         out, start = [], 0
         for texts in vocabulary.texts:
             out.append(F.normalize(embeddings[start:start + len(texts)].mean(0), dim=-1))
             start += len(texts)
-        return torch.stack(out)
+        self._classes[vocabulary.key] = torch.stack(out)
+        return self._classes[vocabulary.key]
