@@ -27,12 +27,9 @@ class ResultBuilder:
     def regions(self, prediction: SemanticPrediction):
         """(label, mask, score) for each predicted label whose score passes the threshold."""
         labels = self.target.vocabulary.labels
-        counts = np.bincount(prediction.label_map.ravel().astype(np.int64) + 1, minlength=len(labels) + 1)[1:len(labels) + 1]
-        for index in np.flatnonzero(counts):
-            mask = prediction.label_map == index
-            score = float(prediction.confidence[mask].mean())
+        for index, score in prediction.region_scores().items():
             if score >= self.target.score_threshold:
-                yield labels[index], mask, score
+                yield labels[index], prediction.label_map == index, score
 
     def _result(self, label: str, value: dict, score: float, height: int, width: int) -> dict:
         return {

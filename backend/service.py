@@ -17,6 +17,7 @@ from backend.results import build_results
 from backend.jobs import TrainingJobs
 from backend.settings import Settings
 from backend.store import Store, Version, project_key
+from model.calibration import task_score, unsure_fraction
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,12 @@ class LoadedModel:
                 from model.segmenter import build_segmenter
 
                 segmenter = build_segmenter(self.clip, dense_method=self.settings.dense_method)
-                load_checkpoint(checkpoint, segmenter, self.clip.identity)
+                metadata = load_checkpoint(checkpoint, segmenter, self.clip.identity)
                 base = self.predictor
+                # Each version carries the temperature its training job fitted on the project's annotations.
                 self._tuned[checkpoint] = Predictor(segmenter, self.encoder, self.clip.mean, self.clip.std,
-                                                    base.inference_size, base.batch_size, device=base.device)
+                                                    base.inference_size, base.batch_size, device=base.device,
+                                                    temperature=metadata.get("temperature", 1.0))
                 log.info("loaded checkpoint %s", checkpoint)
             return self._tuned[checkpoint]
 
@@ -86,7 +89,8 @@ def load_model(settings: Settings) -> LoadedModel:
     segmenter = build_segmenter(clip, dense_method=settings.dense_method)
     encoder = TextEncoder(clip, cache_dir=settings.cache_dir)
     predictor = Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=settings.inference_size,
-                          batch_size=settings.predict_batch_size, device=settings.device)
+                          batch_size=settings.predict_batch_size, device=settings.device,
+                          temperature=settings.temperature)
     return LoadedModel(predictor=predictor, name=model_name(settings), clip=clip, encoder=encoder,
                        settings=settings)
 
@@ -234,7 +238,8 @@ class SegmentationService:
     def versions(self) -> dict:
         versions = [{"project": v.project, "version": v.name, "created": v.created,
                      "model_version": f"{self.base_name}@p{v.project}-{v.name}",
-                     "summary": {k: v.summary.get(k) for k in ("images", "classes", "steps", "seconds", "loss")}}
+                     "summary": {k: v.summary.get(k) for k in ("images", "classes", "steps", "seconds", "loss",
+                                                                  "temperature", "ece_before", "ece_after")}}
                     for v in self.store.versions()]
         current = {p: (v.name if v else "zero-shot") for p in {v["project"] for v in versions}
                    for v in [self.current_version(p)]}
@@ -272,6 +277,7 @@ class SegmentationService:
         errors: dict[int, str] = {}
         results: list[list[dict]] = [[] for _ in tasks]
         scores: list[list[float]] = [[] for _ in tasks]
+        unsure: list[list[float]] = [[] for _ in tasks]
         # Each image is fetched once; targets with the same image and vocabulary share one prediction.
         images: dict[str, dict[int, np.ndarray]] = {}
         for data_key, target in {t.data_key: t for t in targets}.items():
@@ -291,7 +297,9 @@ class SegmentationService:
                 continue
             predictions = predictor.predict(list(loaded.values()), group[0].vocabulary)
             for index, prediction in zip(loaded, predictions):
-                scores[index].append(float(prediction.confidence.mean()))
+                scores[index].append(self._task_score(prediction))
+                if self.settings.unsure_below:
+                    unsure[index].append(unsure_fraction(prediction.confidence, self.settings.unsure_below))
                 for target in group:
                     results[index].extend(build_results(target, prediction))
         answer = []
@@ -304,12 +312,22 @@ class SegmentationService:
             else:
                 answer.append({"result": results[index], "score": round(float(np.mean(scores[index])), 4),
                                "model_version": version})
+                if unsure[index]:
+                    answer[-1]["meta"] = {"unsure_fraction": round(float(np.mean(unsure[index])), 4),
+                                          "unsure_below": self.settings.unsure_below}
         with self.metrics.lock:
             self.metrics.requests += 1
             self.metrics.tasks += len(tasks)
             self.metrics.task_errors += len(errors)
             self.metrics.predict_seconds += time.time() - started
         return {"results": answer, "model_version": version}
+
+
+    def _task_score(self, prediction) -> float:
+        """The task-level score LS sorts by; see ``TASK_SCORE`` in the README."""
+        if self.settings.task_score == "sure_pixels":
+            return 1 - unsure_fraction(prediction.confidence, self.settings.unsure_below or 0.5)
+        return task_score(prediction.region_scores())
 
 
 def _group_targets(targets: tuple[Target, ...]) -> dict[tuple[str, str], list[Target]]:

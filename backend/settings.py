@@ -11,6 +11,9 @@ def _env(name: str, default: str = "") -> str:
 
 
 _TRUE = ("1", "true", "yes", "on")
+# "regions": the mean of the task's region scores; "sure_pixels": the fraction of pixels whose
+# confidence is at least UNSURE_BELOW (0.5 when unset).
+TASK_SCORES = ("regions", "sure_pixels")
 
 
 def _pins(raw: str) -> dict[str, int]:
@@ -46,6 +49,11 @@ class Settings:
     max_image_pixels: int = field(default_factory=lambda: int(_env("MAX_IMAGE_PIXELS", str(64 * 2**20))))
     fetch_timeout: float = field(default_factory=lambda: float(_env("FETCH_TIMEOUT", "10")))
 
+    # Scores (see README: "Scores, review and active learning")
+    temperature: float = field(default_factory=lambda: float(_env("TEMPERATURE", "1.0")))
+    task_score: str = field(default_factory=lambda: _env("TASK_SCORE", "regions"))
+    unsure_below: float = field(default_factory=lambda: float(_env("UNSURE_BELOW", "0")))
+
     # Learning from annotations (see README: "The learning loop")
     train_steps: int = field(default_factory=lambda: int(_env("TRAIN_STEPS", "300")))
     train_batch_size: int = field(default_factory=lambda: int(_env("TRAIN_BATCH_SIZE", "8")))
@@ -57,6 +65,14 @@ class Settings:
     distill_weight: float = field(default_factory=lambda: float(_env("DISTILL_WEIGHT", "1.0")))
     train_after_annotations: int = field(default_factory=lambda: int(_env("TRAIN_AFTER_ANNOTATIONS", "0")))
     pinned_versions: dict = field(default_factory=lambda: _pins(_env("PINNED_VERSIONS")))
+
+    def __post_init__(self):
+        if self.task_score not in TASK_SCORES:
+            raise ValueError(f"TASK_SCORE must be one of {', '.join(TASK_SCORES)}, not {self.task_score!r}")
+        if not 0 <= self.unsure_below < 1:
+            raise ValueError(f"UNSURE_BELOW must be a probability in [0, 1), not {self.unsure_below}")
+        if self.temperature <= 0:
+            raise ValueError(f"TEMPERATURE must be positive, not {self.temperature}")
 
     def to_env(self) -> dict[str, str]:
         """These settings as the environment variables that reproduce them (for child processes)."""

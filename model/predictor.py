@@ -28,6 +28,14 @@ class SemanticPrediction:
     label_map: np.ndarray
     confidence: np.ndarray
 
+    def region_scores(self) -> dict[int, float]:
+        """The mean confidence of each predicted class's pixels, by vocabulary index."""
+        labels = self.label_map.ravel().astype(np.int64)
+        kept = labels >= 0
+        counts = np.bincount(labels[kept])
+        sums = np.bincount(labels[kept], self.confidence.ravel()[kept].astype(np.float64))
+        return {int(c): float(sums[c] / counts[c]) for c in np.flatnonzero(counts)}
+
 
 class Predictor:
     """Runs a :class:`model.segmenter.Segmenter` on RGB images.
@@ -36,10 +44,13 @@ class Predictor:
     stride); images of the same resized shape are batched into one forward pass. Images
     whose long side exceeds ``max_aspect`` × the short side are covered by overlapping
     square windows instead. Text embeddings come from the :class:`TextEncoder`'s cache.
+    Confidences are softmax probabilities of the logits divided by ``temperature`` (see
+    :mod:`model.calibration`).
     """
 
     def __init__(self, segmenter, text_encoder: TextEncoder, mean, std, inference_size: int = 448,
-                 batch_size: int = 8, max_aspect: float = 2.0, device: str | torch.device = "cpu"):
+                 batch_size: int = 8, max_aspect: float = 2.0, device: str | torch.device = "cpu",
+                 temperature: float = 1.0):
         self.segmenter = segmenter.to(device).eval()
         self.text_encoder = text_encoder
         self.device = torch.device(device)
@@ -49,6 +60,7 @@ class Predictor:
         self.inference_size = max(self.stride, int(round(inference_size / self.stride)) * self.stride)
         self.batch_size = batch_size
         self.max_aspect = max_aspect
+        self.temperature = temperature
         self._lock = threading.Lock()  # one forward at a time per model (torch uses all cores anyway)
 
     def _resized_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -111,9 +123,10 @@ class Predictor:
         return [r if isinstance(r, torch.Tensor) else r[0] / r[1].clamp(min=1) for r in results]
 
     @staticmethod
-    def to_semantic(logits: torch.Tensor, height: int, width: int, min_confidence: float = 0.0,
+    def to_semantic(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
                     rows_per_chunk: int = 512) -> SemanticPrediction:
-        """Upsample (C, h, w) logits to (height, width) in row chunks; argmax and probability."""
+        """Upsample (C, h, w) logits to (height, width) in row chunks; argmax and probability
+        of ``softmax(logits / temperature)``."""
         label_map = np.empty((height, width), np.int16)
         confidence = np.empty((height, width), np.float32)
         logits = logits[None]
@@ -130,8 +143,7 @@ class Predictor:
             grid_x = ((torch.arange(width, dtype=torch.float32) + 0.5) / width * 2 - 1)
             grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)[None]
             up = F.grid_sample(part, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-            prob, label = up.softmax(0).max(0)
-            label[prob < min_confidence] = UNLABELED
+            prob, label = (up / temperature).softmax(0).max(0)
             label_map[top:bottom] = label.numpy()
             confidence[top:bottom] = prob.numpy()
         return SemanticPrediction(label_map, confidence)
@@ -139,4 +151,4 @@ class Predictor:
     def predict(self, images: list[np.ndarray], vocabulary: Vocabulary) -> list[SemanticPrediction]:
         """images: RGB uint8 arrays (H, W, 3) of any sizes → one prediction per image."""
         text = self.text_encoder.embed(vocabulary)
-        return [self.to_semantic(out, *image.shape[:2]) for image, out in zip(images, self.logits(images, text))]
+        return [self.to_semantic(out, *image.shape[:2], self.temperature) for image, out in zip(images, self.logits(images, text))]

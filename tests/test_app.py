@@ -12,6 +12,7 @@ from backend.service import SegmentationService, load_model
 from backend.settings import Settings
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, materialize
+from model.calibration import task_score
 from model.metrics import ConfusionMatrix
 from tests.conftest import png_bytes
 
@@ -66,7 +67,8 @@ def test_predict_matches_the_model_and_caches_text(make_client, file_server, sce
     direct = loaded_model.predictor.predict([image for image, _ in scenes], target.vocabulary)
     served, model = ConfusionMatrix(len(world.NAMES)), ConfusionMatrix(len(world.NAMES))
     for (image, truth), entry, prediction in zip(scenes, body["results"], direct):
-        assert entry["model_version"] == body["model_version"] and 0 < entry["score"] <= 1
+        assert entry["model_version"] == body["model_version"] and "meta" not in entry
+        assert entry["score"] == pytest.approx(task_score(prediction.region_scores()), abs=1e-4)
         assert all(r["value"]["brushlabels"][0] in world.NAMES for r in entry["result"])
         served.update(truth, results_to_label_map(entry["result"], target, *truth.shape))
         model.update(truth, prediction.label_map)
@@ -75,6 +77,21 @@ def test_predict_matches_the_model_and_caches_text(make_client, file_server, sce
     forwards = loaded_model.predictor.text_encoder.forward_count
     assert client.post("/predict", json={"tasks": tasks[:2], "label_config": LABEL_CONFIG}).status_code == 200
     assert loaded_model.predictor.text_encoder.forward_count == forwards  # warm vocabulary: no text forward
+
+
+def test_review_options_report_unsure_pixels(make_client, file_server, scenes, loaded_model):
+    client, _ = make_client(unsure_below=0.6, task_score="sure_pixels")
+    body = client.post("/predict", json={"tasks": _tasks(file_server, scenes[:3]),
+                                         "label_config": LABEL_CONFIG}).get_json()
+    vocabulary = parse_targets(LABEL_CONFIG)[0].vocabulary
+    direct = loaded_model.predictor.predict([image for image, _ in scenes[:3]], vocabulary)
+    for entry, prediction in zip(body["results"], direct):
+        unsure = float((prediction.confidence < 0.6).mean())
+        assert entry["meta"] == {"unsure_fraction": pytest.approx(unsure, abs=1e-4), "unsure_below": 0.6}
+        assert entry["score"] == pytest.approx(1 - unsure, abs=1e-4)
+    assert len({entry["score"] for entry in body["results"]}) > 1
+    with pytest.raises(ValueError, match="TASK_SCORE"):
+        Settings(task_score="entropy")
 
 
 def test_polygon_predictions(make_client, file_server, scenes):

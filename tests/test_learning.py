@@ -85,6 +85,10 @@ def test_annotations_train_a_new_version_that_is_served(service, file_server):
     versions = client.get("/versions").get_json()
     assert [v["version"] for v in versions["versions"]] == ["v1", "v2"]  # the queued request ran after
     assert versions["current"]["7"] == "v2"
+    summary = versions["versions"][-1]["summary"]  # each version is calibrated on the project's annotations
+    assert summary["temperature"] > 0 and summary["ece_after"] <= summary["ece_before"] + 1e-6
+    served = service.model().predictor_for(service.current_version("7").path)
+    assert served.temperature == pytest.approx(summary["temperature"], abs=1e-3)
     assert client.get("/health").get_json()["training"]["7"]["state"] == "finished"
     tuned_version, base_after, novel_after = _predict_miou(client, tasks, held_out)
     assert "@p7-v2" in tuned_version

@@ -1,0 +1,103 @@
+"""Are the scores trustworthy? Calibration and task ranking on the synthetic world.
+
+    python -m bench.calibration [--train-images 100] [--calibration-images 40] [--test-images 80]
+
+For the zero-shot model and for one fine-tuned on ``--train-images`` fully annotated scenes,
+prints the pixel expected calibration error (ECE, %) on the test scenes before and after
+temperature scaling (T fitted on held-out annotated images, and for the fine-tuned model on
+its own training images, as the backend's training job does), and the Spearman correlation
+between each task score the backend offers and the task's own mIoU.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from demo import world
+from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
+from model.calibration import calibrate, expected_calibration_error, task_score, unsure_fraction
+from model.clip import load_clip
+from model.metrics import ConfusionMatrix
+from model.predictor import Predictor, SemanticPrediction
+from model.segmenter import build_segmenter
+from model.train import Sample, TrainConfig, finetune
+from model.vocabulary import TextEncoder, Vocabulary
+
+
+def task_miou(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """mIoU (%) of one image over the classes in its truth or its prediction."""
+    return ConfusionMatrix(len(world.NAMES)).update(truth, predicted).miou()
+
+
+def candidate_scores(prediction: SemanticPrediction) -> dict[str, float]:
+    """Task-level scores of one prediction; higher = more trustworthy."""
+    return {"mean region score (TASK_SCORE=regions)": task_score(prediction.region_scores()),
+            "sure pixels ≥ 0.5 (TASK_SCORE=sure_pixels)": 1 - unsure_fraction(prediction.confidence, 0.5),
+            "mean pixel confidence": float(prediction.confidence.mean())}
+
+
+def report(name: str, predictor: Predictor, vocabulary: Vocabulary, fit_sets: dict[str, list], test) -> dict:
+    """ECE before and after calibration on each fit set; Spearman of task scores, calibrated on the last."""
+    text = predictor.text_encoder.embed(vocabulary)
+    test_logits = predictor.logits([image for image, _ in test], text)
+    results = {"temperature": {}, "ece": {}, "spearman": {}}
+    print(f"\n{name}: pixel ECE (%) on {len(test)} test scenes")
+    for label, scenes in [("none", [])] + list(fit_sets.items()):
+        calibration = calibrate(predictor, [i for i, _ in scenes], [t for _, t in scenes], vocabulary,
+                                min_images=1) if scenes else {"temperature": 1.0}
+        predictions = [Predictor.to_semantic(out, *truth.shape, predictor.temperature)
+                       for out, (_, truth) in zip(test_logits, test)]
+        ece = expected_calibration_error(np.concatenate([p.confidence.ravel() for p in predictions]),
+                                         np.concatenate([(p.label_map == t).ravel()
+                                                         for p, (_, t) in zip(predictions, test)]))
+        results["temperature"][label], results["ece"][label] = calibration["temperature"], ece
+        print(f"  T fitted on {label:>26}: T = {calibration['temperature']:.3f}  ECE = {ece:.1f}")
+    quality = [task_miou(t, p.label_map) for p, (_, t) in zip(predictions, test)]
+    print(f"  Spearman(task score, task mIoU), T = {predictor.temperature:.3f}:")
+    for key in candidate_scores(predictions[0]):
+        rho = spearmanr([candidate_scores(p)[key] for p in predictions], quality).statistic
+        results["spearman"][key] = rho
+        print(f"    {key:>42}: {rho:+.3f}")
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-images", type=int, default=100)
+    parser.add_argument("--calibration-images", type=int, default=40)
+    parser.add_argument("--test-images", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_grad_enabled(False)
+
+    clip = load_clip(str(CONFIG), str(materialize()))
+    encoder = TextEncoder(clip)
+    vocabulary = Vocabulary.from_labels(world.NAMES)
+    train = world.test_scenes(args.train_images, seed=777)
+    held_out = world.test_scenes(args.calibration_images, seed=778)
+    test = world.test_scenes(args.test_images)
+
+    def predictor_for(segmenter):
+        return Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=INFERENCE_SIZE)
+
+    zero_shot = report("zero-shot", predictor_for(build_segmenter(clip, dense_method=DENSE_METHOD)), vocabulary,
+                       {"held-out annotated images": held_out}, test)
+    segmenter = build_segmenter(clip, dense_method=DENSE_METHOD)
+    with torch.enable_grad():
+        finetune(segmenter, clip, encoder, [Sample(image, labels) for image, labels in train], vocabulary,
+                 TrainConfig(steps=args.steps, size=INFERENCE_SIZE))
+    tuned = report(f"fine-tuned on {args.train_images} annotated images", predictor_for(segmenter), vocabulary,
+                   {"held-out annotated images": held_out, "its training images": train}, test)
+    regions = "mean region score (TASK_SCORE=regions)"
+    print(f"\ncalibration: zero_shot_ece={zero_shot['ece']['none']:.1f}->{zero_shot['ece']['held-out annotated images']:.1f} "
+          f"tuned_ece={tuned['ece']['none']:.1f}->{tuned['ece']['its training images']:.1f} "
+          f"spearman_zero_shot={zero_shot['spearman'][regions]:.2f} spearman_tuned={tuned['spearman'][regions]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

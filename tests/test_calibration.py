@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+import torch
+
+from model.calibration import expected_calibration_error, fit_temperature, task_score, unsure_fraction
+from model.predictor import Predictor, SemanticPrediction
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 2.0])
+def test_fitted_temperature_recovers_the_one_that_generated_the_labels(true_temperature):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 40, 40, generator=generator) * 3
+    # Labels drawn from softmax(logits / T): the NLL-optimal temperature is T itself.
+    labels = torch.multinomial((logits / true_temperature).softmax(0).permute(1, 2, 0).reshape(-1, 5), 1,
+                               generator=generator).reshape(40, 40).numpy()
+    labels[:5] = -1  # unannotated rows are ignored
+    fitted = fit_temperature([logits], [labels])
+    assert abs(fitted - true_temperature) / true_temperature < 0.1, fitted
+
+
+def test_temperature_changes_confidence_not_the_winner():
+    logits = torch.randn(4, 6, 7)
+    sharp, soft = Predictor.to_semantic(logits, 12, 14), Predictor.to_semantic(logits, 12, 14, temperature=3.0)
+    assert np.array_equal(sharp.label_map, soft.label_map)
+    assert (soft.confidence < sharp.confidence + 1e-6).all() and (soft.confidence < sharp.confidence).any()
+
+
+def test_ece_of_known_bins():
+    confidence = np.array([0.95, 0.95, 0.95, 0.95, 0.55, 0.55])
+    correct = np.array([1, 1, 1, 0, 1, 0])
+    # Bin 0.93-1.0: confidence 0.95, accuracy 0.75 (4 pixels); bin 0.53-0.6: 0.55 vs 0.5 (2 pixels).
+    assert expected_calibration_error(confidence, correct) == pytest.approx((4 * 0.2 + 2 * 0.05) / 6 * 100)
+    assert expected_calibration_error(np.full(10, 0.7), np.arange(10) < 7) == pytest.approx(0)
+
+
+def test_task_score_weighs_every_predicted_region_once():
+    label_map = np.zeros((10, 10), np.int16)
+    label_map[0, :4] = 3  # a small doubtful region
+    confidence = np.full((10, 10), 0.9, np.float32)
+    confidence[0, :4] = 0.3
+    prediction = SemanticPrediction(label_map, confidence)
+    assert prediction.region_scores() == pytest.approx({0: 0.9, 3: 0.3})
+    assert task_score(prediction.region_scores()) == pytest.approx(0.6)  # the pixel mean would say 0.876
+    assert task_score({}) == 0.0
+    assert unsure_fraction(confidence, 0.5) == pytest.approx(0.04)
