@@ -47,6 +47,8 @@ demo: setup setup-ls
 bench: setup
 	$(PY) -m bench.speed
 	$(PY) -m bench.accuracy
+	$(PY) -m bench.calibration
+	$(PY) -m bench.active_learning
 
 clean:
 	rm -rf $(VENV) $(VENV_LS) $(CACHE) .demo

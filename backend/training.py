@@ -61,7 +61,7 @@ def pull_annotations(settings: Settings, store: Store, project: str) -> int:
 def build_samples(annotations: list[dict], label_config: str, fetcher: ImageFetcher) -> tuple[list[Sample], Vocabulary]:
     """Annotated images as training samples, in the vocabulary of the classes that occur in them."""
     target = parse_targets(label_config)[0]
-    samples, used = [], set()
+    samples = []
     for annotation in annotations:
         data = annotation["data"]
         try:
@@ -76,16 +76,23 @@ def build_samples(annotations: list[dict], label_config: str, fetcher: ImageFetc
             labels = np.asarray(Image.fromarray(labels.astype(np.int32)).resize(image.shape[1::-1], Image.NEAREST))
         if (labels >= 0).any():
             samples.append(Sample(image, labels))
-            used.update(int(c) for c in np.unique(labels) if c >= 0)
-    # Train on the annotated classes only: labels nobody annotated are not negatives.
-    classes = sorted(used)
-    remap = np.full(len(target.vocabulary) + 1, -1, np.int64)
+    return restrict_to_annotated(samples, target.vocabulary)
+
+
+def restrict_to_annotated(samples: list[Sample], vocabulary: Vocabulary) -> tuple[list[Sample], Vocabulary]:
+    """Re-index the samples into the vocabulary of the classes annotated in them.
+
+    Labels nobody annotated are not negatives: a class absent from the annotations would
+    otherwise be trained towards never being predicted.
+    """
+    classes = sorted({int(c) for sample in samples for c in np.unique(sample.labels) if c >= 0})
+    if not classes:
+        return [], vocabulary
+    remap = np.full(len(vocabulary) + 1, -1, np.int64)
     remap[classes] = np.arange(len(classes))
-    for sample in samples:
-        sample.labels = remap[sample.labels]
-    texts = dict(zip(target.vocabulary.labels, target.vocabulary.texts))
-    labels = [target.vocabulary.labels[c] for c in classes]
-    return samples, Vocabulary(tuple(labels), tuple(texts[label] for label in labels))
+    restricted = [Sample(sample.image, remap[sample.labels]) for sample in samples]
+    return restricted, Vocabulary(tuple(vocabulary.labels[c] for c in classes),
+                                  tuple(vocabulary.texts[c] for c in classes))
 
 
 def train_config(settings: Settings) -> TrainConfig:

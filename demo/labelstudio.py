@@ -140,25 +140,30 @@ class LabelStudio:
         tasks, page = [], 1
         while True:
             batch = self.api("GET", f"/api/tasks?project={project}&page={page}&page_size=100&fields=all")
-            items = batch["tasks"] if isinstance(batch, dict) else batch
-            tasks.extend(items)
-            if len(items) < 100:
+            tasks.extend(batch["tasks"])
+            if len(tasks) >= batch["total"] or not batch["tasks"]:
                 return tasks
             page += 1
+
+
+def backend_env(model_dir: Path, label_studio: LabelStudio | None, env_extra: dict | None = None) -> dict:
+    """The environment that runs the backend (or its command-line tools) with the demo model."""
+    from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
+
+    env = {**os.environ, "MODEL_DIR": str(model_dir), "CLIP_MODEL": str(CONFIG),
+           "CLIP_PRETRAINED": str(materialize()), "INFERENCE_SIZE": str(INFERENCE_SIZE),
+           "DENSE_METHOD": DENSE_METHOD, "TEMPERATURE": str(ZERO_SHOT_TEMPERATURE), "LOG_LEVEL": "INFO"}
+    if label_studio:
+        env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
+    env.update(env_extra or {})
+    return env
 
 
 def start_backend(port: int, model_dir: Path, label_studio: LabelStudio | None, env_extra: dict | None = None,
                   timeout: float = 120) -> ManagedProcess:
     """``python -m backend`` with the demo model on 127.0.0.1:port."""
-    from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
-
-    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "MODEL_DIR": str(model_dir),
-           "CLIP_MODEL": str(CONFIG), "CLIP_PRETRAINED": str(materialize()), "INFERENCE_SIZE": str(INFERENCE_SIZE),
-           "DENSE_METHOD": DENSE_METHOD,
-           "WORKERS": "1", "THREADS": "4", "LOG_LEVEL": "INFO"}
-    if label_studio:
-        env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
-    env.update(env_extra or {})
+    env = backend_env(model_dir, label_studio, {"HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1",
+                                                "THREADS": "4", **(env_extra or {})})
     process = ManagedProcess([sys.executable, "-m", "backend"], env, Path(model_dir) / "backend.log")
     wait_for(f"http://127.0.0.1:{port}/health", timeout, process.process, process.log)
     deadline = time.time() + timeout

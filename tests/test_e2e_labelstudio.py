@@ -1,4 +1,8 @@
 """End to end with a real Label Studio server (installed by `make setup-ls` in .venv-ls)."""
+import json
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -6,7 +10,7 @@ import pytest
 
 from backend.annotations import region_mask
 from demo import world
-from demo.labelstudio import LABEL_STUDIO_BIN, LabelStudio, free_port, start_backend
+from demo.labelstudio import LABEL_STUDIO_BIN, ROOT, LabelStudio, backend_env, free_port, start_backend
 
 pytestmark = [pytest.mark.labelstudio,
               pytest.mark.skipif(not LABEL_STUDIO_BIN.exists(), reason="Label Studio not installed (make setup-ls)")]
@@ -25,7 +29,7 @@ def servers(tmp_path_factory):
     try:
         backend_port = free_port()
         backend = start_backend(backend_port, work / "model_dir", label_studio)
-        yield label_studio, f"http://127.0.0.1:{backend_port}"
+        yield label_studio, f"http://127.0.0.1:{backend_port}", work / "model_dir"
     finally:
         if backend:
             backend.stop()
@@ -34,14 +38,26 @@ def servers(tmp_path_factory):
 
 def connected_project(servers, title: str, config: str, images: dict[str, np.ndarray]) -> tuple[int, int]:
     """A project with ``images`` as tasks and our backend connected: (project id, ML backend id)."""
-    label_studio, backend_url = servers
+    label_studio, backend_url, _ = servers
     project = label_studio.create_project(title, config)
     label_studio.import_images(project, images)
     return project, label_studio.connect_backend(project, backend_url)
 
 
+def scene_project(servers, title: str, config: str, scene_sets: dict[str, list]) -> tuple[int, int, dict]:
+    """A connected project with each set's scenes as tasks named ``<set>-NNN.png``; also, per set,
+    a map from task id to the scene's index."""
+    images = {f"{kind}-{i:03d}.png": image for kind, scenes in scene_sets.items()
+              for i, (image, _) in enumerate(scenes)}
+    project, ml = connected_project(servers, title, config, images)
+    tasks = servers[0].tasks(project)
+    ids = {kind: {t["id"]: int(t["data"]["image"][-7:-4]) for t in tasks if f"{kind}-" in t["data"]["image"]}
+           for kind in scene_sets}
+    return project, ml, ids
+
+
 def test_label_studio_stores_our_predictions(servers):
-    label_studio, _ = servers
+    label_studio, _, _ = servers
     scenes = world.test_scenes(4)
     project, _ = connected_project(servers, "e2e", CONFIG,
                                    {f"scene-{i:03d}.png": image for i, (image, _) in enumerate(scenes)})
@@ -68,7 +84,7 @@ def test_label_studio_stores_our_predictions(servers):
             assert len(region["value"]["points"]) >= 3 and region_mask(region, 128, 128).any()
 
 
-def _miou(label_studio, project, scenes, ids, config):
+def _miou(label_studio, project, scenes, ids, config, classes=None):
     from backend.annotations import results_to_label_map
     from backend.label_config import parse_targets
     from model.metrics import ConfusionMatrix
@@ -78,10 +94,12 @@ def _miou(label_studio, project, scenes, ids, config):
     versions = set()
     for task in label_studio.tasks(project):
         if task["id"] in ids:
-            prediction = task["predictions"][-1]
+            prediction = max(task["predictions"], key=lambda p: p["id"])  # the newest
             versions.add(prediction["model_version"])
             truth = scenes[ids[task["id"]]][1]
             confusion.update(truth, results_to_label_map(prediction["result"], target, *truth.shape))
+    if classes == "all":
+        return versions, confusion.miou()
     base = [world.NAMES.index(n) for n in world.BASE]
     novel = [world.NAMES.index(n) for n in world.NOVEL]
     return versions, confusion.miou(base), confusion.miou(novel)
@@ -89,30 +107,19 @@ def _miou(label_studio, project, scenes, ids, config):
 
 def test_corrections_made_in_label_studio_train_a_better_model(servers):
     """Annotate base classes in Label Studio, train through its train action, predict again."""
-    import requests
-
     from tests.test_learning import LABEL_CONFIG, annotation_results
 
-    label_studio, backend_url = servers
+    label_studio = servers[0]
     train_scenes, held_out = world.test_scenes(100, seed=99), world.test_scenes(60)
-    images = {f"train-{i:03d}.png": image for i, (image, _) in enumerate(train_scenes)}
-    images.update({f"held-{i:03d}.png": image for i, (image, _) in enumerate(held_out)})
-    project, ml = connected_project(servers, "learning loop", LABEL_CONFIG, images)
-    tasks = label_studio.tasks(project)
-    held_ids = {t["id"]: int(t["data"]["image"][-7:-4]) for t in tasks if "held-" in t["data"]["image"]}
-    train_ids = {t["id"]: int(t["data"]["image"][-7:-4]) for t in tasks if "train-" in t["data"]["image"]}
+    project, ml, ids = scene_project(servers, "learning loop", LABEL_CONFIG, {"train": train_scenes, "held": held_out})
+    held_ids, train_ids = ids["held"], ids["train"]
     label_studio.retrieve_predictions(project)
     versions_before, base_before, novel_before = _miou(label_studio, project, held_out, held_ids, LABEL_CONFIG)
 
     for task_id, index in train_ids.items():
         label_studio.api("POST", f"/api/tasks/{task_id}/annotations",
                          json={"result": annotation_results(train_scenes[index][1]), "was_cancelled": False})
-    label_studio.api("POST", f"/api/ml/{ml}/train", json={})
-    deadline = time.time() + 900
-    while not requests.get(f"{backend_url}/versions", timeout=5).json()["versions"]:
-        status = requests.get(f"{backend_url}/health", timeout=5).json()["training"]
-        assert time.time() < deadline and all(s.get("state") != "failed" for s in status.values()), status
-        time.sleep(2)
+    _train_and_wait(servers, project, ml)
     label_studio.retrieve_predictions(project)
     versions_after, base_after, novel_after = _miou(label_studio, project, held_out, held_ids, LABEL_CONFIG)
     print(f"Label Studio loop, held-out mIoU: base {base_before:.1f} → {base_after:.1f}, "
@@ -128,7 +135,7 @@ def test_label_studio_annotation_events_reach_the_store(servers):
 
     from tests.test_learning import LABEL_CONFIG, annotation_results
 
-    label_studio, backend_url = servers
+    label_studio, backend_url, _ = servers
     scenes = world.test_scenes(2)
     project, _ = connected_project(servers, "webhooks", LABEL_CONFIG,
                                    {f"s{i}.png": image for i, (image, _) in enumerate(scenes)})
@@ -148,3 +155,120 @@ def test_label_studio_annotation_events_reach_the_store(servers):
     stored(1, changes=2)  # replaced, not added
     label_studio.api("DELETE", f"/api/annotations/{annotation['id']}")
     stored(0, changes=3)
+
+
+def prelabel(servers, project: int, *args: str) -> subprocess.Popen:
+    """``python -m backend.prelabel`` for ``project`` with the backend's model and MODEL_DIR."""
+    label_studio, _, model_dir = servers
+    return subprocess.Popen([sys.executable, "-m", "backend.prelabel", "--url", label_studio.url, "--token",
+                             label_studio.token, "--project", str(project), *args],
+                            env=backend_env(model_dir, label_studio), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finished(process: subprocess.Popen, timeout: float = 600) -> dict:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-3000:]
+    assert "images/s" in err  # the progress bar
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def pool_project(servers):
+    """200 demo tasks (140 to choose annotations from, 60 held out), pre-labeled by the CLI, which is
+    killed halfway through its first run and restarted."""
+    from tests.test_learning import LABEL_CONFIG
+
+    label_studio = servers[0]
+    pool, held_out = world.test_scenes(140, seed=2024), world.test_scenes(60)
+    project, ml, ids = scene_project(servers, "active learning", LABEL_CONFIG, {"pool": pool, "held": held_out})
+
+    first = prelabel(servers, project, "--batch-size", "4")
+    deadline = time.time() + 300
+    while (stored := label_studio.api("GET", f"/api/projects/{project}")["total_predictions_number"]) < 100:
+        assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)  # a hard crash halfway
+    first.wait()
+    resumed = finished(prelabel(servers, project))
+    return {"project": project, "ml": ml, "ids": ids, "pool": pool, "held_out": held_out, "killed_at": stored,
+            "resumed": resumed, "config": LABEL_CONFIG}
+
+
+def test_prelabel_cli_resumes_after_a_crash_without_duplicates(servers, pool_project):
+    label_studio = servers[0]
+    resumed, project = pool_project["resumed"], pool_project["project"]
+    print(f"prelabel killed with {pool_project['killed_at']} of 200 stored; the rerun: {resumed}")
+    assert 0 < resumed["skipped"] < 200 and resumed["skipped"] + resumed["predicted"] == 200
+    assert resumed["failed"] == 0
+    tasks = label_studio.tasks(project)
+    assert len(tasks) == 200
+    for task in tasks:
+        current = [p for p in task["predictions"] if p["model_version"] == resumed["model_version"]]
+        assert len(current) == 1 and len(task["predictions"]) == 1, task["id"]
+        assert current[0]["result"] and 0 < current[0]["score"] <= 1
+    again = finished(prelabel(servers, project))
+    assert (again["skipped"], again["predicted"]) == (200, 0)
+
+
+def _train_and_wait(servers, project: int, ml: int) -> None:
+    """Label Studio's train action for the project's backend; wait for the project's next version."""
+    import requests
+
+    label_studio, backend_url, _ = servers
+
+    def versions() -> int:
+        listed = requests.get(f"{backend_url}/versions", timeout=5).json()["versions"]
+        return sum(v["project"] == str(project) for v in listed)
+
+    before = versions()
+    label_studio.api("POST", f"/api/ml/{ml}/train", json={})
+    deadline = time.time() + 900
+    while versions() == before:
+        status = requests.get(f"{backend_url}/health", timeout=5).json()["training"].get(str(project), {})
+        assert time.time() < deadline and status.get("state") != "failed", status
+        time.sleep(2)
+
+
+def test_annotating_the_lowest_scoring_tasks_beats_random_ones(servers, pool_project):
+    """The active-learning recipe: pre-label, sort by score in Label Studio, annotate the 10 lowest
+    (here from ground truth), train, pre-label again, annotate the next 10 lowest, train, pre-label;
+    against 20 random tasks trained once, with the same training seed."""
+    from tests.test_learning import annotation_results
+
+    label_studio = servers[0]
+    project, ml, ids = pool_project["project"], pool_project["ml"], pool_project["ids"]
+    pool, held_out, config = pool_project["pool"], pool_project["held_out"], pool_project["config"]
+    _, zero_shot = _miou(label_studio, project, held_out, ids["held"], config, classes="all")
+    trained = 0
+
+    def annotate_train_predict(tasks: list[int]) -> list[dict]:
+        nonlocal trained
+        annotations = [label_studio.api("POST", f"/api/tasks/{task}/annotations",
+                                        json={"result": annotation_results(pool[ids["pool"][task]][1],
+                                                                           range(len(world.NAMES)))})
+                       for task in tasks]
+        _train_and_wait(servers, project, ml)
+        trained += 1
+        rerun = finished(prelabel(servers, project))
+        assert rerun["predicted"] == 200 and f"-v{trained}:" in rerun["model_version"]
+        return annotations
+
+    def lowest_scoring(count: int) -> list[int]:
+        # What an annotator does in the data manager: sort by "Prediction score", take the first.
+        ordered = label_studio.api("GET", f"/api/tasks?project={project}&page_size=200&fields=task_only&query="
+                                   + json.dumps({"ordering": ["tasks:predictions_score"]}))["tasks"]
+        scores = [t["predictions_score"] for t in ordered]
+        assert None not in scores and scores == sorted(scores)  # the CLI selected its version in the project
+        return [t["id"] for t in ordered if t["id"] in ids["pool"] and not t["total_annotations"]][:count]
+
+    annotations = annotate_train_predict(lowest_scoring(10))
+    annotations += annotate_train_predict(lowest_scoring(10))
+    versions, lowest = _miou(label_studio, project, held_out, ids["held"], config, classes="all")
+    for annotation in annotations:  # the random arm starts from no annotations
+        label_studio.api("DELETE", f"/api/annotations/{annotation['id']}")
+    annotate_train_predict([int(i) for i in np.random.default_rng(0).choice(sorted(ids["pool"]), 20, replace=False)])
+    _, random = _miou(label_studio, project, held_out, ids["held"], config, classes="all")
+    print(f"active learning, held-out mIoU: zero-shot {zero_shot:.1f}, 2 × 10 lowest-scoring {lowest:.1f}, "
+          f"20 random {random:.1f}")
+    assert lowest > random > zero_shot

@@ -1,0 +1,187 @@
+"""Pre-label a whole Label Studio project from the command line.
+
+    python -m backend.prelabel --url http://localhost:8080 --token <key> --project 12
+
+Label Studio's "Retrieve predictions" action calls the backend's /predict for all selected
+tasks in one synchronous request and times out on large projects. This tool does the same
+work in batches instead: it pages through the project's tasks with label-studio-sdk, skips
+those that already have a prediction from the current model version, predicts the rest in
+batches with the same model, settings and MODEL_DIR the backend uses (so the model version
+matches what Label Studio sees from /setup), and uploads each batch's predictions in one
+request. Interrupted, it resumes where it stopped without duplicating a prediction. At the
+end it selects this model version in the project, so the data manager sorts and filters by
+these predictions' scores and annotators see them as pre-annotations.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import httpx
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+from tqdm import tqdm
+
+from backend.service import SegmentationService, ServiceError
+from backend.settings import Settings
+
+log = logging.getLogger("backend.prelabel")
+TRANSIENT_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+def is_transient(error: Exception) -> bool:
+    """Worth retrying: a dropped connection, a timeout, or a 5xx/429-like answer."""
+    if isinstance(error, ApiError):
+        return error.status_code in TRANSIENT_STATUS
+    return isinstance(error, httpx.TransportError)
+
+
+def retrying(call, what: str, retries: int, delay: float = 1.0):
+    """``call()``, retried with exponential backoff on transient errors."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as error:
+            if attempt == retries or not is_transient(error):
+                raise
+            wait = min(60.0, delay * 2 ** attempt)
+            log.warning("%s failed (%s); retry %d/%d in %.0fs", what, str(error)[:200], attempt + 1, retries, wait)
+            time.sleep(wait)
+
+
+def _versions(task) -> set[str]:
+    """Model versions of a task's predictions (a comma-joined string on SQLite, a list on PostgreSQL)."""
+    value = getattr(task, "predictions_model_versions", None) or []
+    return set(value.split(",") if isinstance(value, str) else value)
+
+
+class Prelabeler:
+    """Pre-labels one project; ``run`` returns counts of predicted, skipped and failed tasks."""
+
+    def __init__(self, client: LabelStudio, service: SegmentationService, project: int, batch_size: int = 16,
+                 page_size: int = 100, retries: int = 5, activate: bool = True):
+        self.client = client
+        self.activate = activate
+        self.service = service
+        self.project = project
+        self.batch_size = batch_size
+        self.page_size = page_size
+        self.retries = retries
+
+    def _tasks(self, ids: list[int] | None = None) -> list:
+        """The project's tasks (or only ``ids``) with their data and prediction versions, page by page."""
+        query = json.dumps({"selectedItems": {"all": False, "included": ids}}) if ids else None
+        pager = retrying(lambda: self.client.tasks.list(project=self.project, page_size=self.page_size, query=query,
+                                                        include="id,data,predictions_model_versions",
+                                                        request_options={"max_retries": self.retries}),
+                         "listing tasks", self.retries)
+        return list(pager)
+
+    def _upload(self, predictions: list[dict], version: str) -> int:
+        """Upload in one request. A retry first drops the tasks an earlier attempt already stored
+        (a lost answer may hide a commit), so no task ends up with two predictions."""
+        pending, attempt = predictions, 0
+        while pending:
+            try:
+                self.client.projects.import_predictions(id=self.project, request=pending,
+                                                        request_options={"max_retries": 0, "timeout_in_seconds": 300})
+                break
+            except Exception as error:
+                if attempt == self.retries or not is_transient(error):
+                    raise
+                attempt += 1
+                wait = min(60.0, 2.0 ** attempt)
+                log.warning("uploading %d predictions failed (%s); retry %d/%d in %.0fs", len(pending),
+                            str(error)[:200], attempt, self.retries, wait)
+                time.sleep(wait)
+                stored = {t.id for t in self._tasks([p["task"] for p in pending]) if version in _versions(t)}
+                pending = [p for p in pending if p["task"] not in stored]
+        return len(predictions)
+
+    def run(self, progress: bool = True) -> dict:
+        project = retrying(lambda: self.client.projects.get(id=self.project), "reading the project", self.retries)
+        label_config = project.label_config
+        setup = self.service.setup({"project": self.project, "schema": label_config})
+        version = setup["model_version"]
+        tasks = self._tasks()
+        todo = [t for t in tasks if version not in _versions(t)]
+        log.info("project %s: %d tasks, %d already have %s, %d to predict", self.project, len(tasks),
+                 len(tasks) - len(todo), version, len(todo))
+        counts = {"model_version": version, "tasks": len(tasks), "skipped": len(tasks) - len(todo),
+                  "predicted": 0, "failed": 0}
+        started = time.time()
+        bar = tqdm(total=len(todo), unit=" images", desc=f"project {self.project}", disable=not progress,
+                   file=sys.stderr, smoothing=0.1)
+        uploader = ThreadPoolExecutor(max_workers=1)  # uploads overlap the next batch's prediction
+        uploading: Future | None = None
+        try:
+            for start in range(0, len(todo), self.batch_size):
+                batch = [{"id": t.id, "data": t.data, "project": self.project}
+                         for t in todo[start:start + self.batch_size]]
+                answer = self.service.predict({"tasks": batch, "label_config": label_config,
+                                               "project": self.project})
+                predictions = []
+                for task, entry in zip(batch, answer["results"]):
+                    if "result" in entry:
+                        predictions.append({"task": task["id"], "result": entry["result"], "score": entry["score"],
+                                            "model_version": entry["model_version"]})
+                    else:
+                        counts["failed"] += 1
+                        log.warning("task %s: %s", task["id"], entry.get("error"))
+                if uploading is not None:
+                    counts["predicted"] += uploading.result()
+                uploading = uploader.submit(self._upload, predictions, version) if predictions else None
+                bar.update(len(batch))
+            if uploading is not None:
+                counts["predicted"] += uploading.result()
+        finally:
+            uploader.shutdown(wait=True)
+            bar.close()
+        seconds = time.time() - started
+        counts.update(seconds=round(seconds, 1), images_per_second=round(len(todo) / seconds, 2) if todo else 0.0)
+        if self.activate and project.model_version != version:
+            # The data manager's "Prediction score" column (and its sorting) and the pre-annotations
+            # shown to annotators follow the project's selected model version.
+            retrying(lambda: self.client.projects.update(id=self.project, model_version=version),
+                     "selecting the model version", self.retries)
+            log.info("project %s now shows %s", self.project, version)
+        return counts
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", required=True, help="Label Studio's address, e.g. http://localhost:8080")
+    parser.add_argument("--token", required=True, help="a Label Studio access token (legacy token or personal access token)")
+    parser.add_argument("--project", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass and per upload")
+    parser.add_argument("--page-size", type=int, default=100, help="tasks per page when listing")
+    parser.add_argument("--retries", type=int, default=5, help="retries of transient HTTP errors")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--keep-project-version", action="store_true",
+                        help="don't make this model version the project's selected one at the end")
+    args = parser.parse_args(argv)
+    # The model, its weights and MODEL_DIR come from the same environment variables as the backend's.
+    settings = dataclasses.replace(Settings(), label_studio_url=args.url, label_studio_api_key=args.token)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bar
+    service = SegmentationService(settings)
+    service.start()
+    try:
+        service.model(wait=3600)  # fail now, clearly, if the weights are missing
+    except ServiceError as error:
+        sys.exit(f"prelabel: {error}")
+    client = LabelStudio(base_url=args.url, api_key=args.token, timeout=120)
+    counts = Prelabeler(client, service, args.project, args.batch_size, args.page_size, args.retries,
+                        activate=not args.keep_project_version).run(progress=not args.no_progress)
+    print(json.dumps(counts))
+    if counts["failed"]:
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
