@@ -297,7 +297,8 @@ class SegmentationService:
                 continue
             predictions = predictor.predict(list(loaded.values()), group[0].vocabulary)
             for index, prediction in zip(loaded, predictions):
-                scores[index].append(self._task_score(prediction))
+                scores[index].append(task_score(prediction, self.settings.task_score,
+                                                self.settings.unsure_below or 0.5))
                 if self.settings.unsure_below:
                     unsure[index].append(unsure_fraction(prediction.confidence, self.settings.unsure_below))
                 for target in group:
@@ -310,7 +311,8 @@ class SegmentationService:
                 # "Retrieve predictions" tries it again instead of keeping an empty prediction.
                 answer.append({"model_version": version, "error": errors[index]})
             else:
-                answer.append({"result": results[index], "score": round(float(np.mean(scores[index])), 4),
+                # Significant digits, not decimals: products of many region scores get small.
+                answer.append({"result": results[index], "score": float(f"{np.mean(scores[index]):.4g}"),
                                "model_version": version})
                 if unsure[index]:
                     answer[-1]["meta"] = {"unsure_fraction": round(float(np.mean(unsure[index])), 4),
@@ -321,13 +323,6 @@ class SegmentationService:
             self.metrics.task_errors += len(errors)
             self.metrics.predict_seconds += time.time() - started
         return {"results": answer, "model_version": version}
-
-
-    def _task_score(self, prediction) -> float:
-        """The task-level score LS sorts by; see ``TASK_SCORE`` in the README."""
-        if self.settings.task_score == "sure_pixels":
-            return 1 - unsure_fraction(prediction.confidence, self.settings.unsure_below or 0.5)
-        return task_score(prediction.region_scores())
 
 
 def _group_targets(targets: tuple[Target, ...]) -> dict[tuple[str, str], list[Target]]:

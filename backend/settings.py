@@ -5,15 +5,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.calibration import TASK_SCORES
+
 
 def _env(name: str, default: str = "") -> str:
     return os.environ.get(name, default).strip()
 
 
 _TRUE = ("1", "true", "yes", "on")
-# "regions": the mean of the task's region scores; "sure_pixels": the fraction of pixels whose
-# confidence is at least UNSURE_BELOW (0.5 when unset).
-TASK_SCORES = ("regions", "sure_pixels")
 
 
 def _pins(raw: str) -> dict[str, int]:
@@ -51,7 +50,7 @@ class Settings:
 
     # Scores (see README: "Scores, review and active learning")
     temperature: float = field(default_factory=lambda: float(_env("TEMPERATURE", "1.0")))
-    task_score: str = field(default_factory=lambda: _env("TASK_SCORE", "regions"))
+    task_score: str = field(default_factory=lambda: _env("TASK_SCORE", "product"))
     unsure_below: float = field(default_factory=lambda: float(_env("UNSURE_BELOW", "0")))
 
     # Learning from annotations (see README: "The learning loop")

@@ -18,8 +18,8 @@ import numpy as np
 from backend.training import restrict_to_annotated
 from bench.accuracy import evaluate
 from demo import world
-from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
-from model.calibration import task_score
+from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
+from model.calibration import TASK_SCORES, calibrate, task_score
 from model.clip import load_clip
 from model.predictor import Predictor
 from model.segmenter import build_segmenter
@@ -31,7 +31,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", type=int, default=200)
     parser.add_argument("--annotate", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=2, help="annotate, train, re-predict this many times")
+    parser.add_argument("--rounds", type=int, default=1, help="annotate, train, re-predict this many times")
+    parser.add_argument("--score", choices=TASK_SCORES, default="product", help="the task score to rank by")
     parser.add_argument("--random-draws", type=int, default=5)
     parser.add_argument("--test-images", type=int, default=60)
     parser.add_argument("--steps", type=int, default=300)
@@ -43,8 +44,9 @@ def main(argv=None) -> None:
     vocabulary = Vocabulary.from_labels(world.NAMES)
     pool, test = world.test_scenes(args.pool, seed=2024), world.test_scenes(args.test_images)
 
-    def predictor_for(segmenter):
-        return Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=INFERENCE_SIZE)
+    def predictor_for(segmenter, temperature: float = ZERO_SHOT_TEMPERATURE):
+        return Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=INFERENCE_SIZE,
+                         temperature=temperature)
 
     zero_shot = predictor_for(build_segmenter(clip, dense_method=DENSE_METHOD))
 
@@ -52,17 +54,19 @@ def main(argv=None) -> None:
         samples, classes = restrict_to_annotated([Sample(*pool[i]) for i in indices], vocabulary)
         segmenter = build_segmenter(clip, dense_method=DENSE_METHOD)
         finetune(segmenter, clip, encoder, samples, classes, TrainConfig(steps=args.steps, size=INFERENCE_SIZE))
-        return predictor_for(segmenter)
+        predictor = predictor_for(segmenter)
+        calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], classes)  # as training jobs do
+        return predictor
 
     print(f"zero-shot: mIoU {evaluate(zero_shot, test)['all']:.1f} on {args.test_images} held-out scenes")
     chosen, predictor = [], zero_shot
     for round_ in range(args.rounds):
         count = args.annotate * (round_ + 1) // args.rounds - len(chosen)
-        scores = [task_score(p.region_scores()) for p in predictor.predict([i for i, _ in pool], vocabulary)]
+        scores = [task_score(p, args.score) for p in predictor.predict([i for i, _ in pool], vocabulary)]
         chosen += [int(i) for i in np.argsort(scores) if i not in chosen][:count]
         predictor = trained_on(chosen)
     lowest = evaluate(predictor, test)["all"]
-    print(f"{args.annotate} lowest-scoring in {args.rounds} rounds: mIoU {lowest:.1f}", flush=True)
+    print(f"{args.annotate} lowest-scoring by {args.score}, {args.rounds} round(s): mIoU {lowest:.1f}", flush=True)
     draws = []
     for draw in range(args.random_draws):
         picked = np.random.default_rng(draw).choice(args.pool, args.annotate, replace=False)

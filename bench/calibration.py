@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
-from model.calibration import calibrate, expected_calibration_error, task_score, unsure_fraction
+from model.calibration import TASK_SCORES, calibrate, expected_calibration_error, task_score
 from model.clip import load_clip
 from model.metrics import ConfusionMatrix
 from model.predictor import Predictor, SemanticPrediction
@@ -35,9 +35,8 @@ def task_miou(truth: np.ndarray, predicted: np.ndarray) -> float:
 
 def candidate_scores(prediction: SemanticPrediction) -> dict[str, float]:
     """Task-level scores of one prediction; higher = more trustworthy."""
-    return {"mean region score (TASK_SCORE=regions)": task_score(prediction.region_scores()),
-            "sure pixels ≥ 0.5 (TASK_SCORE=sure_pixels)": 1 - unsure_fraction(prediction.confidence, 0.5),
-            "mean pixel confidence": float(prediction.confidence.mean())}
+    return {**{f"TASK_SCORE={kind}": task_score(prediction, kind) for kind in TASK_SCORES},
+            "mean pixel confidence (not offered)": float(prediction.confidence.mean())}
 
 
 def report(name: str, predictor: Predictor, vocabulary: Vocabulary, fit_sets: dict[str, list], test) -> dict:
@@ -61,7 +60,7 @@ def report(name: str, predictor: Predictor, vocabulary: Vocabulary, fit_sets: di
     for key in candidate_scores(predictions[0]):
         rho = spearmanr([candidate_scores(p)[key] for p in predictions], quality).statistic
         results["spearman"][key] = rho
-        print(f"    {key:>42}: {rho:+.3f}")
+        print(f"    {key:>36}: {rho:+.3f}")
     return results
 
 
@@ -93,10 +92,10 @@ def main(argv=None) -> None:
                  TrainConfig(steps=args.steps, size=INFERENCE_SIZE))
     tuned = report(f"fine-tuned on {args.train_images} annotated images", predictor_for(segmenter), vocabulary,
                    {"held-out annotated images": held_out, "its training images": train}, test)
-    regions = "mean region score (TASK_SCORE=regions)"
+    default = "TASK_SCORE=product"
     print(f"\ncalibration: zero_shot_ece={zero_shot['ece']['none']:.1f}->{zero_shot['ece']['held-out annotated images']:.1f} "
           f"tuned_ece={tuned['ece']['none']:.1f}->{tuned['ece']['its training images']:.1f} "
-          f"spearman_zero_shot={zero_shot['spearman'][regions]:.2f} spearman_tuned={tuned['spearman'][regions]:.2f}")
+          f"spearman_zero_shot={zero_shot['spearman'][default]:.2f} spearman_tuned={tuned['spearman'][default]:.2f}")
 
 
 if __name__ == "__main__":

@@ -33,13 +33,18 @@ def test_ece_of_known_bins():
     assert expected_calibration_error(np.full(10, 0.7), np.arange(10) < 7) == pytest.approx(0)
 
 
-def test_task_score_weighs_every_predicted_region_once():
+def test_task_scores():
     label_map = np.zeros((10, 10), np.int16)
     label_map[0, :4] = 3  # a small doubtful region
     confidence = np.full((10, 10), 0.9, np.float32)
     confidence[0, :4] = 0.3
     prediction = SemanticPrediction(label_map, confidence)
     assert prediction.region_scores() == pytest.approx({0: 0.9, 3: 0.3})
-    assert task_score(prediction.region_scores()) == pytest.approx(0.6)  # the pixel mean would say 0.876
-    assert task_score({}) == 0.0
+    assert task_score(prediction) == pytest.approx(0.27)  # both regions right: 0.9 × 0.3
+    assert task_score(prediction, "mean") == pytest.approx(0.6)  # the pixel mean would say 0.876
+    assert task_score(prediction, "sure_pixels", sure_at=0.5) == pytest.approx(0.96)
     assert unsure_fraction(confidence, 0.5) == pytest.approx(0.04)
+    empty = SemanticPrediction(np.full((4, 4), -1, np.int16), np.zeros((4, 4), np.float32))
+    assert task_score(empty) == task_score(empty, "mean") == 0.0
+    with pytest.raises(ValueError, match="unknown task score"):
+        task_score(prediction, "entropy")
