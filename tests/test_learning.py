@@ -29,7 +29,7 @@ NOVEL = [world.NAMES.index(n) for n in world.NOVEL]
 
 def annotation_results(label_map: np.ndarray, classes=BASE) -> list[dict]:
     """What an annotator labelling only ``classes`` (indices; the base classes by default) would submit."""
-    kept = np.where(np.isin(label_map, list(classes)), label_map, -1).astype(np.int16)
+    kept = np.where(np.isin(label_map, list(classes)), label_map.astype(np.int16), -1).astype(np.int16)
     return build_results(TARGET, SemanticPrediction(kept, np.ones(label_map.shape, np.float32)))
 
 
