@@ -76,11 +76,10 @@ class Prelabeler:
     def _tasks(self, ids: list[int] | None = None) -> list:
         """The project's tasks (or only ``ids``) with their data and prediction versions, page by page."""
         query = json.dumps({"selectedItems": {"all": False, "included": ids}}) if ids else None
-        pager = retrying(lambda: self.client.tasks.list(project=self.project, page_size=self.page_size, query=query,
-                                                        include="id,data,predictions_model_versions",
-                                                        request_options={"max_retries": self.retries}),
-                         "listing tasks", self.retries)
-        return list(pager)
+        return retrying(lambda: list(self.client.tasks.list(project=self.project, page_size=self.page_size,
+                                                            query=query, include="id,data,predictions_model_versions",
+                                                            request_options={"max_retries": self.retries})),
+                        "listing tasks", self.retries)
 
     def _upload(self, predictions: list[dict], version: str) -> int:
         """Upload in one request. A retry first drops the tasks an earlier attempt already stored
@@ -176,8 +175,11 @@ def main(argv=None) -> None:
     except ServiceError as error:
         sys.exit(f"prelabel: {error}")
     client = LabelStudio(base_url=args.url, api_key=args.token, timeout=120)
-    counts = Prelabeler(client, service, args.project, args.batch_size, args.page_size, args.retries,
-                        activate=not args.keep_project_version).run(progress=not args.no_progress)
+    try:
+        counts = Prelabeler(client, service, args.project, args.batch_size, args.page_size, args.retries,
+                            activate=not args.keep_project_version).run(progress=not args.no_progress)
+    except ServiceError as error:  # e.g. a label config without a segmentation tag
+        sys.exit(f"prelabel: project {args.project}: {error}")
     print(json.dumps(counts))
     if counts["failed"]:
         sys.exit(2)
