@@ -44,9 +44,9 @@ def main(argv=None) -> None:
     vocabulary = Vocabulary.from_labels(world.NAMES)
     pool, test = world.test_scenes(args.pool, seed=2024), world.test_scenes(args.test_images)
 
-    def predictor_for(segmenter, temperature: float = ZERO_SHOT_TEMPERATURE):
+    def predictor_for(segmenter):  # at the demo CLIP's zero-shot temperature until calibrated
         return Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=INFERENCE_SIZE,
-                         temperature=temperature)
+                         temperature=ZERO_SHOT_TEMPERATURE)
 
     zero_shot = predictor_for(build_segmenter(clip, dense_method=DENSE_METHOD))
 
@@ -66,13 +66,16 @@ def main(argv=None) -> None:
         chosen += [int(i) for i in np.argsort(scores) if i not in chosen][:count]
         predictor = trained_on(chosen)
     lowest = evaluate(predictor, test)["all"]
-    print(f"{args.annotate} lowest-scoring by {args.score}, {args.rounds} round(s): mIoU {lowest:.1f}", flush=True)
+    covered = len({int(c) for i in chosen for c in np.unique(pool[i][1])})
+    print(f"{args.annotate} lowest-scoring by {args.score}, {args.rounds} round(s): mIoU {lowest:.1f} "
+          f"({covered} of {len(world.NAMES)} classes annotated)", flush=True)
     draws = []
     for draw in range(args.random_draws):
         picked = np.random.default_rng(draw).choice(args.pool, args.annotate, replace=False)
         draws.append(evaluate(trained_on(picked), test)["all"])
         print(f"{args.annotate} random (draw {draw}): mIoU {draws[-1]:.1f}", flush=True)
-    print(f"\nactive_learning: lowest={lowest:.1f} random={np.mean(draws):.1f}±{np.std(draws):.1f}")
+    random = f"{np.mean(draws):.1f}±{np.std(draws):.1f}" if draws else "-"
+    print(f"\nactive_learning: lowest={lowest:.1f} random={random}")
 
 
 if __name__ == "__main__":
