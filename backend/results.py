@@ -27,7 +27,7 @@ class ResultBuilder:
     def regions(self, prediction: SemanticPrediction):
         """(label, mask, score) for each predicted label whose score passes the threshold."""
         labels = self.target.vocabulary.labels
-        for index, score in prediction.region_scores().items():
+        for index, score in prediction.region_scores.items():
             if score >= self.target.score_threshold:
                 yield labels[index], prediction.label_map == index, score
 

@@ -125,7 +125,7 @@ def task_score(prediction, kind: str = "product", sure_at: float = 0.5) -> float
     """
     if kind == "sure_pixels":
         return 1 - unsure_fraction(prediction.confidence, sure_at)
-    scores = list(prediction.region_scores().values())
+    scores = list(prediction.region_scores.values())
     if not scores:
         return 0.0
     if kind == "product":

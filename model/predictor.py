@@ -5,6 +5,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -28,8 +29,10 @@ class SemanticPrediction:
     label_map: np.ndarray
     confidence: np.ndarray
 
+    @cached_property
     def region_scores(self) -> dict[int, float]:
-        """The mean confidence of each predicted class's pixels, by vocabulary index."""
+        """The mean confidence of each predicted class's pixels, by vocabulary index (computed once:
+        the task score and every control tag's results read it)."""
         labels = self.label_map.ravel().astype(np.int64)
         kept = labels >= 0
         counts = np.bincount(labels[kept])

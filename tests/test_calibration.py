@@ -39,7 +39,7 @@ def test_task_scores():
     confidence = np.full((10, 10), 0.9, np.float32)
     confidence[0, :4] = 0.3
     prediction = SemanticPrediction(label_map, confidence)
-    assert prediction.region_scores() == pytest.approx({0: 0.9, 3: 0.3})
+    assert prediction.region_scores == pytest.approx({0: 0.9, 3: 0.3})
     assert task_score(prediction) == pytest.approx(0.27)  # both regions right: 0.9 × 0.3
     assert task_score(prediction, "mean") == pytest.approx(0.6)  # the pixel mean would say 0.876
     assert task_score(prediction, "sure_pixels", sure_at=0.5) == pytest.approx(0.96)
