@@ -84,22 +84,19 @@ class Prelabeler:
     def _upload(self, predictions: list[dict], version: str) -> int:
         """Upload in one request. A retry first drops the tasks an earlier attempt already stored
         (a lost answer may hide a commit), so no task ends up with two predictions."""
-        pending, attempt = predictions, 0
-        while pending:
-            try:
-                self.client.projects.import_predictions(id=self.project, request=pending,
-                                                        request_options={"max_retries": 0, "timeout_in_seconds": 300})
-                break
-            except Exception as error:
-                if attempt == self.retries or not is_transient(error):
-                    raise
-                attempt += 1
-                wait = min(60.0, 2.0 ** attempt)
-                log.warning("uploading %d predictions failed (%s); retry %d/%d in %.0fs", len(pending),
-                            str(error)[:200], attempt, self.retries, wait)
-                time.sleep(wait)
+        pending, attempts = predictions, 0
+
+        def send() -> None:
+            nonlocal pending, attempts
+            if attempts:
                 stored = {t.id for t in self._tasks([p["task"] for p in pending]) if version in _versions(t)}
                 pending = [p for p in pending if p["task"] not in stored]
+            attempts += 1
+            if pending:
+                self.client.projects.import_predictions(id=self.project, request=pending,
+                                                        request_options={"max_retries": 0, "timeout_in_seconds": 300})
+
+        retrying(send, f"uploading {len(predictions)} predictions", self.retries, delay=2.0)
         return len(predictions)
 
     def run(self, progress: bool = True) -> dict:
