@@ -15,7 +15,7 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/opt/hf \
     MODEL_DIR=/data/models \
     CLIP_MODEL=${CLIP_MODEL} \
-    PORT=9090 WORKERS=1 THREADS=8
+    PORT=9090 THREADS=8
 
 # WordNet from Debian, read by NLTK (see model/wordnet.py); man-db for the lexnames page.
 RUN apt-get update && apt-get install -y --no-install-recommends wordnet-base wordnet-sense-index \

@@ -1,33 +1,69 @@
-"""``python -m backend``: serve the app with gunicorn (WORKERS, THREADS, HOST, PORT)."""
+"""``python -m backend``: serve the app on HOST:PORT (settings from the environment, see README).
+
+The server is waitress: its I/O thread buffers each request whole (header and body, up to
+MAX_REQUEST_BYTES) before a worker thread sees it, so slow or half-open clients cost a
+socket, never one of the THREADS that run predictions. Idle connections close after
+IDLE_CONNECTION_TIMEOUT; at most MAX_CONNECTIONS are open at once. On SIGTERM or SIGINT the
+server stops accepting, lets requests in flight finish for up to GRACEFUL_TIMEOUT seconds,
+then stops its training jobs (they register nothing) and exits.
+"""
 from __future__ import annotations
 
-from gunicorn.app.base import BaseApplication
+import argparse
+import logging
+import signal
+import sys
+import time
 
 from backend.settings import Settings
 
-
-class _Server(BaseApplication):
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        super().__init__()
-
-    def load_config(self):
-        s = self.settings
-        self.cfg.set("bind", f"{s.host}:{s.port}")
-        self.cfg.set("workers", s.workers)
-        self.cfg.set("threads", s.threads)
-        self.cfg.set("timeout", 0)  # predictions of big batches may take long; Label Studio has its own timeout
-        self.cfg.set("loglevel", s.log_level.lower())
-        self.cfg.set("accesslog", "-")
-
-    def load(self):
-        from backend.app import create_app
-
-        return create_app(self.settings)
+log = logging.getLogger("backend.server")
 
 
-def main() -> None:
-    _Server(Settings()).run()
+def _busy(server) -> bool:
+    dispatcher = server.task_dispatcher
+    return bool(dispatcher.queue) or dispatcher.active_count > 0
+
+
+def serve(settings: Settings) -> None:
+    from waitress import wasyncore
+    from waitress.server import create_server
+
+    from backend.app import create_app
+
+    app = create_app(settings)
+    server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
+                           channel_timeout=int(settings.idle_connection_timeout), cleanup_interval=5,
+                           connection_limit=settings.max_connections,
+                           max_request_body_size=settings.max_request_bytes, ident="gkc-backend")
+    stop_requested: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, _frame: stop_requested.append(number))
+    log.info("serving on http://%s:%s with %d threads", settings.host, server.effective_port, settings.threads)
+    while not stop_requested:
+        wasyncore.loop(timeout=0.5, map=server._map, count=1)
+    log.info("signal %d: no new connections; waiting up to %.0f s for requests in flight", stop_requested[0],
+             settings.graceful_timeout)
+    server.del_channel()  # stop accepting; answered channels stay in the map until they flush
+    server.socket.close()
+    deadline = time.monotonic() + settings.graceful_timeout
+    while (_busy(server) or any(getattr(c, "requests", None) or getattr(c, "total_outbufs_len", 0)
+                                for c in list(server._map.values()))) and time.monotonic() < deadline:
+        wasyncore.loop(timeout=0.2, map=server._map, count=1)
+    server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+    app.config["service"].shutdown()
+    log.info("stopped")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValueError as error:  # a setting that can't work: say which, start nothing
+        sys.exit(f"backend: {error}")
+    serve(settings)
 
 
 if __name__ == "__main__":

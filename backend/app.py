@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import uuid
 
 from flask import Flask, Response, jsonify, request
 
@@ -24,15 +25,13 @@ def create_app(settings: Settings | None = None, service: SegmentationService | 
         service.start()
     app = Flask("gkc-backend")
     app.config["service"] = service
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
 
     @app.before_request
     def _basic_auth():
         if not settings.basic_auth_user:
             return None
-        auth = request.authorization
-        ok = auth is not None and hmac.compare_digest(auth.username or "", settings.basic_auth_user) \
-            and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
-        if not ok:
+        if not _authenticated(settings):
             return Response('{"error": "authentication required"}', 401, mimetype="application/json",
                             headers={"WWW-Authenticate": 'Basic realm="ml-backend"'})
         return None
@@ -50,13 +49,16 @@ def create_app(settings: Settings | None = None, service: SegmentationService | 
 
     @app.errorhandler(404)
     @app.errorhandler(405)
+    @app.errorhandler(413)
     def _http_error(error):
         return jsonify({"error": error.description}), error.code
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return jsonify({"error": f"internal error: {error.__class__.__name__}: {error}"}), 500
+        # Internals (paths, object reprs) stay in the log; the answer names the log entry.
+        reference = uuid.uuid4().hex[:8]
+        log.exception("unexpected error on %s %s (ref %s)", request.method, request.path, reference)
+        return jsonify({"error": f"internal error (ref {reference} in the backend's log)"}), 500
 
     @app.get("/")
     @app.get("/health")
@@ -65,7 +67,8 @@ def create_app(settings: Settings | None = None, service: SegmentationService | 
 
     @app.post("/setup")
     def setup():
-        return jsonify(service.setup(_json_body()))
+        authenticated = bool(settings.basic_auth_user)  # _basic_auth has already checked it
+        return jsonify(service.setup(_json_body(), authenticated=authenticated))
 
     @app.post("/predict")
     def predict():
@@ -86,3 +89,13 @@ def create_app(settings: Settings | None = None, service: SegmentationService | 
         return jsonify(service.versions())
 
     return app
+
+
+def _authenticated(settings: Settings) -> bool:
+    """Basic auth, compared in constant time as UTF-8 bytes (any Unicode credential is valid input)."""
+    auth = request.authorization
+    if auth is None:
+        return False
+    user = hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+    password = hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())
+    return user and password

@@ -10,6 +10,7 @@ import base64
 import io
 import ipaddress
 import logging
+import re
 import socket
 import threading
 import time
@@ -58,6 +59,16 @@ class LabelStudioAuth:
             return {"Authorization": f"Bearer {self._access[0]}"}
 
 
+def _describe(error: Exception) -> str:
+    """An exception as words, without the memory addresses that requests/urllib3 messages carry."""
+    return f"{error.__class__.__name__}: " + re.sub(r" object at 0x[0-9a-fA-F]+", "", str(error))
+
+
+def _sniff(data: bytes) -> str:
+    """What a byte string looks like, for error messages: its size and first bytes."""
+    return f"{len(data)} bytes starting {data[:8]!r}"
+
+
 class ImageFetcher:
     """Loads a task's image as an RGB uint8 array (H, W, 3).
 
@@ -68,19 +79,29 @@ class ImageFetcher:
         max_bytes: largest download accepted.
         max_pixels: largest decoded image accepted (decompression bombs).
         timeout: seconds for connecting and for each read.
+        deadline: seconds for a whole download, however the server paces it.
     """
 
     def __init__(self, label_studio_url: str = "", api_key: str = "", allowed_hosts=(),
-                 max_bytes: int = 50 * 2**20, max_pixels: int = 64 * 2**20, timeout: float = 10.0):
+                 max_bytes: int = 50 * 2**20, max_pixels: int = 64 * 2**20, timeout: float = 10.0,
+                 deadline: float = 60.0):
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.timeout = timeout
+        self.deadline = deadline
         self.allowed_hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
         self.session = requests.Session()
         self.configure(label_studio_url, api_key)
 
+    @classmethod
+    def from_settings(cls, settings) -> "ImageFetcher":
+        """The fetcher the settings describe; the API key goes to ``LABEL_STUDIO_URL`` alone."""
+        return cls(settings.label_studio_url, settings.label_studio_api_key if settings.label_studio_url else "",
+                   settings.allowed_image_hosts, settings.max_image_bytes, settings.max_image_pixels,
+                   settings.fetch_timeout, settings.fetch_deadline)
+
     def configure(self, label_studio_url: str, api_key: str) -> None:
-        """Point at a Label Studio instance (``/setup`` sends ``hostname`` and ``access_token``)."""
+        """Point at a Label Studio instance; ``api_key`` is sent to that host and no other."""
         self.label_studio_url = (label_studio_url or "").rstrip("/")
         self.auth = LabelStudioAuth(self.label_studio_url, api_key or "", self.timeout)
 
@@ -126,6 +147,7 @@ class ImageFetcher:
 
     # ------------------------------------------------------------------ download + decode
     def _download(self, url: str, with_credentials: bool) -> bytes:
+        started = time.monotonic()
         for _ in range(5):  # redirects are followed by hand so each hop is checked
             self._check_host(url)
             headers = self.auth.header() if with_credentials else {}
@@ -136,7 +158,7 @@ class ImageFetcher:
                     response = self.session.get(url, headers=self.auth.header(refresh=True),
                                                 timeout=self.timeout, stream=True, allow_redirects=False)
             except requests.RequestException as error:
-                raise ImageError(f"can't download {url}: {error.__class__.__name__}: {error}") from None
+                raise ImageError(f"can't download {url}: {_describe(error)}") from None
             if response.is_redirect:
                 next_url = urljoin(url, response.headers["Location"])
                 with_credentials = with_credentials and urlsplit(next_url).netloc == urlsplit(url).netloc
@@ -145,16 +167,30 @@ class ImageFetcher:
             if response.status_code != 200:
                 hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) else ""
                 raise ImageError(f"downloading {url} answered HTTP {response.status_code}{hint}")
-            declared = int(response.headers.get("Content-Length") or 0)
-            if declared > self.max_bytes:
-                raise ImageError(f"image at {url} is {declared} bytes, over the limit of {self.max_bytes}")
-            data = bytearray()
-            for chunk in response.iter_content(1 << 16):
-                data += chunk
-                if len(data) > self.max_bytes:
-                    raise ImageError(f"image at {url} is over the limit of {self.max_bytes} bytes")
-            return bytes(data)
+            with response:
+                return self._read_body(response, url, started)
         raise ImageError(f"too many redirects fetching {url}")
+
+    def _read_body(self, response: requests.Response, url: str, started: float) -> bytes:
+        """The body, within ``max_bytes`` and the download deadline however slowly the server sends it."""
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise ImageError(f"image at {url} is {declared} bytes, over the limit of {self.max_bytes}")
+        data = bytearray()
+        while True:
+            if time.monotonic() - started > self.deadline:
+                raise ImageError(f"downloading {url} took over {self.deadline:g} s (FETCH_DEADLINE); "
+                                 f"{len(data)} bytes had arrived")
+            try:
+                # read1 returns what one read brings, so the deadline is checked between reads.
+                chunk = response.raw.read1(1 << 16, decode_content=True)
+            except Exception as error:
+                raise ImageError(f"can't download {url}: {error.__class__.__name__}") from None
+            if not chunk:
+                return bytes(data)
+            data += chunk
+            if len(data) > self.max_bytes:
+                raise ImageError(f"image at {url} is over the limit of {self.max_bytes} bytes")
 
     def decode(self, data: bytes) -> np.ndarray:
         """Bytes → RGB uint8 (H, W, 3): EXIF orientation applied, grey/alpha/16-bit handled."""
@@ -169,10 +205,13 @@ class ImageFetcher:
                 image.load()
         except ImageError:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise ImageError(f"image refused as a decompression bomb: {error}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(f"image refused as a decompression bomb (over {self.max_pixels} pixels)") from None
+        except Image.UnidentifiedImageError:
+            raise ImageError(f"the file is not a readable image: no known image format ({_sniff(data)})") from None
         except Exception as error:
-            raise ImageError(f"the file is not a readable image: {error}") from None
+            # PIL's messages can hold object reprs; say what kind of failure it was, not where.
+            raise ImageError(f"the file is not a readable image ({_sniff(data)}: {error.__class__.__name__})") from None
         if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             array = np.asarray(image, dtype=np.float32)
             low, high = float(array.min()), float(array.max())

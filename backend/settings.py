@@ -34,8 +34,12 @@ class Settings:
     log_level: str = field(default_factory=lambda: _env("LOG_LEVEL", "INFO").upper())
     host: str = field(default_factory=lambda: _env("HOST", "0.0.0.0"))
     port: int = field(default_factory=lambda: int(_env("PORT", "9090")))
-    workers: int = field(default_factory=lambda: int(_env("WORKERS", "1")))
     threads: int = field(default_factory=lambda: int(_env("THREADS", "8")))
+    # The HTTP server (see README: "Security")
+    graceful_timeout: float = field(default_factory=lambda: float(_env("GRACEFUL_TIMEOUT", "30")))
+    idle_connection_timeout: float = field(default_factory=lambda: float(_env("IDLE_CONNECTION_TIMEOUT", "30")))
+    max_connections: int = field(default_factory=lambda: int(_env("MAX_CONNECTIONS", "200")))
+    max_request_bytes: int = field(default_factory=lambda: int(_env("MAX_REQUEST_BYTES", str(32 * 2**20))))
     clip_model: str = field(default_factory=lambda: _env("CLIP_MODEL", "ViT-B-16"))
     clip_pretrained: str = field(default_factory=lambda: _env("CLIP_PRETRAINED", "openai"))
     dense_method: str = field(default_factory=lambda: _env("DENSE_METHOD", "clearclip"))
@@ -47,6 +51,12 @@ class Settings:
     max_image_bytes: int = field(default_factory=lambda: int(_env("MAX_IMAGE_BYTES", str(50 * 2**20))))
     max_image_pixels: int = field(default_factory=lambda: int(_env("MAX_IMAGE_PIXELS", str(64 * 2**20))))
     fetch_timeout: float = field(default_factory=lambda: float(_env("FETCH_TIMEOUT", "10")))
+    fetch_deadline: float = field(default_factory=lambda: float(_env("FETCH_DEADLINE", "60")))
+    fetch_threads: int = field(default_factory=lambda: int(_env("FETCH_THREADS", "4")))
+    # Pixels one image may cost the model after resizing, in units of INFERENCE_SIZE² (see Predictor).
+    max_inference_area: float = field(default_factory=lambda: float(_env("MAX_INFERENCE_AREA", "4")))
+    text_cache_vocabularies: int = field(default_factory=lambda: int(_env("TEXT_CACHE_VOCABULARIES", "64")))
+    text_cache_disk_bytes: int = field(default_factory=lambda: int(_env("TEXT_CACHE_DISK_BYTES", str(256 * 2**20))))
 
     # Scores (see README: "Scores, review and active learning")
     temperature: float = field(default_factory=lambda: float(_env("TEMPERATURE", "1.0")))
@@ -64,6 +74,7 @@ class Settings:
     distill_weight: float = field(default_factory=lambda: float(_env("DISTILL_WEIGHT", "1.0")))
     train_after_annotations: int = field(default_factory=lambda: int(_env("TRAIN_AFTER_ANNOTATIONS", "0")))
     pinned_versions: dict = field(default_factory=lambda: _pins(_env("PINNED_VERSIONS")))
+    max_training_jobs: int = field(default_factory=lambda: int(_env("MAX_TRAINING_JOBS", "1")))
 
     def __post_init__(self):
         if self.task_score not in TASK_SCORES:
@@ -72,6 +83,13 @@ class Settings:
             raise ValueError(f"UNSURE_BELOW must be a probability in [0, 1), not {self.unsure_below}")
         if self.temperature <= 0:
             raise ValueError(f"TEMPERATURE must be positive, not {self.temperature}")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            # Half a credential pair must not silently leave every endpoint open.
+            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.max_training_jobs < 1:
+            raise ValueError(f"MAX_TRAINING_JOBS must be at least 1, not {self.max_training_jobs}")
+        if self.max_inference_area < 1:
+            raise ValueError(f"MAX_INFERENCE_AREA must be at least 1, not {self.max_inference_area}")
 
     def to_env(self) -> dict[str, str]:
         """These settings as the environment variables that reproduce them (for child processes)."""

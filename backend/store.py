@@ -7,6 +7,7 @@ transaction, so a crash loses nothing that was acknowledged. Checkpoint files li
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -22,14 +23,32 @@ CREATE TABLE IF NOT EXISTS projects (
 CREATE TABLE IF NOT EXISTS versions (
     project TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL, created REAL NOT NULL,
     summary TEXT NOT NULL, PRIMARY KEY (project, version));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_PROJECT_ID = re.compile(r"(\d{1,18})(\.\d{1,30})?")
+
+
+class ProjectIdError(ValueError):
+    """A project id that is not Label Studio's (an integer); it never reaches the filesystem."""
 
 
 def project_key(project) -> str:
-    """Label Studio names a project ``12`` in webhooks and ``12.1700000000`` in /predict: keep the id."""
+    """Label Studio names a project ``12`` in webhooks and ``12.1700000000`` in /predict: keep the id.
+
+    Returns "" when no project is named. Project ids become directory names, so anything but
+    an integer (or Label Studio's ``<id>.<created_at>``) is refused.
+    """
     if isinstance(project, dict):
         project = project.get("id")
-    return str(project).split(".")[0] if project not in (None, "") else ""
+    if project is None or project == "":
+        return ""
+    if isinstance(project, int) and not isinstance(project, bool) and project >= 0:
+        return str(project)
+    match = _PROJECT_ID.fullmatch(project) if isinstance(project, str) else None
+    if match is None:
+        raise ProjectIdError(f"project id {str(project)[:40]!r} is not a Label Studio project id "
+                             "(an integer such as 12, or \"12.1699999999\")")
+    return str(int(match.group(1)))
 
 
 @dataclass
@@ -63,6 +82,8 @@ class Store:
         return db
 
     def project_dir(self, project: str) -> Path:
+        if not (project.isascii() and project.isdigit()):  # project_key() made it; never a path
+            raise ProjectIdError(f"project id {project[:40]!r} can't name a directory")
         return self.model_dir / "projects" / project
 
     # ------------------------------------------------------------------ annotations
@@ -127,6 +148,19 @@ class Store:
     def label_config(self, project: str) -> str | None:
         row = self._db().execute("SELECT label_config FROM projects WHERE project=?", (project,)).fetchone()
         return row[0] if row else None
+
+    def has_project(self, project: str) -> bool:
+        return self._db().execute("SELECT 1 FROM projects WHERE project=?", (project,)).fetchone() is not None
+
+    # ------------------------------------------------------------------ service-wide facts
+    def get_meta(self, key: str) -> str | None:
+        row = self._db().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._db() as db:
+            db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                       (key, value))
 
     # ------------------------------------------------------------------ versions
     def add_version(self, project: str, path: Path, summary: dict) -> Version:

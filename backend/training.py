@@ -15,18 +15,20 @@ import fcntl
 import json
 import logging
 import os
+import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import requests
-from PIL import Image
 
-from backend.annotations import results_to_label_map
+from backend.annotations import AnnotationError, results_to_label_map, validate_results
 from backend.images import ImageError, ImageFetcher
+from backend.jobs import FAILURE_PREFIX
 from backend.label_config import parse_targets
 from backend.settings import Settings
-from backend.store import Store, Version, project_key
+from backend.store import ProjectIdError, Store, Version, project_key
 from model.calibration import calibrate
 from model.predictor import Predictor
 from model.train import Sample, TrainConfig, finetune
@@ -36,9 +38,21 @@ log = logging.getLogger(__name__)
 
 
 def write_progress(path: Path, **state) -> None:
+    """Best effort: progress is for people watching; a full disk must not stop the job here."""
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**state, "updated": time.time()}))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps({**state, "updated": time.time()}))
+        os.replace(tmp, path)
+    except OSError as error:
+        log.warning("progress not written: %s", describe_error(error))
+
+
+def describe_error(error: BaseException) -> str:
+    """An error as an operator reads it: the OS's words for OS errors, with the file's name only."""
+    if isinstance(error, OSError) and error.errno is not None:
+        where = f" (writing {Path(error.filename).name})" if error.filename else ""
+        return f"{os.strerror(error.errno)}{where}"
+    return f"{error.__class__.__name__}: {error}"
 
 
 def pull_annotations(settings: Settings, store: Store, project: str) -> int:
@@ -58,22 +72,27 @@ def pull_annotations(settings: Settings, store: Store, project: str) -> int:
     return store.replace_annotations(project, response.json())
 
 
-def build_samples(annotations: list[dict], label_config: str, fetcher: ImageFetcher) -> tuple[list[Sample], Vocabulary]:
-    """Annotated images as training samples, in the vocabulary of the classes that occur in them."""
+def build_samples(annotations: list[dict], label_config: str, fetcher: ImageFetcher,
+                  skipped: list[dict] | None = None) -> tuple[list[Sample], Vocabulary]:
+    """Annotated images as training samples, in the vocabulary of the classes that occur in them.
+
+    An annotation that can't be used (its image can't be fetched, or its regions are malformed,
+    e.g. stored before the webhook validated them) is skipped and appended to ``skipped``.
+    """
     target = parse_targets(label_config)[0]
     samples = []
     for annotation in annotations:
-        data = annotation["data"]
         try:
-            image = fetcher.fetch(data[target.data_key], annotation["task_id"])
-        except (ImageError, KeyError) as error:
-            log.warning("task %s skipped: %s", annotation["task_id"], error)
+            validate_results(annotation["result"], fetcher.max_pixels)
+            image = fetcher.fetch((annotation["data"] or {})[target.data_key], annotation["task_id"])
+            labels = results_to_label_map(annotation["result"], target, *image.shape[:2])
+        except (ImageError, AnnotationError, KeyError, TypeError, ValueError) as error:
+            reason = str(error) if isinstance(error, (ImageError, AnnotationError)) else \
+                f"{error.__class__.__name__}: {error}"
+            log.warning("task %s skipped: %s", annotation["task_id"], reason)
+            if skipped is not None:
+                skipped.append({"task_id": annotation["task_id"], "reason": reason[:300]})
             continue
-        sizes = [(r["original_height"], r["original_width"]) for r in annotation["result"] if "original_height" in r]
-        height, width = sizes[0] if sizes else image.shape[:2]
-        labels = results_to_label_map(annotation["result"], target, height, width)
-        if labels.shape != image.shape[:2]:
-            labels = np.asarray(Image.fromarray(labels.astype(np.int32)).resize(image.shape[1::-1], Image.NEAREST))
         if (labels >= 0).any():
             samples.append(Sample(image, labels))
     return restrict_to_annotated(samples, target.vocabulary)
@@ -124,11 +143,13 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
     if not label_config:
         raise RuntimeError(f"project {project}: no label config known yet (connect the backend or pass one)")
     changes = store.changes_since_training(project)
-    fetcher = ImageFetcher(settings.label_studio_url, settings.label_studio_api_key, settings.allowed_image_hosts,
-                           settings.max_image_bytes, settings.max_image_pixels, settings.fetch_timeout)
-    samples, vocabulary = build_samples(store.annotations(project), label_config, fetcher)
+    skipped: list[dict] = []
+    samples, vocabulary = build_samples(store.annotations(project), label_config,
+                                        ImageFetcher.from_settings(settings), skipped)
     if not samples:
-        raise RuntimeError(f"project {project}: no usable annotations to train on")
+        raise RuntimeError(f"project {project}: no usable annotations to train on"
+                           + (f" ({len(skipped)} skipped, e.g. task {skipped[0]['task_id']}: "
+                              f"{skipped[0]['reason']})" if skipped else ""))
     model = load_model(settings)
     config = train_config(settings)
     segmenter = build_segmenter(model.clip, seed=config.seed, dense_method=settings.dense_method)
@@ -146,7 +167,8 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
     # The fine-tuned model's own annotations calibrate it about as well as held-out ones would
     # (bench.calibration), so no annotation is set aside from training.
     summary.update(calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], vocabulary))
-    summary.update(images=len(samples), classes=list(vocabulary.labels))
+    summary.update(images=len(samples), classes=list(vocabulary.labels), skipped_annotations=len(skipped),
+                   skipped=skipped[:20])
     number = store.next_version_number(project)
     path = save_checkpoint(directory / f"v{number}.pt", segmenter, model.clip.identity,
                            project=project, version=number, **summary)
@@ -168,7 +190,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     settings = Settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    project = project_key(args.project)
+    try:
+        project = project_key(args.project)
+    except ProjectIdError as error:
+        sys.exit(f"training: {error}")
+    _exit_with_parent()
     if args.export:
         store = Store(settings.model_dir)
         if args.label_config:
@@ -178,11 +204,28 @@ def main(argv=None) -> None:
     try:
         version = train_project(settings, project, pull=args.pull)
     except Exception as error:
-        directory = Store(settings.model_dir).project_dir(project)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_progress(directory / "job.json", state="failed", error=f"{error.__class__.__name__}: {error}")
-        raise
+        log.exception("project %s: training failed", project)
+        reason = describe_error(error)
+        write_progress(Store(settings.model_dir).project_dir(project) / "job.json", state="failed", error=reason)
+        # The last line is the report the service shows (backend.jobs reads it from the pipe).
+        print(f"{FAILURE_PREFIX}{reason}", file=sys.stderr, flush=True)
+        sys.exit(1)
     print(json.dumps({"project": project, "version": version.name, "path": str(version.path)}))
+
+
+def _exit_with_parent() -> None:
+    """A job started by the service ends when the service's process does, even on kill -9:
+    a version registered after the service stopped would surprise whoever restarts it."""
+    parent = os.getppid()
+    if os.environ.get("GKC_JOB_OF_SERVICE") != str(parent):
+        return  # run by hand
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

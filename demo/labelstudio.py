@@ -34,14 +34,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_for(url: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None,
+             auth: tuple[bytes, bytes] | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process is not None and process.poll() is not None:
             tail = log.read_text()[-3000:] if log and log.exists() else ""
             raise RuntimeError(f"process for {url} exited with {process.returncode}\n{tail}")
         try:
-            if requests.get(url, timeout=2).status_code == 200:
+            if requests.get(url, timeout=2, auth=auth).status_code == 200:
                 return
         except requests.RequestException:
             pass
@@ -162,12 +163,14 @@ def backend_env(model_dir: Path, label_studio: LabelStudio | None, env_extra: di
 def start_backend(port: int, model_dir: Path, label_studio: LabelStudio | None, env_extra: dict | None = None,
                   timeout: float = 120) -> ManagedProcess:
     """``python -m backend`` with the demo model on 127.0.0.1:port."""
-    env = backend_env(model_dir, label_studio, {"HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1",
+    env = backend_env(model_dir, label_studio, {"HOST": "127.0.0.1", "PORT": str(port),
                                                 "THREADS": "4", **(env_extra or {})})
+    auth = (env["BASIC_AUTH_USER"].encode(), env["BASIC_AUTH_PASS"].encode()) if env.get("BASIC_AUTH_USER") else None
     process = ManagedProcess([sys.executable, "-m", "backend"], env, Path(model_dir) / "backend.log")
-    wait_for(f"http://127.0.0.1:{port}/health", timeout, process.process, process.log)
+    wait_for(f"http://127.0.0.1:{port}/health", timeout, process.process, process.log, auth)
     deadline = time.time() + timeout
-    while (state := requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["model_state"]) == "loading":
+    while (state := requests.get(f"http://127.0.0.1:{port}/health", timeout=5,
+                                 auth=auth).json()["model_state"]) == "loading":
         if time.time() > deadline:
             raise TimeoutError("the backend's model did not load in time")
         time.sleep(0.5)

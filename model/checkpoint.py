@@ -1,6 +1,7 @@
 """Segmenter checkpoints: only the trained parts plus the identity of the CLIP they sit on."""
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import time
@@ -27,10 +28,12 @@ def save_checkpoint(path: str | Path, segmenter, clip_identity: str, **metadata)
         "format": FORMAT, "version": VERSION, "clip": clip_identity, "created": time.time(),
         "state_dict": segmenter.trainable_state_dict(), "metadata": metadata,
     }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)  # serialised in memory: a full disk then fails as a plain OSError (ENOSPC)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
+            file.write(buffer.getbuffer())
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
@@ -49,18 +52,25 @@ def load_checkpoint(path: str | Path, segmenter, clip_identity: str) -> dict:
     """Load trained parts into ``segmenter``; returns the checkpoint's metadata.
 
     Raises:
-        CheckpointError: unreadable file, unknown format, or a checkpoint for another CLIP.
+        CheckpointError: unreadable file, unknown format, or a checkpoint for another CLIP; the
+            message names the file, not its folder (it may reach HTTP answers).
     """
+    name = Path(path).name
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"can't read checkpoint {path}: {error}") from None
-    if payload.get("format") != FORMAT or payload.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} is not a {FORMAT} v{VERSION} checkpoint")
+        raise CheckpointError(f"{name} is unreadable ({_first_line(error).replace(str(path), name)})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version", 0) > VERSION:
+        raise CheckpointError(f"{name} is not a {FORMAT} v{VERSION} checkpoint")
     if payload["clip"] != clip_identity:
-        raise CheckpointError(f"{path} was trained on CLIP {payload['clip']}, not {clip_identity}")
+        raise CheckpointError(f"{name} was trained on CLIP {payload['clip']}, not {clip_identity}")
     missing = set(segmenter.trainable_state_dict()) - set(payload["state_dict"])
     if missing:
-        raise CheckpointError(f"{path} lacks {sorted(missing)[:3]}...")
+        raise CheckpointError(f"{name} lacks {sorted(missing)[:3]}...")
     segmenter.load_state_dict(payload["state_dict"], strict=False)
     return payload["metadata"]
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{error.__class__.__name__}: {text[0][:120]}" if text else error.__class__.__name__

@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 UNLABELED = -1
 
 
+class ImageShapeError(ValueError):
+    """An image the predictor refuses for its shape; the message says why."""
+
+
 @dataclass
 class SemanticPrediction:
     """One image's result at its original size.
@@ -46,14 +50,17 @@ class Predictor:
     Each image is resized so its short side is ``inference_size`` (rounded to the tower's
     stride); images of the same resized shape are batched into one forward pass. Images
     whose long side exceeds ``max_aspect`` × the short side are covered by overlapping
-    square windows instead. Text embeddings come from the :class:`TextEncoder`'s cache.
+    square windows instead. An image that would cost more than ``max_area`` × inference_size²
+    pixels after resizing is scaled down further to fit; one so elongated that its short side
+    would then fall under one patch is refused (:class:`ImageShapeError`). Text embeddings come
+    from the :class:`TextEncoder`'s cache.
     Confidences are softmax probabilities of the logits divided by ``temperature`` (see
     :mod:`model.calibration`).
     """
 
     def __init__(self, segmenter, text_encoder: TextEncoder, mean, std, inference_size: int = 448,
                  batch_size: int = 8, max_aspect: float = 2.0, device: str | torch.device = "cpu",
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, max_area: float = 4.0):
         self.segmenter = segmenter.to(device).eval()
         self.text_encoder = text_encoder
         self.device = torch.device(device)
@@ -63,11 +70,24 @@ class Predictor:
         self.inference_size = max(self.stride, int(round(inference_size / self.stride)) * self.stride)
         self.batch_size = batch_size
         self.max_aspect = max_aspect
+        self.max_area = max_area
         self.temperature = temperature
         self._lock = threading.Lock()  # one forward at a time per model (torch uses all cores anyway)
 
-    def _resized_shape(self, height: int, width: int) -> tuple[int, int]:
+    def inference_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an image of this size is resized to, multiples of the stride.
+
+        Raises:
+            ImageShapeError: the image is too elongated to fit the pixel budget.
+        """
         scale = self.inference_size / min(height, width)
+        budget = self.max_area * self.inference_size ** 2
+        if height * width * scale ** 2 > budget:
+            scale = math.sqrt(budget / (height * width))
+        if min(height, width) * scale < self.stride:
+            raise ImageShapeError(f"the image is {width}x{height}: too elongated to segment (an aspect ratio over "
+                                  f"{budget / self.stride ** 2:.0f}:1 leaves less than one {self.stride}-pixel patch "
+                                  "across within MAX_INFERENCE_AREA)")
         snap = lambda v: max(self.stride, int(round(v * scale / self.stride)) * self.stride)  # noqa: E731
         return snap(height), snap(width)
 
@@ -91,7 +111,7 @@ class Predictor:
         """Per image (C, h, w) logits at the resized resolution / stride."""
         jobs = []  # (image index, window corner or None, tensor)
         for index, image in enumerate(images):
-            shape = self._resized_shape(*image.shape[:2])
+            shape = self.inference_shape(*image.shape[:2])
             tensor = self._to_tensor(image, shape)
             if max(shape) > self.max_aspect * min(shape):
                 for y, x in self._windows(shape):

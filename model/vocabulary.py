@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,22 +70,47 @@ class Vocabulary:
         return len(self.labels)
 
 
+class LRU(OrderedDict):
+    """A dict that keeps its ``maxsize`` most recently used entries."""
+
+    def __init__(self, maxsize: int):
+        super().__init__()
+        self.maxsize = maxsize
+
+    def get(self, key, default=None):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.maxsize:
+            self.popitem(last=False)
+
+
 class TextEncoder:
     """Embeds texts with a CLIP text tower through a prompt-template ensemble.
 
-    Every text's embedding is cached in memory; each vocabulary's embeddings are also
-    written to ``cache_dir`` so that a restarted service runs no text forward for it.
-    ``forward_count`` counts text-tower forwards (tests use it to prove caching).
+    Embeddings are cached in memory (the ``max_vocabularies`` most recently used vocabularies
+    and the texts of about as many), and each vocabulary's are written to ``cache_dir`` so
+    that a restarted service runs no text forward for it; that folder is kept under
+    ``max_disk_bytes`` by deleting the least recently used files. The caches are optional: a
+    failed write is logged and prediction goes on. ``forward_count`` counts text-tower
+    forwards (tests use it to prove caching).
     """
 
-    def __init__(self, clip, cache_dir: Path | None = None, templates=TEMPLATES, batch_size: int = 256):
+    def __init__(self, clip, cache_dir: Path | None = None, templates=TEMPLATES, batch_size: int = 256,
+                 max_vocabularies: int = 64, max_disk_bytes: int = 256 * 2**20):
         self.clip = clip
         self.templates = tuple(templates)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.batch_size = batch_size
+        self.max_disk_bytes = max_disk_bytes
         self.forward_count = 0
-        self._memory: dict[str, torch.Tensor] = {}
-        self._classes: dict[str, torch.Tensor] = {}  # vocabulary key → (C, D)
+        self._memory = LRU(max_vocabularies * 256)  # text → (D,)
+        self._classes = LRU(max_vocabularies)  # vocabulary key → (C, D)
         self._lock = threading.Lock()
         self._namespace = hashlib.sha1(json.dumps([clip.identity, self.templates]).encode()).hexdigest()[:10]
 
@@ -98,7 +125,8 @@ class TextEncoder:
             chunks.append(F.normalize(self.clip.model.encode_text(tokens).float(), dim=-1))
             self.forward_count += 1
         per_prompt = torch.cat(chunks).view(len(texts), len(self.templates), -1)
-        return F.normalize(per_prompt.mean(1), dim=-1).cpu()
+        # Rows are cloned so that each cached text holds its own storage, not the whole batch's.
+        return [row.clone() for row in F.normalize(per_prompt.mean(1), dim=-1).cpu()]
 
     def _disk_path(self, key: str) -> Path | None:
         return self.cache_dir / "text" / f"{self._namespace}-{key}.pt" if self.cache_dir else None
@@ -108,31 +136,58 @@ class TextEncoder:
         with self._lock:
             missing = [t for t in dict.fromkeys(texts) if t not in self._memory]
             path = self._disk_path(cache_key) if cache_key else None
+            found = {t: self._memory.get(t) for t in dict.fromkeys(texts)}
+            missing = [t for t, embedding in found.items() if embedding is None]
             if missing and path is not None and path.exists():
                 try:
-                    self._memory.update(torch.load(path, map_location="cpu", weights_only=True))
+                    stored = torch.load(path, map_location="cpu", weights_only=True)
+                    found.update({t: stored[t] for t in missing if t in stored})
+                    os.utime(path)  # recently used: the disk cap deletes the least recently used first
                 except Exception as error:  # a corrupt cache file is rebuilt, never fatal
-                    log.warning("ignoring unreadable text-embedding cache %s: %s", path, error)
-                missing = [t for t in missing if t not in self._memory]
+                    log.warning("ignoring unreadable text-embedding cache %s: %s", path.name, error)
+                missing = [t for t, embedding in found.items() if embedding is None]
             if missing:
                 log.info("encoding %d texts with the CLIP text tower", len(missing))
-                self._memory.update(zip(missing, self._encode(missing)))
+                found.update(zip(missing, self._encode(missing)))
                 if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                    torch.save({t: self._memory[t] for t in dict.fromkeys(texts)}, tmp)
-                    os.replace(tmp, path)
-            return torch.stack([self._memory[t] for t in texts])
+                    self._write_cache(path, found)
+            for text, embedding in found.items():
+                self._memory.put(text, embedding)
+            return torch.stack([found[t] for t in texts])
+
+    def _write_cache(self, path: Path, embeddings: dict[str, torch.Tensor]) -> None:
+        """Write one vocabulary's file atomically, then trim the folder to ``max_disk_bytes``."""
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            torch.save(embeddings, buffer)
+            tmp.write_bytes(buffer.getvalue())  # plain writes say "No space left on device" plainly
+            os.replace(tmp, path)
+            files = sorted(path.parent.glob("*.pt"), key=lambda f: f.stat().st_mtime, reverse=True)
+            total = 0
+            for file in files:
+                total += file.stat().st_size
+                if total > self.max_disk_bytes and file != path:
+                    file.unlink(missing_ok=True)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            log.warning("text-embedding cache not written (%s); predictions are not affected",
+                        error.strerror or error)
 
     def embed(self, vocabulary: Vocabulary) -> torch.Tensor:
         """Class embeddings (C, D): per label, the normalised mean over its texts."""
-        if vocabulary.key in self._classes:
-            return self._classes[vocabulary.key]
+        with self._lock:
+            cached = self._classes.get(vocabulary.key)
+        if cached is not None:
+            return cached
         flat = [t for texts in vocabulary.texts for t in texts]
         embeddings = self.embed_texts(flat, cache_key=vocabulary.key)
         out, start = [], 0
         for texts in vocabulary.texts:
             out.append(F.normalize(embeddings[start:start + len(texts)].mean(0), dim=-1))
             start += len(texts)
-        self._classes[vocabulary.key] = torch.stack(out)
-        return self._classes[vocabulary.key]
+        classes = torch.stack(out)
+        with self._lock:
+            self._classes.put(vocabulary.key, classes)
+        return classes
