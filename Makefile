@@ -49,6 +49,7 @@ bench: setup
 	$(PY) -m bench.accuracy
 	$(PY) -m bench.calibration
 	$(PY) -m bench.active_learning
+	$(PY) -m bench.attack
 
 clean:
 	rm -rf $(VENV) $(VENV_LS) $(CACHE) .demo

@@ -1,0 +1,567 @@
+"""Replays the hardening list against real backend processes on loopback; one line per item.
+
+    python -m bench.attack            # every item: "held" or "failed: <why>"
+    python -m bench.attack 1 3 12     # some of them
+
+Each item starts what it needs on 127.0.0.1 (the backend with the demo model, a stand-in
+for Label Studio's file serving, an "attacker" server), sends bounded traffic, checks the
+behaviour and stops its processes by PID. ``tests/test_hardening.py`` runs the same items.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+from demo.labelstudio import ManagedProcess, free_port, start_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+LABEL_CONFIG = (ROOT / "labeling_config" / "demo-world.xml").read_text()
+LS_TOKEN = "label-studio-token"
+ENV_KEY = "environment-api-key-K"
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class LoopbackServer:
+    """A small HTTP server on 127.0.0.1 that records every request's path and Authorization header.
+
+    ``files`` maps paths to bodies; with ``token`` set, they are served only to ``Token <token>``.
+    ``/drip`` sends its headers, then one byte every ``drip_interval`` seconds.
+    """
+
+    def __init__(self, token: str | None = None, drip_interval: float = 0.5):
+        self.token = token
+        self.drip_interval = drip_interval
+        self.files: dict[str, bytes] = {}
+        self.seen: list[tuple[str, str]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.seen.append((self.path, self.headers.get("Authorization", "")))
+                if self.path.startswith("/drip"):
+                    return self._drip()
+                if server.token and self.headers.get("Authorization") != f"Token {server.token}":
+                    return self._answer(401, b"")
+                body = server.files.get(self.path)
+                self._answer(200 if body is not None else 404, body or b"")
+
+            def _answer(self, status: int, body: bytes):
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _drip(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    for _ in range(200):
+                        self.wfile.write(b"\0")
+                        self.wfile.flush()
+                        time.sleep(server.drip_interval)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def add(self, name: str, body: bytes) -> str:
+        self.files[f"/data/upload/1/{name}"] = body
+        return f"/data/upload/1/{name}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@dataclass
+class Backend:
+    url: str
+    model_dir: Path
+    process: ManagedProcess
+
+    def post(self, path: str, payload, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, json=payload, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def get(self, path: str) -> dict:
+        return requests.get(self.url + path, timeout=10).json()
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def log(self) -> str:
+        return self.process.log.read_text(errors="replace")
+
+
+@dataclass
+class Lab:
+    """What the items share: a work folder, the fake Label Studio and processes to stop at the end."""
+
+    work: Path
+    label_studio: LoopbackServer = field(default_factory=lambda: LoopbackServer(LS_TOKEN))
+    attacker: LoopbackServer = field(default_factory=LoopbackServer)
+    _backends: list = field(default_factory=list)
+    _mounts: list = field(default_factory=list)
+
+    def backend(self, name: str, **env: str) -> Backend:
+        """A fresh ``python -m backend`` (demo model) with its own MODEL_DIR and these settings."""
+        model_dir = self.work / name
+        base = {"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ENV_KEY, "FETCH_TIMEOUT": "2",
+                "FETCH_DEADLINE": "3", "IDLE_CONNECTION_TIMEOUT": "4", "TRAIN_STEPS": "2", "TRAIN_BATCH_SIZE": "2",
+                "THREADS": "4", "LOG_LEVEL": "INFO"}
+        port = free_port()
+        process = start_backend(port, model_dir, None, {**base, **env})
+        backend = Backend(f"http://127.0.0.1:{port}", model_dir, process)
+        self._backends.append(backend)
+        return backend
+
+    def connect(self, backend: Backend) -> None:
+        """Label Studio's own /setup: the backend learns where its images live, and the token."""
+        answer = backend.post("/setup", {"project": "1.1700000000", "schema": LABEL_CONFIG,
+                                         "hostname": self.label_studio.url, "access_token": LS_TOKEN})
+        assert answer.status_code == 200, answer.text
+
+    def full_disk(self, path: Path) -> bool:
+        """Mount a 1 MiB tmpfs at ``path`` and fill it; False where mounting is not allowed."""
+        path.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                          capture_output=True).returncode != 0:
+            return False
+        self._mounts.append(path)
+        with contextlib.suppress(OSError), open(path / "filler", "wb") as filler:
+            filler.write(b"\0" * (2 << 20))
+        return True
+
+    def close(self) -> None:
+        for backend in self._backends:
+            backend.process.stop()
+        for path in self._mounts:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        self.label_studio.close()
+        self.attacker.close()
+
+
+def _predict(backend: Backend, images: list[str], project: str = "1.1700000000", **kwargs) -> list[dict]:
+    tasks = [{"id": i + 1, "data": {"image": image}} for i, image in enumerate(images)]
+    answer = backend.post("/predict", {"tasks": tasks, "label_config": LABEL_CONFIG, "project": project}, **kwargs)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["results"]
+
+
+def _grass_region(rows: int) -> dict:
+    """A brush annotation of the demo config: the top ``rows`` of a 64x48 image are grass."""
+    from label_studio_sdk.converter.brush import mask2rle
+
+    mask = np.zeros((48, 64), np.uint8)
+    mask[:rows] = 255
+    return {"type": "brushlabels", "from_name": "mask", "to_name": "image", "original_width": 64,
+            "original_height": 48, "value": {"format": "rle", "rle": mask2rle(mask), "brushlabels": ["grass"]}}
+
+
+# ---------------------------------------------------------------------------------------------- the items
+def key_leak_and_setup_ssrf(lab: Lab) -> str:
+    """1. The environment's key goes nowhere without LABEL_STUDIO_URL; a second /setup host is refused."""
+    backend = lab.backend("setup")
+    lab.connect(backend)
+    hijack = backend.post("/setup", {"schema": LABEL_CONFIG, "hostname": lab.attacker.url, "access_token": "x"})
+    assert hijack.status_code == 403, f"/setup to another host answered {hijack.status_code}"
+    lab.attacker.files["/img.png"] = png(64, 48)
+    good = lab.label_studio.add("a.png", png(64, 48))
+    results = _predict(backend, [good, lab.attacker.url + "/img.png"])
+    assert results[0].get("result") is not None, results[0]
+    assert "non-public address" in (results[1].get("error") or ""), results[1]
+    # The other side: a backend whose first /setup comes from the attacker gives it only its own token.
+    fresh = lab.backend("setup-first")
+    assert fresh.post("/setup", {"schema": LABEL_CONFIG, "hostname": lab.attacker.url,
+                                 "access_token": "x"}).status_code == 200
+    _predict(fresh, [lab.attacker.url + "/img.png"])
+    for server in (lab.attacker, lab.label_studio):
+        leaked = [path for path, auth in server.seen if ENV_KEY in auth]
+        assert not leaked, f"the environment's key reached {server.url}: {leaked}"
+    assert ("/img.png", "Token x") in lab.attacker.seen
+    return "K sent nowhere; 2nd host refused with 403; its images refused as non-public"
+
+
+def project_id_paths(lab: Lab) -> str:
+    """2. Project ids never name directories: only Label Studio's integer ids are accepted."""
+    backend = lab.backend("paths")
+    target = lab.work / "outside"
+    for bad in (str(target), "abc/def", "../../x", "1/../../x", True, [1]):
+        answer = backend.post("/webhook", {"action": "START_TRAINING", "project": {"id": bad}})
+        assert answer.status_code == 400, f"project {bad!r} answered {answer.status_code}"
+    projects = backend.model_dir / "projects"
+    assert not target.exists(), f"{target} was created"
+    assert not projects.exists() or not any(projects.iterdir()), list(projects.iterdir())
+    ok = backend.post("/webhook", {"action": "ANNOTATIONS_DELETED", "project": {"id": "12.1699999999"},
+                                   "annotations": []})
+    assert ok.status_code == 201 and ok.json()["project"] == "12", ok.text
+    return "6 malformed ids answered 400, nothing created; '12.1699999999' is project 12"
+
+
+def slow_clients(lab: Lab) -> str:
+    """3. Half-open clients cost a socket, not a thread: /health answers while they hang."""
+    backend = lab.backend("slowloris")
+    host, port = backend.url.removeprefix("http://").split(":")
+    sockets = []
+    for _ in range(16):
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Len")
+        sockets.append(sock)
+    try:
+        slowest = 0.0
+        for _ in range(5):
+            started = time.monotonic()
+            assert requests.get(backend.url + "/health", timeout=5).status_code == 200
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.5)
+        # The idle timeout (4 s here, IDLE_CONNECTION_TIMEOUT) closes them: the server hangs up.
+        deadline = time.monotonic() + 20
+        closed = 0
+        for sock in sockets:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(OSError):
+                closed += sock.recv(1) == b""
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert closed == len(sockets), f"only {closed} of {len(sockets)} half-open connections were closed"
+    return f"/health in {slowest * 1000:.0f} ms at worst beside 16 half-open clients; all 16 closed by the server"
+
+
+def extreme_shapes(lab: Lab) -> str:
+    """4. A 100000x1 image fails alone; a 1000x1 one costs a bounded amount; an 8000x8000 one is refused
+    by default or answered, never a 500."""
+    backend = lab.backend("shapes")
+    lab.connect(backend)
+    good = lab.label_studio.add("good.png", png(96, 64))
+    line = lab.label_studio.add("line.png", png(100000, 1))
+    results = _predict(backend, [good, line])
+    assert results[0].get("result") is not None and "too elongated" in (results[1].get("error") or ""), results
+    started = time.monotonic()
+    _predict(backend, [good])
+    normal = time.monotonic() - started
+    thin = lab.label_studio.add("thin.png", png(1000, 1))
+    started = time.monotonic()
+    results = _predict(backend, [thin])
+    elongated = time.monotonic() - started
+    assert results[0].get("result") is not None, results
+    assert elongated < 20 * max(normal, 0.05), f"1000x1 took {elongated:.1f} s against {normal:.2f} s"
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), np.uint8)).resize((4000, 4000))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    large = lab.label_studio.add("large.png", buffer.getvalue())
+    before = backend.rss_mib()
+    started = time.monotonic()
+    assert _predict(backend, [large])[0].get("result") is not None
+    large_seconds, kept = time.monotonic() - started, backend.rss_mib() - before
+    assert kept < 100, f"a 4000x4000 image left {kept:.0f} MiB resident"
+    return (f"100000x1 refused alone; 1000x1 took {elongated:.2f} s (a 96x64 image {normal:.2f} s); "
+            f"4000x4000 took {large_seconds:.1f} s and left {kept:+.0f} MiB resident")
+
+
+def request_bounds(lab: Lab) -> str:
+    """5. Body size, a total deadline per download, and a fetch pool per request."""
+    backend = lab.backend("bounds", MAX_REQUEST_BYTES=str(1 << 20))
+    lab.connect(backend)
+    big = backend.post("/predict", {"tasks": [{"data": {"image": "x" * (2 << 20)}}], "label_config": LABEL_CONFIG})
+    assert big.status_code == 413, f"a 2 MiB body answered {big.status_code}"
+    started = time.monotonic()
+    results = _predict(backend, ["/drip"])
+    dripped = time.monotonic() - started
+    assert "FETCH_DEADLINE" in (results[0].get("error") or "") and dripped < 3 + 2 + 2, (dripped, results)
+    good = lab.label_studio.add("fair.png", png(64, 48))
+    slow = threading.Thread(target=_predict, args=(backend, [f"/drip?{i}" for i in range(16)]))
+    slow.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    fair = _predict(backend, [good])
+    fair_seconds = time.monotonic() - started
+    overtaken = slow.is_alive()
+    slow.join(120)
+    assert fair[0].get("result") is not None and overtaken and fair_seconds < 3, (fair_seconds, overtaken)
+    return (f"2 MiB body → 413; a dripping server cut at {dripped:.1f} s; an image beside 16 dripping ones "
+            f"answered in {fair_seconds:.2f} s")
+
+
+def corrupt_checkpoint(lab: Lab) -> str:
+    """6. A truncated newest checkpoint: the project is served its newest readable version, and says so."""
+    from backend.store import Store
+    from demo.train_clip import CONFIG, DENSE_METHOD, materialize
+    from model.checkpoint import save_checkpoint
+    from model.clip import load_clip
+    from model.segmenter import build_segmenter
+
+    backend = lab.backend("checkpoint")
+    lab.connect(backend)
+    clip = load_clip(str(CONFIG), str(materialize()))
+    store = Store(backend.model_dir)
+    directory = store.project_dir("5")
+    for number in (1, 2):
+        path = save_checkpoint(directory / f"v{number}.pt", build_segmenter(clip, dense_method=DENSE_METHOD),
+                               clip.identity, temperature=1.0)
+        store.add_version("5", path, {"images": 1})
+    (directory / "v2.pt").write_bytes((directory / "v2.pt").read_bytes()[:100])
+    image = lab.label_studio.add("c.png", png(64, 48))
+    answer = backend.post("/predict", {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": LABEL_CONFIG,
+                                       "project": "5.1700000000"})
+    assert answer.status_code == 200 and "p5-v1" in answer.json()["model_version"], answer.text
+    health, versions = backend.get("/health"), backend.get("/versions")
+    assert health["unreadable_checkpoints"][0]["version"] == "v2", health
+    assert versions["current"]["5"] == "v1" and versions["versions"][1].get("readable") is False, versions
+    assert "v2.pt can't be read" in backend.log()
+    return "v2 truncated → served p5-v1; /health, /versions and the log name v2"
+
+
+def bad_annotations(lab: Lab) -> str:
+    """7. Malformed annotations are refused at the webhook; stored ones are skipped by training."""
+    from backend.store import Store
+    from backend.training import build_samples
+    from backend.images import ImageFetcher
+
+    backend = lab.backend("annotations")
+    task = {"id": 9, "data": {"image": "/data/upload/1/x.png"}}
+    bad_results = [
+        "garbage",
+        [{"type": "brushlabels", "from_name": "mask", "original_width": 4, "original_height": 4,
+          "value": {"format": "rle", "rle": [0, 0, 0, 64, 1, 2, 3], "brushlabels": ["grass"]}}],
+        [{"type": "polygonlabels", "from_name": "mask", "original_width": 20000, "original_height": 20000,
+          "value": {"points": [[0, 0], [100, 0], [100, 100]], "polygonlabels": ["grass"]}}],
+    ]
+    for result in bad_results:
+        answer = backend.post("/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 3},
+                                           "annotation": {"id": 1, "result": result}, "task": task})
+        assert answer.status_code == 400, f"{str(result)[:60]} answered {answer.status_code}"
+    assert "3" not in backend.get("/metrics")["annotations"], "a refused annotation was stored"
+    # Stored before validation existed: training skips it and says which task and why.
+    store = Store(backend.model_dir)
+    store.upsert_annotation("3", {"id": 2, "result": bad_results[1]}, task)
+    skipped: list = []
+    samples, _ = build_samples(store.annotations("3"), LABEL_CONFIG, ImageFetcher(), skipped)
+    assert samples == [] and skipped and skipped[0]["task_id"] == 9, skipped
+    return f"3 malformed annotations → 400, none stored; a stored one skipped: {skipped[0]['reason'][:60]}"
+
+
+def training_cap(lab: Lab) -> str:
+    """8. START_TRAINING for 5 projects runs one job at a time (MAX_TRAINING_JOBS=1); the rest queue."""
+    backend = lab.backend("cap")
+    answers = [backend.post("/webhook", {"action": "START_TRAINING", "project": {"id": p}}).json()["training"]
+               for p in range(1, 6)]
+    assert answers == ["started"] + ["queued"] * 4, answers
+    most, deadline = 0, time.monotonic() + 180
+    while time.monotonic() < deadline:
+        training = backend.get("/health")["training"]
+        most = max(most, sum(entry.get("state") == "running" for entry in training.values()))
+        if len(training) == 5 and all(entry.get("state") in ("failed", "finished") for entry in training.values()):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"jobs did not all end: {training}")
+    assert most == 1, f"{most} jobs ran at once"
+    return f"5 requests → 1 started, 4 queued; at most {most} running at a time; all 5 ended"
+
+
+def wrong_types(lab: Lab) -> str:
+    """9. Wrong JSON types answer 400 in words; non-ASCII credentials 401; half a credential pair refused."""
+    backend = lab.backend("types", BASIC_AUTH_USER="user", BASIC_AUTH_PASS="pässword")
+    auth = (b"user", "pässword".encode())
+    cases = [
+        ("/setup", {"schema": 12}), ("/setup", {"schema": ["<View/>"]}), ("/predict", {"tasks": [[1]]}),
+        ("/predict", {"tasks": [{"data": {"image": "x"}}], "label_config": 5}),
+        ("/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 1}, "annotation": {"id": "xyz"}}),
+        ("/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 1}, "annotation": {"id": 1}, "task": []}),
+        ("/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 1}, "annotation": {"id": 1},
+                      "task": {"id": [1]}}),
+    ]
+    for path, payload in cases:
+        answer = requests.post(backend.url + path, json=payload, auth=auth, timeout=30)
+        assert answer.status_code == 400 and "internal" not in answer.text, (path, payload, answer.status_code)
+    for user, password in (("üser", "pässword"), ("user", "passwörd"), ("user", "pässword\u200b")):
+        answer = requests.get(backend.url + "/health", auth=(user.encode(), password.encode()), timeout=10)
+        assert answer.status_code == 401, (user, password, answer.status_code)
+    assert requests.get(backend.url + "/health", auth=(b"user", "pässword".encode()), timeout=10).status_code == 200
+    env = {**os.environ, "BASIC_AUTH_PASS": "only-a-password", "BASIC_AUTH_USER": "", "PORT": str(free_port())}
+    half = subprocess.run([sys.executable, "-m", "backend"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert half.returncode != 0 and "BASIC_AUTH_USER" in half.stderr, half.stderr[-300:]
+    return f"{len(cases)} wrong-type payloads → 400; 3 non-ASCII wrong credentials → 401; BASIC_AUTH_PASS alone won't start"
+
+
+def bounded_growth(lab: Lab) -> str:
+    """10. 400 new label sets: memory plateaus, the disk cache stays under its cap, /predict adds no project."""
+    cap = 64 * 1024
+    backend = lab.backend("growth", TEXT_CACHE_VOCABULARIES="16", TEXT_CACHE_DISK_BYTES=str(cap))
+    image = "data:image/png;base64," + base64.b64encode(png(32, 32)).decode()
+    rss = {}
+    for number in range(400):
+        labels = "".join(f'<Label value="thing{number}x{k}"/>' for k in range(20))
+        config = f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{labels}' \
+                 "</BrushLabels></View>"
+        answer = backend.post("/predict", {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": config,
+                                           "project": f"{1000 + number}.1"})
+        assert answer.status_code == 200, answer.text
+        if number + 1 in (100, 400):
+            rss[number + 1] = backend.rss_mib()
+    text_cache = backend.model_dir / "cache" / "text"
+    disk = sum(f.stat().st_size for f in text_cache.glob("*.pt"))
+    largest = max(f.stat().st_size for f in text_cache.glob("*.pt"))
+    assert disk <= cap + largest, f"text cache holds {disk} bytes, cap {cap}"
+    assert not backend.get("/metrics")["annotations"], "/predict created project rows"
+    growth = rss[400] - rss[100]
+    assert growth < 60, f"RSS grew {growth:.0f} MiB between the 100th and 400th label set"
+    return f"RSS {rss[100]:.0f} → {rss[400]:.0f} MiB from the 100th to the 400th label set; disk cache {disk} B"
+
+
+def disk_full(lab: Lab) -> str:
+    """11. A full disk: /predict goes on without its text cache; a training job says "No space left"."""
+    backend = lab.backend("disk", TRAIN_AFTER_ANNOTATIONS="2")
+    lab.connect(backend)
+    if not lab.full_disk(backend.model_dir / "cache" / "text"):
+        return "skipped: mounting a tmpfs is not allowed here"
+    image = lab.label_studio.add("d.png", png(64, 48, seed=3))
+    config = LABEL_CONFIG.replace('<Label value="grass"', '<Label value="brand new label"/><Label value="grass"')
+    answer = backend.post("/predict", {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": config})
+    assert answer.status_code == 200 and answer.json()["results"][0].get("result") is not None, answer.text
+    assert "text-embedding cache not written (No space left on device)" in backend.log()
+    region = _grass_region(rows=24)
+    project = {"id": 4, "label_config": LABEL_CONFIG}
+    if not lab.full_disk(backend.model_dir / "projects" / "4"):
+        return "skipped: mounting a tmpfs is not allowed here"
+    for number in (1, 2):  # the second one starts training (TRAIN_AFTER_ANNOTATIONS=2)
+        answer = backend.post("/webhook", {"action": "ANNOTATION_CREATED", "project": project,
+                                           "annotation": {"id": number, "result": [region]},
+                                           "task": {"id": number, "data": {"image": image}}})
+        assert answer.status_code == 201, answer.text
+    deadline = time.monotonic() + 180
+    while (job := backend.get("/health")["training"].get("4", {})).get("state") not in ("failed", "finished"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["state"] == "failed" and "No space left on device" in job["error"], job
+    assert backend.get("/versions")["versions"] == []
+    return f"/predict answered without its cache; training failed with {job['error']!r}"
+
+
+def sigterm_stops_training(lab: Lab) -> str:
+    """12. SIGTERM to the service: requests in flight finish, its training job stops and registers nothing."""
+    from backend.store import Store
+
+    backend = lab.backend("sigterm", TRAIN_STEPS="100000", GRACEFUL_TIMEOUT="20", TRAIN_AFTER_ANNOTATIONS="1")
+    lab.connect(backend)
+    image = lab.label_studio.add("s.png", png(64, 48, seed=4))
+    region = _grass_region(rows=30)
+    project = {"id": 6, "label_config": LABEL_CONFIG}
+    backend.post("/webhook", {"action": "ANNOTATION_CREATED", "project": project,  # starts training
+                              "annotation": {"id": 1, "result": [region]}, "task": {"id": 1, "data": {"image": image}}})
+    deadline = time.monotonic() + 120
+    while (job := backend.get("/health")["training"].get("6", {})).get("state") != "running" or "step" not in job:
+        assert time.monotonic() < deadline and job.get("state") != "failed", job
+        time.sleep(0.5)
+    child = job["pid"]
+    in_flight = []
+    request = threading.Thread(target=lambda: in_flight.append(_predict(backend, ["/drip"])))
+    request.start()
+    time.sleep(0.5)
+    os.kill(backend.process.pid, signal.SIGTERM)
+    request.join(30)
+    backend.process.process.wait(40)
+    gone = _wait_gone(child, 15)
+    store_versions = Store(backend.model_dir).versions("6")
+    assert in_flight and "FETCH_DEADLINE" in (in_flight[0][0].get("error") or ""), "the request in flight was cut"
+    assert gone, f"training child {child} still runs after the service stopped"
+    assert store_versions == [], "a version was registered after SIGTERM"
+    return f"in-flight /predict answered; child {child} stopped with the service; no version registered"
+
+
+def internal_details(lab: Lab) -> str:
+    """13. No object addresses or absolute paths in answers."""
+    backend = lab.backend("details")
+    lab.connect(backend)
+    broken = lab.label_studio.add("broken.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    junk = lab.label_studio.add("junk.png", b"junk")
+    texts = [json.dumps(_predict(backend, [broken, junk, "http://127.0.0.1:9/x.png"])),
+             json.dumps(backend.get("/versions")), json.dumps(backend.get("/health")),
+             backend.post("/predict", {"tasks": "nope"}).text]
+    for text in texts:
+        assert "object at 0x" not in text and str(backend.model_dir) not in text and str(ROOT) not in text, text
+    return "errors, /versions and /health carry no object address or absolute path"
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.2)
+    return False
+
+
+ATTACKS = [key_leak_and_setup_ssrf, project_id_paths, slow_clients, extreme_shapes, request_bounds,
+           corrupt_checkpoint, bad_annotations, training_cap, wrong_types, bounded_growth, disk_full,
+           sigterm_stops_training, internal_details]
+
+
+@contextlib.contextmanager
+def lab_session():
+    work = Path(tempfile.mkdtemp(prefix="gkc-attack-"))
+    lab = Lab(work)
+    try:
+        yield lab
+    finally:
+        lab.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv=None) -> None:
+    numbers = [int(a) for a in (argv if argv is not None else sys.argv[1:])] or range(1, len(ATTACKS) + 1)
+    failed = 0
+    for number in numbers:
+        attack = ATTACKS[number - 1]
+        with lab_session() as lab:
+            started = time.monotonic()
+            try:
+                verdict = f"held ({attack(lab)})"
+            except Exception as error:  # report and go on to the next item
+                failed += 1
+                verdict = f"failed: {error.__class__.__name__}: {str(error)[:300]}"
+        print(f"{number:2d}. {attack.__doc__.split('.', 1)[1].strip().splitlines()[0][:70]:70s} "
+              f"{verdict} [{time.monotonic() - started:.0f} s]", flush=True)
+    print(f"attack: {len(list(numbers)) - failed} held, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
