@@ -269,10 +269,10 @@ def _draw_thing(name: str, d: ImageDraw.ImageDraw, cx: float, cy: float, r: floa
 
 
 # ----------------------------------------------------------------------------- scenes
-def _stuff_layout(rng, size: int) -> tuple[np.ndarray, list[int]]:
+def _stuff_layout(rng, size: int, stuff: list[int] = STUFF) -> tuple[np.ndarray, list[int]]:
     """Split the canvas into 1-3 regions along wavy lines; returns region ids and stuff classes."""
-    count = rng.choice([1, 2, 2, 3, 3])
-    classes = list(rng.choice(STUFF, size=count, replace=False))
+    count = min(rng.choice([1, 2, 2, 3, 3]), len(stuff))
+    classes = list(rng.choice(stuff, size=count, replace=False))
     y, x = np.mgrid[0:size, 0:size].astype(float)
     regions = np.zeros((size, size), int)
     for k in range(1, count):
@@ -284,14 +284,17 @@ def _stuff_layout(rng, size: int) -> tuple[np.ndarray, list[int]]:
     return regions, classes
 
 
-def render_scene(rng: np.random.Generator, size: int = SCENE_SIZE, max_things: int = 4):
-    """Render one scene.
+def render_scene(rng: np.random.Generator, size: int = SCENE_SIZE, max_things: int = 4,
+                 classes: list[int] | None = None):
+    """Render one scene, from the concepts in ``classes`` (indices into :data:`CONCEPTS`; all by default).
 
     Returns:
         image: (size, size, 3) uint8 RGB.
         label_map: (size, size) uint8, the index into :data:`CONCEPTS` of each pixel.
     """
-    regions, stuff = _stuff_layout(rng, size)
+    allowed_stuff = STUFF if classes is None else [c for c in STUFF if c in classes]
+    allowed_things = THINGS if classes is None else [c for c in THINGS if c in classes]
+    regions, stuff = _stuff_layout(rng, size, allowed_stuff)
     image = np.zeros((size, size, 3))
     label_map = np.zeros((size, size), np.uint8)
     for k, cls in enumerate(stuff):
@@ -300,7 +303,8 @@ def render_scene(rng: np.random.Generator, size: int = SCENE_SIZE, max_things: i
         label_map[inside] = cls
     canvas = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     labels = Image.fromarray(label_map)
-    for cls in rng.choice(THINGS, size=rng.integers(0, max_things + 1), replace=False):
+    for cls in rng.choice(allowed_things, size=min(rng.integers(0, max_things + 1), len(allowed_things)),
+                          replace=False):
         r = rng.uniform(0.09, 0.2) * size
         cx, cy = rng.uniform(r, size - r, 2)
         layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
@@ -336,7 +340,7 @@ def world_synonyms() -> dict[int, list[str]]:
     return {i: lemma_names(c.synset) for i, c in enumerate(CONCEPTS)}
 
 
-def test_scenes(count: int, seed: int = 12345):
-    """A fixed set of evaluation scenes (image, label_map)."""
+def test_scenes(count: int, seed: int = 12345, classes: list[int] | None = None):
+    """A fixed set of scenes (image, label_map), drawn from ``classes`` (all concepts by default)."""
     rng = np.random.default_rng(seed)
-    return [render_scene(rng) for _ in range(count)]
+    return [render_scene(rng, classes=classes) for _ in range(count)]
