@@ -60,7 +60,7 @@ class LoadedModel:
                 from model.predictor import Predictor
                 from model.segmenter import build_segmenter
 
-                segmenter = build_segmenter(self.clip, dense_method=self.settings.dense_method)
+                segmenter = build_segmenter(self.clip, **self.settings.segmenter_options())
                 metadata = load_checkpoint(checkpoint, segmenter, self.clip.identity)
                 base = self.predictor
                 # Each version carries the temperature its training job fitted on the project's annotations.
@@ -94,7 +94,7 @@ def load_model(settings: Settings) -> LoadedModel:
     from model.vocabulary import TextEncoder
 
     clip = load_clip(settings.clip_model, settings.clip_pretrained, settings.device)
-    segmenter = build_segmenter(clip, dense_method=settings.dense_method)
+    segmenter = build_segmenter(clip, **settings.segmenter_options())
     encoder = TextEncoder(clip, cache_dir=settings.cache_dir, max_vocabularies=settings.text_cache_vocabularies,
                           max_disk_bytes=settings.text_cache_disk_bytes)
     predictor = Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=settings.inference_size,

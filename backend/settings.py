@@ -72,6 +72,10 @@ class Settings:
     distillation: bool = field(default_factory=lambda: _env("DISTILLATION", "true").lower() in _TRUE)
     synonym_threshold: float = field(default_factory=lambda: float(_env("SYNONYM_THRESHOLD", "0.1")))
     distill_weight: float = field(default_factory=lambda: float(_env("DISTILL_WEIGHT", "1.0")))
+    # The frozen CLIP's share in a fine-tuned version's predictions (FC-CLIP's geometric ensemble):
+    # for labels its training annotations showed, and for labels they never showed.
+    ensemble_seen_weight: float = field(default_factory=lambda: float(_env("ENSEMBLE_SEEN_WEIGHT", "0.35")))
+    ensemble_unseen_weight: float = field(default_factory=lambda: float(_env("ENSEMBLE_UNSEEN_WEIGHT", "0.8")))
     train_after_annotations: int = field(default_factory=lambda: int(_env("TRAIN_AFTER_ANNOTATIONS", "0")))
     pinned_versions: dict = field(default_factory=lambda: _pins(_env("PINNED_VERSIONS")))
     max_training_jobs: int = field(default_factory=lambda: int(_env("MAX_TRAINING_JOBS", "1")))
@@ -86,6 +90,9 @@ class Settings:
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             # Half a credential pair must not silently leave every endpoint open.
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        for name in ("ensemble_seen_weight", "ensemble_unseen_weight"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name.upper()} must be between 0 and 1, not {getattr(self, name)}")
         if self.max_training_jobs < 1:
             raise ValueError(f"MAX_TRAINING_JOBS must be at least 1, not {self.max_training_jobs}")
         if self.max_inference_area < 1:
@@ -103,6 +110,11 @@ class Settings:
                 value = ",".join(f"{k}:{v}" for k, v in value.items())
             env[name.upper()] = str(value)
         return env
+
+    def segmenter_options(self) -> dict:
+        """Keyword arguments of :func:`model.segmenter.build_segmenter` that these settings choose."""
+        return {"dense_method": self.dense_method, "seen_weight": self.ensemble_seen_weight,
+                "unseen_weight": self.ensemble_unseen_weight}
 
     @property
     def cache_dir(self) -> Path:

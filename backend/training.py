@@ -152,7 +152,7 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
                               f"{skipped[0]['reason']})" if skipped else ""))
     model = load_model(settings)
     config = train_config(settings)
-    segmenter = build_segmenter(model.clip, seed=config.seed, dense_method=settings.dense_method)
+    segmenter = build_segmenter(model.clip, seed=config.seed, **settings.segmenter_options())
     log.info("project %s: training on %d images, classes %s", project, len(samples), list(vocabulary.labels))
 
     def report(step: int, losses: dict) -> None:

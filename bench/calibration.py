@@ -41,8 +41,7 @@ def candidate_scores(prediction: SemanticPrediction) -> dict[str, float]:
 
 def report(name: str, predictor: Predictor, vocabulary: Vocabulary, fit_sets: dict[str, list], test) -> dict:
     """ECE before and after calibration on each fit set; Spearman of task scores, calibrated on the last."""
-    text = predictor.text_encoder.embed(vocabulary)
-    test_logits = predictor.logits([image for image, _ in test], text)
+    test_logits = predictor.logits([image for image, _ in test], vocabulary)
     results = {"temperature": {}, "ece": {}, "spearman": {}}
     print(f"\n{name}: pixel ECE (%) on {len(test)} test scenes")
     for label, scenes in [("none", [])] + list(fit_sets.items()):

@@ -96,7 +96,7 @@ def main(argv=None) -> None:
         assert response.status_code == 200, response.get_json()
 
     def zero_shot():
-        predictor.logits([image], text)
+        predictor.logits([image], vocabulary)
 
     def two_stage():
         prediction = predictor.predict([image], vocabulary)[0]

@@ -89,9 +89,8 @@ def calibrate(predictor, images: list[np.ndarray], labels: list[np.ndarray], voc
     if len(images) < min_images:
         predictor.temperature = 1.0
         return {"temperature": 1.0, "calibration_images": len(images)}
-    text = predictor.text_encoder.embed(vocabulary)
     logits = [out for start in range(0, len(images), chunk)
-              for out in predictor.logits(images[start:start + chunk], text)]
+              for out in predictor.logits(images[start:start + chunk], vocabulary)]
     temperature = fit_temperature(logits, labels)
     x, y = _flatten(logits, labels, 200_000, seed=1)
 

@@ -27,6 +27,7 @@ def save_checkpoint(path: str | Path, segmenter, clip_identity: str, **metadata)
     payload = {
         "format": FORMAT, "version": VERSION, "clip": clip_identity, "created": time.time(),
         "state_dict": segmenter.trainable_state_dict(), "metadata": metadata,
+        "trained_labels": list(getattr(segmenter, "trained_labels", None) or []),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)  # serialised in memory: a full disk then fails as a plain OSError (ENOSPC)
@@ -68,6 +69,8 @@ def load_checkpoint(path: str | Path, segmenter, clip_identity: str) -> dict:
     if missing:
         raise CheckpointError(f"{name} lacks {sorted(missing)[:3]}...")
     segmenter.load_state_dict(payload["state_dict"], strict=False)
+    # Checkpoints from before the ensemble name their training labels in the metadata only.
+    segmenter.trained_labels = tuple(payload.get("trained_labels") or payload["metadata"].get("classes") or ()) or None
     return payload["metadata"]
 
 

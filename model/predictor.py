@@ -107,8 +107,11 @@ class Predictor:
         return [(y, x) for y in starts(shape[0]) for x in starts(shape[1])]
 
     @torch.no_grad()
-    def logits(self, images: list[np.ndarray], text: torch.Tensor) -> list[torch.Tensor]:
-        """Per image (C, h, w) logits at the resized resolution / stride."""
+    def logits(self, images: list[np.ndarray], vocabulary: Vocabulary) -> list[torch.Tensor]:
+        """Per image (C, h, w) logits at the resized resolution / stride (a fine-tuned segmenter's
+        ensemble of its tuned and frozen classifiers, see :class:`model.segmenter.Segmenter`)."""
+        text = self.text_encoder.embed(vocabulary)
+        seen = self.segmenter.seen_classes(vocabulary.labels)
         jobs = []  # (image index, window corner or None, tensor)
         for index, image in enumerate(images):
             shape = self.inference_shape(*image.shape[:2])
@@ -128,7 +131,7 @@ class Predictor:
                 for start in range(0, len(members), self.batch_size):
                     chunk = members[start:start + self.batch_size]
                     batch = torch.stack([jobs[j][2] for j in chunk]).to(self.device)
-                    for j, out in zip(chunk, self.segmenter(batch, text.to(self.device)).float().cpu()):
+                    for j, out in zip(chunk, self.segmenter(batch, text.to(self.device), seen).float().cpu()):
                         outputs[j] = out
         results: list = [None] * len(images)
         for (index, window, _), out in zip(jobs, outputs):
@@ -173,5 +176,5 @@ class Predictor:
 
     def predict(self, images: list[np.ndarray], vocabulary: Vocabulary) -> list[SemanticPrediction]:
         """images: RGB uint8 arrays (H, W, 3) of any sizes → one prediction per image."""
-        text = self.text_encoder.embed(vocabulary)
-        return [self.to_semantic(out, *image.shape[:2], self.temperature) for image, out in zip(images, self.logits(images, text))]
+        return [self.to_semantic(out, *image.shape[:2], self.temperature)
+                for image, out in zip(images, self.logits(images, vocabulary))]

@@ -10,6 +10,13 @@ Because the decoder's output layer is zero-initialised, an untrained segmenter
 reproduces the zero-shot dense-CLIP predictions exactly (no regression on day one).
 Fine-tuning moves E for the annotated classes while the distillation regulariser
 (:mod:`model.losses`) keeps region embeddings close to the frozen CLIP's.
+
+At inference a fine-tuned segmenter combines both classifiers of the same pass, as
+FC-CLIP's geometric ensemble does (Yu et al., NeurIPS 2023): a class it was trained on
+scores ``(1-α)·log p_tuned + α·log p_frozen``, a class it never saw ``(1-β)·log p_tuned +
+β·log p_frozen``. Training never tells the decoder anything about the unseen classes, so
+their scores come (mostly) from the frozen CLIP, and no correction of other labels can
+erase them.
 """
 from __future__ import annotations
 
@@ -61,12 +68,19 @@ class Segmenter(nn.Module):
         logit_scale: initial temperature τ (CLIP's own, e.g. 100).
     """
 
-    def __init__(self, image_tower: nn.Module, decoder: DenseDecoder, logit_scale: float = 100.0):
+    def __init__(self, image_tower: nn.Module, decoder: DenseDecoder, logit_scale: float = 100.0,
+                 seen_weight: float = 0.35, unseen_weight: float = 0.8):
         super().__init__()
         self.image_tower = image_tower
         self.decoder = decoder
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+        self.frozen_logit_scale = logit_scale  # the frozen CLIP's own temperature, never trained
         self.stride = image_tower.stride
+        # The labels fine-tuning saw (None: not fine-tuned) and the ensemble's weights of the frozen
+        # CLIP for seen (α) and unseen (β) classes; see the module docstring.
+        self.trained_labels: tuple[str, ...] | None = None
+        self.seen_weight = seen_weight
+        self.unseen_weight = unseen_weight
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W) → (fine-tuned E, zero-shot Z), both (B, D, h, w) and L2-normalised."""
@@ -80,10 +94,26 @@ class Segmenter(nn.Module):
         """embeddings (B, D, h, w), text (C, D) normalised → logits (B, C, h, w)."""
         return self.log_logit_scale.exp() * torch.einsum("bdhw,cd->bchw", embeddings, text.to(embeddings))
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W), text (C, D) → logits (B, C, H/stride, W/stride)."""
-        tuned, _ = self.embed(images)
-        return self.classify(tuned, text)
+    def forward(self, images: torch.Tensor, text: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W), text (C, D) → logits (B, C, H/stride, W/stride).
+
+        With ``seen`` ((C,) bool: the classes fine-tuning saw), the geometric ensemble of the
+        fine-tuned and frozen classifiers, as log-probabilities.
+        """
+        tuned, frozen = self.embed(images)
+        logits = self.classify(tuned, text)
+        if seen is None:
+            return logits
+        frozen_logits = self.frozen_logit_scale * torch.einsum("bdhw,cd->bchw", frozen, text.to(frozen))
+        weight = torch.where(seen.to(logits.device), self.seen_weight, self.unseen_weight).view(1, -1, 1, 1)
+        return (1 - weight) * logits.log_softmax(1) + weight * frozen_logits.log_softmax(1)
+
+    def seen_classes(self, labels: tuple[str, ...]) -> torch.Tensor | None:
+        """(C,) bool: which of ``labels`` fine-tuning saw; None for a segmenter that was not fine-tuned."""
+        if self.trained_labels is None:
+            return None
+        trained = set(self.trained_labels)
+        return torch.tensor([label in trained for label in labels])
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters fine-tuning changes (the decoder, the temperature, any unfrozen tower part)."""
@@ -93,10 +123,12 @@ class Segmenter(nn.Module):
 
 
 def build_segmenter(clip, hidden: int = 128, unfreeze_blocks: int = 0, seed: int = 0,
-                    dense_method: str = "clearclip") -> Segmenter:
+                    dense_method: str = "clearclip", seen_weight: float = 0.35,
+                    unseen_weight: float = 0.8) -> Segmenter:
     """A segmenter on top of a loaded :class:`model.clip.Clip` (the tower is shared, frozen by default).
 
-    The decoder's initialisation depends only on ``seed``.
+    The decoder's initialisation depends only on ``seed``. ``seen_weight`` / ``unseen_weight``:
+    the frozen CLIP's share in the inference ensemble for classes fine-tuning saw / never saw.
     """
     from model.dense import build_dense_tower
 
@@ -116,4 +148,4 @@ def build_segmenter(clip, hidden: int = 128, unfreeze_blocks: int = 0, seed: int
         torch.manual_seed(seed)
         decoder = DenseDecoder(tower.feature_dims, tower.embed_dim, hidden)
     scale = float(clip.model.logit_scale.detach().exp()) if hasattr(clip.model, "logit_scale") else 100.0
-    return Segmenter(tower, decoder, logit_scale=scale).eval()
+    return Segmenter(tower, decoder, logit_scale=scale, seen_weight=seen_weight, unseen_weight=unseen_weight).eval()

@@ -239,6 +239,7 @@ def finetune(segmenter, clip, encoder: TextEncoder, samples: list[Sample], vocab
         if progress:
             progress(step + 1, summary)
     segmenter.eval()
+    segmenter.trained_labels = vocabulary.labels  # inference ensembles these with the frozen CLIP
     named = [len(r.names) for r in regions.values() if r.cls >= 0]
     summary.update(seconds=round(time.time() - started, 1), regions=len(regions),
                    mean_kept_names=round(float(np.mean(named)), 2) if named else 0.0,

@@ -155,3 +155,25 @@ def test_convnet_towers_work_too():
     assert logits.shape == (1, 4, 2, 3)
     tuned, zero_shot = segmenter.embed(torch.randn(1, 3, 64, 64))
     assert torch.equal(tuned, zero_shot)
+
+
+def test_fine_tuned_segmenter_ensembles_with_the_frozen_clip(demo_clip, tmp_path):
+    segmenter = build_segmenter(demo_clip, seed=1, seen_weight=0.0, unseen_weight=1.0)
+    torch.nn.init.normal_(segmenter.decoder.out.weight, std=0.5)  # a decoder that moves the embeddings
+    x, text = torch.randn(1, 3, 64, 64), F.normalize(torch.randn(3, demo_clip.model.visual.output_dim), dim=1)
+    assert segmenter.seen_classes(("a", "b", "c")) is None  # not fine-tuned: no ensemble
+    tuned_logits = segmenter(x, text)
+    segmenter.trained_labels = ("a", "c")
+    seen = segmenter.seen_classes(("a", "b", "c"))
+    assert seen.tolist() == [True, False, True]
+    ensembled = segmenter(x, text, seen)
+    _, frozen = segmenter.embed(x)
+    frozen_logits = segmenter.frozen_logit_scale * torch.einsum("bdhw,cd->bchw", frozen, text)
+    # Weight 0 for seen classes: the fine-tuned classifier's; weight 1 for unseen: the frozen CLIP's.
+    assert torch.allclose(ensembled[:, [0, 2]], tuned_logits.log_softmax(1)[:, [0, 2]], atol=1e-5)
+    assert torch.allclose(ensembled[:, 1], frozen_logits.log_softmax(1)[:, 1], atol=1e-5)
+    assert not torch.allclose(tuned_logits.log_softmax(1), frozen_logits.log_softmax(1), atol=1e-3)
+    path = save_checkpoint(tmp_path / "v1.pt", segmenter, demo_clip.identity)
+    restored = build_segmenter(demo_clip)
+    load_checkpoint(path, restored, demo_clip.identity)
+    assert restored.trained_labels == ("a", "c")  # a served version knows which labels it saw
