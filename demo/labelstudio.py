@@ -167,14 +167,17 @@ def start_backend(port: int, model_dir: Path, label_studio: LabelStudio | None, 
                                                 "THREADS": "4", **(env_extra or {})})
     auth = (env["BASIC_AUTH_USER"].encode(), env["BASIC_AUTH_PASS"].encode()) if env.get("BASIC_AUTH_USER") else None
     process = ManagedProcess([sys.executable, "-m", "backend"], env, Path(model_dir) / "backend.log")
-    wait_for(f"http://127.0.0.1:{port}/health", timeout, process.process, process.log, auth)
-    deadline = time.time() + timeout
-    while (state := requests.get(f"http://127.0.0.1:{port}/health", timeout=5,
-                                 auth=auth).json()["model_state"]) == "loading":
-        if time.time() > deadline:
-            raise TimeoutError("the backend's model did not load in time")
-        time.sleep(0.5)
-    if state != "ready":
-        process.stop()
-        raise RuntimeError(f"the backend's model failed to load; see {process.log}")
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", timeout, process.process, process.log, auth)
+        deadline = time.time() + timeout
+        while (state := requests.get(f"http://127.0.0.1:{port}/health", timeout=5,
+                                     auth=auth).json()["model_state"]) == "loading":
+            if time.time() > deadline:
+                raise TimeoutError("the backend's model did not load in time")
+            time.sleep(0.5)
+        if state != "ready":
+            raise RuntimeError(f"the backend's model failed to load; see {process.log}")
+    except BaseException:
+        process.stop()  # never leave a half-started backend behind
+        raise
     return process
