@@ -106,11 +106,12 @@ def _miou(label_studio, project, scenes, ids, config, classes=None):
 
 
 def test_corrections_made_in_label_studio_train_a_better_model(servers):
-    """Annotate base classes in Label Studio, train through its train action, predict again."""
-    from tests.test_learning import LABEL_CONFIG, annotation_results
+    """Correct images that show only the base classes in Label Studio, train through its train action,
+    predict again: the corrected labels improve, and the labels no corrected image shows are kept."""
+    from tests.test_learning import BASE, LABEL_CONFIG, annotation_results
 
     label_studio = servers[0]
-    train_scenes, held_out = world.test_scenes(100, seed=99), world.test_scenes(60)
+    train_scenes, held_out = world.test_scenes(100, seed=99, classes=BASE), world.test_scenes(60)
     project, ml, ids = scene_project(servers, "learning loop", LABEL_CONFIG, {"train": train_scenes, "held": held_out})
     held_ids, train_ids = ids["held"], ids["train"]
     label_studio.retrieve_predictions(project)
@@ -125,8 +126,8 @@ def test_corrections_made_in_label_studio_train_a_better_model(servers):
     print(f"Label Studio loop, held-out mIoU: base {base_before:.1f} → {base_after:.1f}, "
           f"novel {novel_before:.1f} → {novel_after:.1f}; {versions_before} → {versions_after}")
     assert len(versions_after) == 1 and "-v1:" in next(iter(versions_after))
-    assert base_after > base_before + 5
-    assert novel_after >= novel_before  # the labels nobody corrected are not forgotten
+    assert base_after >= base_before + 10
+    assert novel_after >= novel_before - 1  # labels absent from every corrected image are not forgotten
 
 
 def test_label_studio_annotation_events_reach_the_store(servers):
