@@ -129,10 +129,14 @@ class ImageFetcher:
             return urljoin(self.label_studio_url + "/", uri.lstrip("/")), True
         raise ImageError(f"unsupported image reference {uri[:80]!r}")
 
+    def is_allowed_host(self, url: str) -> bool:
+        """Whether ``url``'s host (or host:port) is in ALLOWED_IMAGE_HOSTS."""
+        parts = urlsplit(url)
+        return (parts.hostname or "").lower() in self.allowed_hosts or parts.netloc.lower() in self.allowed_hosts
+
     def _check_host(self, url: str) -> None:
         host = (urlsplit(url).hostname or "").lower()
-        netloc = urlsplit(url).netloc.lower()
-        if netloc == self._label_studio_host() or host in self.allowed_hosts or netloc in self.allowed_hosts:
+        if urlsplit(url).netloc.lower() == self._label_studio_host() or self.is_allowed_host(url):
             return
         try:
             addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}

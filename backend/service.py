@@ -11,10 +11,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
-
-from urllib.parse import urlsplit
 
 from backend.annotations import AnnotationError, validate_results
 from backend.images import ImageError, ImageFetcher
@@ -249,8 +248,7 @@ class SegmentationService:
             raise ServiceError(f"/setup's hostname {hostname[:80]!r} is not an http(s) address without credentials")
         origin = f"{parts.scheme}://{parts.netloc.lower()}"
         trusted = self.store.get_meta(TRUSTED_LABEL_STUDIO)
-        allowed = parts.hostname.lower() in self.fetcher.allowed_hosts or parts.netloc.lower() in self.fetcher.allowed_hosts
-        if trusted and trusted != origin and not (authenticated or allowed):
+        if trusted and trusted != origin and not (authenticated or self.fetcher.is_allowed_host(origin)):
             raise ServiceError(
                 f"this backend trusts the Label Studio at {trusted}; a /setup naming {origin} needs basic auth "
                 "(BASIC_AUTH_USER/BASIC_AUTH_PASS) or the host in ALLOWED_IMAGE_HOSTS", 403)

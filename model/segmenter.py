@@ -90,9 +90,11 @@ class Segmenter(nn.Module):
         tuned = out.dense + self.decoder(out.features, out.dense)
         return F.normalize(tuned, dim=1), F.normalize(out.dense, dim=1)
 
-    def classify(self, embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """embeddings (B, D, h, w), text (C, D) normalised → logits (B, C, h, w)."""
-        return self.log_logit_scale.exp() * torch.einsum("bdhw,cd->bchw", embeddings, text.to(embeddings))
+    def classify(self, embeddings: torch.Tensor, text: torch.Tensor, scale=None) -> torch.Tensor:
+        """embeddings (B, D, h, w), text (C, D) normalised → logits (B, C, h, w), at ``scale``
+        (default: the learned temperature)."""
+        scale = self.log_logit_scale.exp() if scale is None else scale
+        return scale * torch.einsum("bdhw,cd->bchw", embeddings, text.to(embeddings))
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W), text (C, D) → logits (B, C, H/stride, W/stride).
@@ -104,7 +106,7 @@ class Segmenter(nn.Module):
         logits = self.classify(tuned, text)
         if seen is None:
             return logits
-        frozen_logits = self.frozen_logit_scale * torch.einsum("bdhw,cd->bchw", frozen, text.to(frozen))
+        frozen_logits = self.classify(frozen, text, self.frozen_logit_scale)
         weight = torch.where(seen.to(logits.device), self.seen_weight, self.unseen_weight).view(1, -1, 1, 1)
         return (1 - weight) * logits.log_softmax(1) + weight * frozen_logits.log_softmax(1)
 
