@@ -26,12 +26,12 @@ import numpy as np
 
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
+from model.build import ModelConfig, SegmentationModel
 from model.clip import load_clip
 from model.metrics import ConfusionMatrix
 from model.predictor import Predictor
-from model.segmenter import build_segmenter
 from model.train import Sample, TrainConfig, finetune
-from model.vocabulary import TextEncoder, Vocabulary
+from model.vocabulary import Vocabulary
 
 VARIANTS = {
     "plain fine-tuning": dict(diversify=False, distill=False),
@@ -60,7 +60,7 @@ def evaluate(predictor: Predictor, scenes) -> dict[str, float]:
     vocabulary = Vocabulary.from_labels(world.NAMES)
     for start in range(0, len(scenes), 16):
         chunk = scenes[start:start + 16]
-        for (_, truth), prediction in zip(chunk, predictor.predict([image for image, _ in chunk], vocabulary)):
+        for (_, truth), prediction in zip(chunk, predictor.predict([image for image, _ in chunk], vocabulary), strict=True):
             confusion.update(truth, prediction.label_map)
     base, novel = confusion.miou(BASE), confusion.miou(NOVEL)
     return {"base": base, "novel": novel, "hmean": 2 * base * novel / (base + novel), "all": confusion.miou()}
@@ -71,28 +71,24 @@ class Runner:
 
     def __init__(self, args):
         self.args = args
-        self.clip = load_clip(str(CONFIG), str(materialize()))
-        self.encoder = TextEncoder(self.clip)
+        self.model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
+                                       ModelConfig(dense_method=DENSE_METHOD, inference_size=args.size))
         self.test = world.test_scenes(args.test_images)
         self.rows: dict[tuple[str, str], list[dict]] = {}
 
-    def predictor(self, segmenter) -> Predictor:
-        return Predictor(segmenter, self.encoder, self.clip.mean, self.clip.std, inference_size=self.args.size)
-
     def zero_shot(self) -> dict:
-        return evaluate(self.predictor(build_segmenter(self.clip, dense_method=DENSE_METHOD)), self.test)
+        return evaluate(self.model.predictor(), self.test)
 
     def train(self, scenario: str, name: str, samples: list[Sample], seed: int) -> None:
         """One fine-tuning run, evaluated without and with the ensemble."""
         started = time.time()
-        segmenter = build_segmenter(self.clip, seed=seed, dense_method=DENSE_METHOD,
-                                    unfreeze_blocks=self.args.unfreeze_blocks)
-        finetune(segmenter, self.clip, self.encoder, samples, Vocabulary.from_labels(world.BASE),
+        segmenter = self.model.segmenter(seed=seed, unfreeze_blocks=self.args.unfreeze_blocks)
+        finetune(segmenter, self.model.clip, self.model.encoder, samples, Vocabulary.from_labels(world.BASE),
                  TrainConfig(steps=self.args.steps, size=self.args.size, seed=seed, lr=self.args.lr,
                              **VARIANTS[name]))
-        with_ensemble = evaluate(self.predictor(segmenter), self.test)
+        with_ensemble = evaluate(self.model.predictor(segmenter), self.test)
         segmenter.seen_weight = segmenter.unseen_weight = 0.0  # the fine-tuned classifier alone
-        alone = evaluate(self.predictor(segmenter), self.test)
+        alone = evaluate(self.model.predictor(segmenter), self.test)
         self.rows.setdefault((scenario, name), []).append(alone)
         self.rows.setdefault((scenario, name + ENSEMBLE), []).append(with_ensemble)
         print(f"  {scenario}, {name}, seed {seed}: alone {_short(alone)}, ensemble {_short(with_ensemble)} "

@@ -19,12 +19,12 @@ from backend.training import restrict_to_annotated
 from bench.accuracy import evaluate
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
+from model.build import ModelConfig, SegmentationModel
 from model.calibration import TASK_SCORES, calibrate, task_score
 from model.clip import load_clip
 from model.predictor import Predictor
-from model.segmenter import build_segmenter
 from model.train import Sample, TrainConfig, finetune
-from model.vocabulary import TextEncoder, Vocabulary
+from model.vocabulary import Vocabulary
 
 
 def main(argv=None) -> None:
@@ -39,22 +39,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    clip = load_clip(str(CONFIG), str(materialize()))
-    encoder = TextEncoder(clip)
+    # At the demo CLIP's zero-shot temperature until calibrated.
+    model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
+                              ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
+                                          temperature=ZERO_SHOT_TEMPERATURE))
     vocabulary = Vocabulary.from_labels(world.NAMES)
     pool, test = world.test_scenes(args.pool, seed=2024), world.test_scenes(args.test_images)
 
-    def predictor_for(segmenter):  # at the demo CLIP's zero-shot temperature until calibrated
-        return Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=INFERENCE_SIZE,
-                         temperature=ZERO_SHOT_TEMPERATURE)
-
-    zero_shot = predictor_for(build_segmenter(clip, dense_method=DENSE_METHOD))
+    zero_shot = model.predictor()
 
     def trained_on(indices) -> Predictor:
         samples, classes = restrict_to_annotated([Sample(*pool[i]) for i in indices], vocabulary)
-        segmenter = build_segmenter(clip, dense_method=DENSE_METHOD)
-        finetune(segmenter, clip, encoder, samples, classes, TrainConfig(steps=args.steps, size=INFERENCE_SIZE))
-        predictor = predictor_for(segmenter)
+        segmenter = model.segmenter()
+        finetune(segmenter, model.clip, model.encoder, samples, classes, TrainConfig(steps=args.steps, size=INFERENCE_SIZE))
+        predictor = model.predictor(segmenter)
         calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], classes)  # as training jobs do
         return predictor
 

@@ -19,13 +19,13 @@ from scipy.stats import spearmanr
 
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
+from model.build import ModelConfig, SegmentationModel
 from model.calibration import TASK_SCORES, calibrate, expected_calibration_error, task_score
 from model.clip import load_clip
 from model.metrics import ConfusionMatrix
 from model.predictor import Predictor, SemanticPrediction
-from model.segmenter import build_segmenter
 from model.train import Sample, TrainConfig, finetune
-from model.vocabulary import TextEncoder, Vocabulary
+from model.vocabulary import Vocabulary
 
 
 def task_miou(truth: np.ndarray, predicted: np.ndarray) -> float:
@@ -48,13 +48,13 @@ def report(name: str, predictor: Predictor, vocabulary: Vocabulary, fit_sets: di
         calibration = calibrate(predictor, [i for i, _ in scenes], [t for _, t in scenes], vocabulary,
                                 min_images=1) if scenes else {"temperature": 1.0}
         predictions = [Predictor.to_semantic(out, *truth.shape, predictor.temperature)
-                       for out, (_, truth) in zip(test_logits, test)]
+                       for out, (_, truth) in zip(test_logits, test, strict=True)]
         ece = expected_calibration_error(np.concatenate([p.confidence.ravel() for p in predictions]),
                                          np.concatenate([(p.label_map == t).ravel()
-                                                         for p, (_, t) in zip(predictions, test)]))
+                                                         for p, (_, t) in zip(predictions, test, strict=True)]))
         results["temperature"][label], results["ece"][label] = calibration["temperature"], ece
         print(f"  T fitted on {label:>26}: T = {calibration['temperature']:.3f}  ECE = {ece:.1f}")
-    quality = [task_miou(t, p.label_map) for p, (_, t) in zip(predictions, test)]
+    quality = [task_miou(t, p.label_map) for p, (_, t) in zip(predictions, test, strict=True)]
     print(f"  Spearman(task score, task mIoU), T = {predictor.temperature:.3f}:")
     for key in candidate_scores(predictions[0]):
         rho = spearmanr([candidate_scores(p)[key] for p in predictions], quality).statistic
@@ -73,23 +73,20 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
 
-    clip = load_clip(str(CONFIG), str(materialize()))
-    encoder = TextEncoder(clip)
+    model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
+                              ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE))
     vocabulary = Vocabulary.from_labels(world.NAMES)
     train = world.test_scenes(args.train_images, seed=777)
     held_out = world.test_scenes(args.calibration_images, seed=778)
     test = world.test_scenes(args.test_images)
 
-    def predictor_for(segmenter):
-        return Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=INFERENCE_SIZE)
-
-    zero_shot = report("zero-shot", predictor_for(build_segmenter(clip, dense_method=DENSE_METHOD)), vocabulary,
+    zero_shot = report("zero-shot", model.predictor(), vocabulary,
                        {"held-out annotated images": held_out}, test)
-    segmenter = build_segmenter(clip, dense_method=DENSE_METHOD)
+    segmenter = model.segmenter()
     with torch.enable_grad():
-        finetune(segmenter, clip, encoder, [Sample(image, labels) for image, labels in train], vocabulary,
+        finetune(segmenter, model.clip, model.encoder, [Sample(image, labels) for image, labels in train], vocabulary,
                  TrainConfig(steps=args.steps, size=INFERENCE_SIZE))
-    tuned = report(f"fine-tuned on {args.train_images} annotated images", predictor_for(segmenter), vocabulary,
+    tuned = report(f"fine-tuned on {args.train_images} annotated images", model.predictor(segmenter), vocabulary,
                    {"held-out annotated images": held_out, "its training images": train}, test)
     default = "TASK_SCORE=product"
     print(f"\ncalibration: zero_shot_ece={zero_shot['ece']['none']:.1f}->{zero_shot['ece']['held-out annotated images']:.1f} "

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from demo import world
+from model.files import atomic_write
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CONFIG = ASSETS / "demo-clip.json"
@@ -114,9 +115,9 @@ def pack(checkpoint: Path, used_tokens: set[int], dest: Path = FIXTURE) -> None:
         "token_embedding": embedding[rows].half(),
         "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
     }
-    tmp = dest.with_suffix(".tmp")
-    torch.save(packed, tmp)
-    os.replace(tmp, dest)
+    buffer = io.BytesIO()
+    torch.save(packed, buffer)
+    atomic_write(dest, buffer.getbuffer())
 
 
 def materialize(dest: Path | None = None, fixture: Path = FIXTURE) -> Path:
@@ -130,9 +131,9 @@ def materialize(dest: Path | None = None, fixture: Path = FIXTURE) -> Path:
     embedding[packed["token_rows"]] = packed["token_embedding"].float()
     state["token_embedding.weight"] = embedding
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, dest)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(dest, buffer.getbuffer())
     return dest
 
 

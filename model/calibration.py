@@ -21,7 +21,7 @@ def _flatten(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: i
     sees the same boundary pixels the served predictions have.
     """
     rows, targets = [], []
-    for out, label in zip(logits, labels):
+    for out, label in zip(logits, labels, strict=True):
         scale = min(1.0, max_side / min(label.shape))
         size = (max(1, round(label.shape[0] * scale)), max(1, round(label.shape[1] * scale)))
         grid = F.interpolate(torch.from_numpy(np.asarray(label, np.float32))[None, None], size=size,

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from model.files import atomic_write
 
 FORMAT = "gkc-segmenter"
 VERSION = 1
@@ -18,10 +18,7 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, segmenter, clip_identity: str, **metadata) -> Path:
-    """Write atomically: a temporary file in the same directory, fsync, then rename.
-
-    A crash at any point leaves either the previous file or the complete new one.
-    """
+    """Write atomically and durably (:func:`model.files.atomic_write`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -31,22 +28,7 @@ def save_checkpoint(path: str | Path, segmenter, clip_identity: str, **metadata)
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)  # serialised in memory: a full disk then fails as a plain OSError (ENOSPC)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(buffer.getbuffer())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, buffer.getbuffer(), durable=True)
 
 
 def load_checkpoint(path: str | Path, segmenter, clip_identity: str) -> dict:

@@ -36,6 +36,16 @@ class Clip:
     image_size: int
     identity: str
 
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 RGB → (B, 3, H, W) float, normalised as the weights were trained."""
+        return normalize_pixels(images, torch.tensor(self.mean), torch.tensor(self.std))
+
+
+def normalize_pixels(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 RGB → (B, 3, H, W) float: scaled to 0-1, then ``(x - mean) / std`` per channel."""
+    pixels = images.permute(0, 3, 1, 2).float().div_(255)
+    return (pixels - mean.to(pixels.device).view(1, 3, 1, 1)) / std.to(pixels.device).view(1, 3, 1, 1)
+
 
 def _register_config(model: str) -> str:
     """Accept an open_clip model name, or the path of a model-config JSON (registered under its stem)."""
@@ -70,6 +80,29 @@ def clip_identity(model: str, pretrained: str) -> str:
     return f"{name}/{_weights_identity(pretrained)}"
 
 
+def _weights(name: str, pretrained: str) -> str | None:
+    """What open_clip's ``pretrained`` argument gets: a tag, a file, or None for random weights."""
+    import open_clip
+
+    if pretrained == RANDOM_WEIGHTS:
+        return None
+    looks_like_file = any(s in pretrained for s in ("/", "\\")) or Path(pretrained).suffix in (".pt", ".bin", ".safetensors", ".pth")
+    if looks_like_file:
+        if not Path(pretrained).is_file():
+            raise ClipWeightsMissing(
+                f"CLIP_PRETRAINED checkpoint file not found: {pretrained}. Point CLIP_PRETRAINED at an "
+                f"open_clip checkpoint for {name} (a .pt/.bin/.safetensors state dict)."
+            )
+        return pretrained
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ClipWeightsMissing(
+            f"{name} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'}. "
+            "Set CLIP_PRETRAINED to one of them or to a local checkpoint file."
+        )
+    return pretrained
+
+
 def load_clip(model: str = "ViT-B-16", pretrained: str = "openai", device: str | torch.device = "cpu") -> Clip:
     """Create an open_clip model and load its weights.
 
@@ -85,24 +118,7 @@ def load_clip(model: str = "ViT-B-16", pretrained: str = "openai", device: str |
     import open_clip
 
     name = _register_config(model)
-    looks_like_file = any(s in pretrained for s in ("/", "\\")) or Path(pretrained).suffix in (".pt", ".bin", ".safetensors", ".pth")
-    if pretrained == RANDOM_WEIGHTS:
-        weights = None
-    elif looks_like_file:
-        if not Path(pretrained).is_file():
-            raise ClipWeightsMissing(
-                f"CLIP_PRETRAINED checkpoint file not found: {pretrained}. Point CLIP_PRETRAINED at an "
-                f"open_clip checkpoint for {name} (a .pt/.bin/.safetensors state dict)."
-            )
-        weights = pretrained
-    else:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained not in tags:
-            raise ClipWeightsMissing(
-                f"{name} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'}. "
-                "Set CLIP_PRETRAINED to one of them or to a local checkpoint file."
-            )
-        weights = pretrained
+    weights = _weights(name, pretrained)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
     except Exception as error:  # open_clip raises several kinds when a download is impossible

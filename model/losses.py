@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -1
+from model.vocabulary import UNLABELED
 
 
 def diversified_logits(embeddings: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
@@ -37,17 +37,17 @@ def diversified_logits(embeddings: torch.Tensor, text: torch.Tensor, logit_scale
         synonym = logit_scale * torch.einsum("dhw,rd->rhw", embeddings[b], region_text[b])
         synonym = F.interpolate(synonym[None], size=size, mode="bilinear", align_corners=False)[0]
         row = logits[b].clone()
-        for mask, cls, syn in zip(region_masks[b], region_classes[b], synonym):
+        for mask, cls, syn in zip(region_masks[b], region_classes[b], synonym, strict=True):
             row[cls] = torch.where(mask, syn, row[cls])
         rows.append(row)
     return torch.stack(rows)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over classes; ``labels`` (B, H, W) with ``IGNORE`` for unannotated pixels."""
-    if (labels != IGNORE).sum() == 0:
+    """Cross-entropy over classes; ``labels`` (B, H, W) with ``UNLABELED`` for unannotated pixels."""
+    if (labels != UNLABELED).sum() == 0:
         return logits.sum() * 0
-    return F.cross_entropy(logits, labels.long(), ignore_index=IGNORE)
+    return F.cross_entropy(logits, labels.long(), ignore_index=UNLABELED)
 
 
 def pool_regions(embeddings: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from model.vocabulary import TextEncoder, Vocabulary
 
 log = logging.getLogger(__name__)
-UNLABELED = -1
 
 
 class ImageShapeError(ValueError):
@@ -58,14 +57,12 @@ class Predictor:
     :mod:`model.calibration`).
     """
 
-    def __init__(self, segmenter, text_encoder: TextEncoder, mean, std, inference_size: int = 448,
+    def __init__(self, segmenter, text_encoder: TextEncoder, inference_size: int = 448,
                  batch_size: int = 8, max_aspect: float = 2.0, device: str | torch.device = "cpu",
                  temperature: float = 1.0, max_area: float = 4.0):
         self.segmenter = segmenter.to(device).eval()
         self.text_encoder = text_encoder
         self.device = torch.device(device)
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
         self.stride = segmenter.stride
         self.inference_size = max(self.stride, int(round(inference_size / self.stride)) * self.stride)
         self.batch_size = batch_size
@@ -92,9 +89,9 @@ class Predictor:
         return snap(height), snap(width)
 
     def _to_tensor(self, image: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-        x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(255)
-        x = F.interpolate(x[None], size=shape, mode="bilinear", align_corners=False, antialias=True)[0]
-        return (x - self.mean) / self.std
+        """(H, W, 3) uint8 → (3, *shape), normalised by the segmenter (resizing is linear, so after)."""
+        x = self.segmenter.preprocess(torch.from_numpy(np.array(image))[None])  # a writable copy
+        return F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=True)[0]
 
     def _windows(self, shape: tuple[int, int]) -> list[tuple[int, int]]:
         """Top-left corners of square windows covering ``shape`` with about one third overlap."""
@@ -130,11 +127,11 @@ class Predictor:
             for members in groups.values():
                 for start in range(0, len(members), self.batch_size):
                     chunk = members[start:start + self.batch_size]
-                    batch = torch.stack([jobs[j][2] for j in chunk]).to(self.device)
-                    for j, out in zip(chunk, self.segmenter(batch, text.to(self.device), seen).float().cpu()):
+                    batch = torch.stack([jobs[j][2] for j in chunk])
+                    for j, out in zip(chunk, self.segmenter(batch, text.to(self.device), seen).float().cpu(), strict=True):
                         outputs[j] = out
         results: list = [None] * len(images)
-        for (index, window, _), out in zip(jobs, outputs):
+        for (index, window, _), out in zip(jobs, outputs, strict=True):
             if window is None:
                 results[index] = out
                 continue
@@ -177,4 +174,4 @@ class Predictor:
     def predict(self, images: list[np.ndarray], vocabulary: Vocabulary) -> list[SemanticPrediction]:
         """images: RGB uint8 arrays (H, W, 3) of any sizes → one prediction per image."""
         return [self.to_semantic(out, *image.shape[:2], self.temperature)
-                for image, out in zip(images, self.logits(images, vocabulary))]
+                for image, out in zip(images, self.logits(images, vocabulary), strict=True)]

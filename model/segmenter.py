@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.clip import normalize_pixels
+
 
 class DenseDecoder(nn.Module):
     """A light fusion head that predicts a residual Δ to the dense CLIP embeddings.
@@ -54,7 +56,7 @@ class DenseDecoder(nn.Module):
         """features: [(B, C_i, h_i, w_i)]; dense: (B, D, h, w) → Δ (B, D, h, w)."""
         size = dense.shape[-2:]
         x = self.from_dense(F.normalize(dense, dim=1))
-        for lateral, feature in zip(self.lateral, features):
+        for lateral, feature in zip(self.lateral, features, strict=True):
             x = x + F.interpolate(lateral(feature), size=size, mode="bilinear", align_corners=False)
         return self.out(self.fuse(x))
 
@@ -66,11 +68,18 @@ class Segmenter(nn.Module):
         image_tower: a dense tower from :func:`model.dense.build_dense_tower` (frozen by default).
         decoder: a :class:`DenseDecoder`.
         logit_scale: initial temperature τ (CLIP's own, e.g. 100).
+        seen_weight, unseen_weight: the frozen CLIP's share in the ensemble (see the module docstring).
+        pixel_mean, pixel_std: the RGB normalisation (0-1 scale) the CLIP tower was trained with.
     """
 
     def __init__(self, image_tower: nn.Module, decoder: DenseDecoder, logit_scale: float = 100.0,
-                 seen_weight: float = 0.35, unseen_weight: float = 0.8):
+                 seen_weight: float = 0.35, unseen_weight: float = 0.8,
+                 pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+                 pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)):
         super().__init__()
+        # Not persistent: they come from the CLIP, which a checkpoint names rather than stores.
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std), persistent=False)
         self.image_tower = image_tower
         self.decoder = decoder
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
@@ -81,6 +90,10 @@ class Segmenter(nn.Module):
         self.trained_labels: tuple[str, ...] | None = None
         self.seen_weight = seen_weight
         self.unseen_weight = unseen_weight
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 RGB → (B, 3, H, W) float, normalised for the tower (on its device)."""
+        return normalize_pixels(images.to(self.pixel_mean.device), self.pixel_mean, self.pixel_std)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W) → (fine-tuned E, zero-shot Z), both (B, D, h, w) and L2-normalised."""
@@ -150,4 +163,5 @@ def build_segmenter(clip, hidden: int = 128, unfreeze_blocks: int = 0, seed: int
         torch.manual_seed(seed)
         decoder = DenseDecoder(tower.feature_dims, tower.embed_dim, hidden)
     scale = float(clip.model.logit_scale.detach().exp()) if hasattr(clip.model, "logit_scale") else 100.0
-    return Segmenter(tower, decoder, logit_scale=scale, seen_weight=seen_weight, unseen_weight=unseen_weight).eval()
+    return Segmenter(tower, decoder, logit_scale=scale, seen_weight=seen_weight, unseen_weight=unseen_weight,
+                     pixel_mean=clip.mean, pixel_std=clip.std).eval()

@@ -33,7 +33,7 @@ def _wordnet_synonyms(label: str) -> tuple[str, ...]:
 def candidate_names(vocabulary: Vocabulary) -> list[list[str]]:
     """Per class: its name, its prompt texts, then WordNet lemmas (deduplicated, case-insensitively)."""
     out = []
-    for label, texts in zip(vocabulary.labels, vocabulary.texts):
+    for label, texts in zip(vocabulary.labels, vocabulary.texts, strict=True):
         names, seen = [], set()
         for name in (*texts, *_wordnet_synonyms(label)):
             if name.lower() not in seen:

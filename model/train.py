@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -22,17 +22,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.losses import (IGNORE, classification_loss, distillation_loss, diversified_logits, pool_regions,
-                          text_guided_distillation_loss)
+from model.losses import (
+    classification_loss,
+    distillation_loss,
+    diversified_logits,
+    pool_regions,
+    text_guided_distillation_loss,
+)
 from model.synonyms import candidate_names, filter_synonyms
-from model.vocabulary import TextEncoder, Vocabulary
+from model.vocabulary import UNLABELED, TextEncoder, Vocabulary
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Sample:
-    """One annotated image: ``labels`` (H, W) holds vocabulary indices, ``IGNORE`` where unannotated."""
+    """One annotated image: ``labels`` (H, W) holds vocabulary indices, ``UNLABELED`` where unannotated."""
 
     image: np.ndarray
     labels: np.ndarray
@@ -81,12 +86,11 @@ def masked_crop(image: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
 @torch.no_grad()
 def teacher_embeddings(clip, crops: list[np.ndarray], batch_size: int = 64) -> torch.Tensor:
     """(N, D) normalised global embeddings of the frozen CLIP image tower."""
-    mean, std = torch.tensor(clip.mean).view(1, 3, 1, 1), torch.tensor(clip.std).view(1, 3, 1, 1)
     device = next(clip.model.parameters()).device
     out = []
     for start in range(0, len(crops), batch_size):
-        batch = torch.from_numpy(np.stack(crops[start:start + batch_size])).permute(0, 3, 1, 2).float() / 255
-        out.append(F.normalize(clip.model.encode_image(((batch - mean) / std).to(device)).float(), dim=-1).cpu())
+        batch = clip.preprocess(torch.from_numpy(np.stack(crops[start:start + batch_size])).to(device))
+        out.append(F.normalize(clip.model.encode_image(batch).float(), dim=-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, clip.model.visual.output_dim)
 
 
@@ -95,9 +99,9 @@ UNLABELED_BASE = 1000  # region ids ≥ this are parts of the unannotated area
 
 def region_map(sample: Sample, min_fraction: float = 0.01) -> np.ndarray:
     """(H, W) int32 region ids: the class index on annotated pixels; ``UNLABELED_BASE + k`` on the
-    k-th connected part of the unannotated area (parts under ``min_fraction`` of the image: IGNORE)."""
+    k-th connected part of the unannotated area (parts under ``min_fraction`` of the image: UNLABELED)."""
     regions = sample.labels.astype(np.int32).copy()
-    count, parts = cv2.connectedComponents((sample.labels == IGNORE).astype(np.uint8), connectivity=4)
+    count, parts = cv2.connectedComponents((sample.labels == UNLABELED).astype(np.uint8), connectivity=4)
     sizes = np.bincount(parts.ravel(), minlength=count)
     for part in range(1, count):
         if sizes[part] >= min_fraction * parts.size:
@@ -114,7 +118,7 @@ def prepare_regions(clip, encoder: TextEncoder, samples: list[Sample], vocabular
     """
     maps = [region_map(sample) if config.distill_unlabeled else sample.labels.astype(np.int32) for sample in samples]
     keys, crops = [], []
-    for index, (sample, regions) in enumerate(zip(samples, maps)):
+    for index, (sample, regions) in enumerate(zip(samples, maps, strict=True)):
         for value in np.unique(regions):
             if value >= UNLABELED_BASE or 0 <= value < len(vocabulary):
                 keys.append((index, int(value)))
@@ -125,7 +129,7 @@ def prepare_regions(clip, encoder: TextEncoder, samples: list[Sample], vocabular
     candidate_text = list(torch.split(flat, [len(names) for names in candidates]))
     scale = config.synonym_temperature or float(clip.model.logit_scale.detach().exp())
     out = {}
-    for (index, value), teacher in zip(keys, teachers):
+    for (index, value), teacher in zip(keys, teachers, strict=True):
         if value >= UNLABELED_BASE:
             out[(index, value)] = Region(index, -1, teacher, [])
         else:
@@ -148,6 +152,113 @@ def _augment(rng: np.random.Generator, image: np.ndarray, regions: np.ndarray, s
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
 
 
+@dataclass
+class Batch:
+    """One training step's augmented crops and, per image, its regions (annotated ones first)."""
+
+    images: torch.Tensor  # (B, H, W, 3) uint8
+    labels: torch.Tensor  # (B, H, W) class indices, UNLABELED elsewhere
+    masks: list[torch.Tensor]  # per image (R_b, H, W): its annotated regions
+    classes: list[torch.Tensor]  # per image (R_b,): their classes
+    drawn_text: list[torch.Tensor]  # per image (R_b, D): the embedding of each region's drawn name
+    kd_masks: list[torch.Tensor]  # per image (K_b, H, W): distillation regions (annotated, then unannotated)
+    teachers: list[torch.Tensor]  # per image (K_b, D): their frozen-CLIP embeddings
+
+
+class _Trainer:
+    """The state one fine-tuning run steps through; see :func:`finetune`."""
+
+    def __init__(self, segmenter, clip, encoder: TextEncoder, samples: list[Sample], vocabulary: Vocabulary,
+                 config: TrainConfig):
+        self.segmenter, self.samples, self.config = segmenter, samples, config
+        torch.manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        self.text = encoder.embed(vocabulary)
+        self.regions, self.maps = prepare_regions(clip, encoder, samples, vocabulary, config)
+        names = list(dict.fromkeys(n for r in self.regions.values() for n in r.names))
+        self.name_embedding = dict(zip(names, encoder.embed_texts(names), strict=True)) if names else {}
+        self.size = max(segmenter.stride, round(config.size / segmenter.stride) * segmenter.stride)
+        self.text_scale = torch.nn.Parameter(torch.tensor(1.0))
+        tower = [p for p in segmenter.image_tower.parameters() if p.requires_grad]
+        head = [p for n, p in segmenter.named_parameters() if p.requires_grad and not n.startswith("image_tower.")]
+        self.optimizer = torch.optim.AdamW([{"params": head + [self.text_scale]},
+                                            {"params": tower, "lr": config.lr * config.tower_lr_factor}],
+                                           lr=config.lr, weight_decay=config.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / config.steps)))
+        self.device = next(segmenter.parameters()).device
+
+    def draw_batch(self) -> Batch:
+        """Augmented crops of random samples, with their regions and drawn synonyms."""
+        size, empty = self.size, torch.zeros(0, self.size, self.size, dtype=torch.bool)
+        images, labels, masks, classes, drawn_text, kd_masks, teachers = [], [], [], [], [], [], []
+        for index in self.rng.integers(0, len(self.samples), self.config.batch_size):
+            image, ids = _augment(self.rng, self.samples[index].image, self.maps[index], size)
+            present = [self.regions[(int(index), int(v))] for v in np.unique(ids)
+                       if (int(index), int(v)) in self.regions]
+            annotated = [r for r in present if r.cls >= 0]
+            unlabeled = [(int(v), self.regions[(int(index), int(v))]) for v in np.unique(ids)
+                         if v >= UNLABELED_BASE and (int(index), int(v)) in self.regions]
+            images.append(torch.from_numpy(image))
+            labels.append(torch.from_numpy(np.where(ids < UNLABELED_BASE, ids, UNLABELED).astype(np.int64)))
+            masks.append(torch.from_numpy(np.stack([ids == r.cls for r in annotated])) if annotated else empty)
+            classes.append(torch.tensor([r.cls for r in annotated], dtype=torch.long))
+            names = [r.names[self.rng.integers(len(r.names))] if self.config.diversify else r.names[0]
+                     for r in annotated]
+            drawn_text.append(torch.stack([self.name_embedding[n] for n in names]) if names else self.text[:0])
+            kd_masks.append(torch.from_numpy(np.stack([ids == r.cls for r in annotated] + [ids == v for v, _ in unlabeled]))
+                            if present else empty)
+            teachers.append(torch.stack([r.teacher for r in annotated] + [r.teacher for _, r in unlabeled])
+                            if present else self.text[:0])
+        return Batch(torch.stack(images), torch.stack(labels), masks, classes, drawn_text, kd_masks, teachers)
+
+    def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The step's total loss and its two terms."""
+        device, config = self.device, self.config
+        embeddings, _ = self.segmenter.embed(self.segmenter.preprocess(batch.images))
+        logits = diversified_logits(embeddings, self.text.to(device), self.segmenter.log_logit_scale.exp(),
+                                    [m.to(device) for m in batch.masks], batch.classes,
+                                    [t.to(device) for t in batch.drawn_text] if config.diversify else None,
+                                    (self.size, self.size))
+        loss_ce = classification_loss(logits, batch.labels.to(device))
+        loss_kd = self.distillation(embeddings, batch) if config.distill else None
+        loss = config.classification_weight * loss_ce
+        if loss_kd is not None:
+            loss = loss + config.distill_weight * loss_kd
+        return {"loss": loss, "loss_classification": loss_ce,
+                "loss_distillation": torch.zeros((), device=device) if loss_kd is None else loss_kd}
+
+    def distillation(self, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        """Plain distillation of every region, averaged with the text-guided term where a region
+        has a class name; at most ``config.max_regions`` regions a step. None: no region."""
+        budget, terms = self.config.max_regions, []
+        for b, teachers in enumerate(batch.teachers):
+            count = min(len(teachers), budget)
+            if count == 0:
+                continue
+            budget -= count
+            student = pool_regions(embeddings[b], batch.kd_masks[b][:count].to(self.device))
+            teacher = teachers[:count].to(self.device)
+            plain = distillation_loss(student, teacher)
+            named = min(count, len(batch.classes[b]))  # regions with a class name come first
+            if named:
+                guided = text_guided_distillation_loss(student[:named], teacher[:named],
+                                                       batch.drawn_text[b][:named].to(self.device), self.text_scale)
+                terms.append((plain + guided) / 2)
+            else:
+                terms.append(plain)
+        return torch.stack(terms).mean() if terms else None
+
+    def step(self) -> dict[str, float]:
+        losses = self.losses(self.draw_batch())
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        self.schedule.step()
+        return {name: value.item() for name, value in losses.items()}
+
+
 def finetune(segmenter, clip, encoder: TextEncoder, samples: list[Sample], vocabulary: Vocabulary,
              config: TrainConfig | None = None, progress: Callable[[int, dict], None] | None = None) -> dict:
     """Fine-tune ``segmenter`` in place. Deterministic for a given ``config.seed``.
@@ -159,80 +270,11 @@ def finetune(segmenter, clip, encoder: TextEncoder, samples: list[Sample], vocab
     if not samples:
         raise ValueError("no annotated samples to train on")
     started = time.time()
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    text = encoder.embed(vocabulary)
-    regions, maps = prepare_regions(clip, encoder, samples, vocabulary, config)
-    all_names = list(dict.fromkeys(n for r in regions.values() for n in r.names))
-    name_embedding = dict(zip(all_names, encoder.embed_texts(all_names))) if all_names else {}
-    mean, std = torch.tensor(clip.mean).view(3, 1, 1), torch.tensor(clip.std).view(3, 1, 1)
-    size = max(segmenter.stride, round(config.size / segmenter.stride) * segmenter.stride)
-    text_scale = torch.nn.Parameter(torch.tensor(1.0))
-    tower = [p for p in segmenter.image_tower.parameters() if p.requires_grad]
-    head = [p for n, p in segmenter.named_parameters() if p.requires_grad and not n.startswith("image_tower.")]
-    optimizer = torch.optim.AdamW([{"params": head + [text_scale]},
-                                   {"params": tower, "lr": config.lr * config.tower_lr_factor}],
-                                  lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / config.steps)))
-    device = next(segmenter.parameters()).device
+    trainer = _Trainer(segmenter, clip, encoder, samples, vocabulary, config)
     segmenter.train()
     summary: dict = {}
     for step in range(config.steps):
-        chosen = rng.integers(0, len(samples), config.batch_size)
-        images, labels, masks, classes, drawn_text, teachers, kd_masks = [], [], [], [], [], [], []
-        for index in chosen:
-            image, ids = _augment(rng, samples[index].image, maps[index], size)
-            present = [regions[(int(index), int(v))] for v in np.unique(ids) if (int(index), int(v)) in regions]
-            annotated = [r for r in present if r.cls >= 0]
-            images.append((torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - mean) / std)
-            labels.append(torch.from_numpy(np.where(ids < UNLABELED_BASE, ids, IGNORE).astype(np.int64)))
-            masks.append(torch.from_numpy(np.stack([ids == r.cls for r in annotated])) if annotated
-                         else torch.zeros(0, size, size, dtype=torch.bool))
-            classes.append(torch.tensor([r.cls for r in annotated], dtype=torch.long))
-            names = [r.names[rng.integers(len(r.names))] if config.diversify else r.names[0] for r in annotated]
-            drawn_text.append(torch.stack([name_embedding[n] for n in names]) if names else text[:0])
-            # Distillation regions: annotated first (they also get the text-guided term), then unannotated parts.
-            unlabeled = [(int(v), regions[(int(index), int(v))]) for v in np.unique(ids) if v >= UNLABELED_BASE
-                         and (int(index), int(v)) in regions]
-            kd_masks.append(torch.from_numpy(np.stack([ids == r.cls for r in annotated] + [ids == v for v, _ in unlabeled]))
-                            if present else torch.zeros(0, size, size, dtype=torch.bool))
-            teachers.append(torch.stack([r.teacher for r in annotated] + [r.teacher for _, r in unlabeled])
-                            if present else text[:0])
-        embeddings, _ = segmenter.embed(torch.stack(images).to(device))
-        logits = diversified_logits(embeddings, text.to(device), segmenter.log_logit_scale.exp(),
-                                    [m.to(device) for m in masks], classes,
-                                    [t.to(device) for t in drawn_text] if config.diversify else None, (size, size))
-        loss_ce = classification_loss(logits, torch.stack(labels).to(device))
-        loss = config.classification_weight * loss_ce
-        loss_kd = torch.zeros((), device=device)
-        if config.distill:
-            budget = config.max_regions
-            terms = []
-            for b in range(len(images)):
-                count = min(len(teachers[b]), budget)
-                if count == 0:
-                    continue
-                budget -= count
-                student = pool_regions(embeddings[b], kd_masks[b][:count].to(device))
-                teacher = teachers[b][:count].to(device)
-                plain = distillation_loss(student, teacher)
-                named = min(count, len(classes[b]))  # regions with a class name come first
-                if named:
-                    guided = text_guided_distillation_loss(student[:named], teacher[:named],
-                                                           drawn_text[b][:named].to(device), text_scale)
-                    terms.append((plain + guided) / 2)
-                else:
-                    terms.append(plain)
-            if terms:
-                loss_kd = torch.stack(terms).mean()
-                loss = loss + config.distill_weight * loss_kd
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        summary = {"step": step + 1, "loss": loss.item(), "loss_classification": loss_ce.item(),
-                   "loss_distillation": loss_kd.item()}
+        summary = {"step": step + 1, **trainer.step()}
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             log.info("step %d/%d loss %.4f (classification %.4f, distillation %.4f)", step + 1, config.steps,
                      summary["loss"], summary["loss_classification"], summary["loss_distillation"])
@@ -240,8 +282,8 @@ def finetune(segmenter, clip, encoder: TextEncoder, samples: list[Sample], vocab
             progress(step + 1, summary)
     segmenter.eval()
     segmenter.trained_labels = vocabulary.labels  # inference ensembles these with the frozen CLIP
-    named = [len(r.names) for r in regions.values() if r.cls >= 0]
-    summary.update(seconds=round(time.time() - started, 1), regions=len(regions),
+    named = [len(r.names) for r in trainer.regions.values() if r.cls >= 0]
+    summary.update(seconds=round(time.time() - started, 1), regions=len(trainer.regions),
                    mean_kept_names=round(float(np.mean(named)), 2) if named else 0.0,
                    config=asdict(config))
     return summary

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from model.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 # A small prompt ensemble in the spirit of CLIP's ImageNet templates; words a scene parser needs.
@@ -26,6 +28,10 @@ TEMPLATES = (
     "a photo of the {}.",
     "a photo of {}.",
 )
+
+
+# The vocabulary index of a pixel no label covers: unpredicted in a label map, unannotated in training.
+UNLABELED = -1
 
 
 class EmptyVocabulary(ValueError):
@@ -59,6 +65,16 @@ class Vocabulary:
         labels = tuple(dict.fromkeys(labels))
         texts = tuple(tuple(dict.fromkeys([label, *extra_texts.get(label, [])])) for label in labels)
         return cls(labels, texts)
+
+    @classmethod
+    def merge(cls, vocabularies) -> "Vocabulary":
+        """One vocabulary with every label of ``vocabularies``, in order of first appearance; a label
+        found in several keeps all their texts."""
+        texts: dict[str, list[str]] = {}
+        for vocabulary in vocabularies:
+            for label, label_texts in zip(vocabulary.labels, vocabulary.texts, strict=True):
+                texts.setdefault(label, []).extend(label_texts)
+        return cls(tuple(texts), tuple(tuple(dict.fromkeys(t)) for t in texts.values()))
 
     @property
     def key(self) -> str:
@@ -148,7 +164,7 @@ class TextEncoder:
                 missing = [t for t, embedding in found.items() if embedding is None]
             if missing:
                 log.info("encoding %d texts with the CLIP text tower", len(missing))
-                found.update(zip(missing, self._encode(missing)))
+                found.update(zip(missing, self._encode(missing), strict=True))
                 if path is not None:
                     self._write_cache(path, found)
             for text, embedding in found.items():
@@ -157,13 +173,11 @@ class TextEncoder:
 
     def _write_cache(self, path: Path, embeddings: dict[str, torch.Tensor]) -> None:
         """Write one vocabulary's file atomically, then trim the folder to ``max_disk_bytes``."""
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             buffer = io.BytesIO()
             torch.save(embeddings, buffer)
-            tmp.write_bytes(buffer.getvalue())  # plain writes say "No space left on device" plainly
-            os.replace(tmp, path)
+            atomic_write(path, buffer.getbuffer())
             files = sorted(path.parent.glob("*.pt"), key=lambda f: f.stat().st_mtime, reverse=True)
             total = 0
             for file in files:
@@ -171,7 +185,6 @@ class TextEncoder:
                 if total > self.max_disk_bytes and file != path:
                     file.unlink(missing_ok=True)
         except OSError as error:
-            tmp.unlink(missing_ok=True)
             log.warning("text-embedding cache not written (%s); predictions are not affected",
                         error.strerror or error)
 

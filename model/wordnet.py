@@ -26,7 +26,9 @@ class WordNetMissing(RuntimeError):
 
 def _lexnames_from_man_page(man_page: Path) -> str:
     lines = []
-    for line in gzip.open(man_page, "rt").read().splitlines():
+    with gzip.open(man_page, "rt") as file:
+        text = file.read()
+    for line in text.splitlines():
         match = re.match(r"^(\d\d)\t(\w+)\.(\w+)", line)
         if match:
             number, pos, name = match.groups()

@@ -3,11 +3,11 @@ import torch
 import torch.nn.functional as F
 
 from demo import world
-from model.metrics import ConfusionMatrix
 from demo.train_clip import DENSE_METHOD
+from model.build import ModelConfig, SegmentationModel
+from model.metrics import ConfusionMatrix
 from model.predictor import Predictor
-from model.segmenter import build_segmenter
-from model.vocabulary import TextEncoder, Vocabulary
+from model.vocabulary import Vocabulary
 
 
 def test_chunked_upsampling_matches_a_full_resize():
@@ -18,8 +18,8 @@ def test_chunked_upsampling_matches_a_full_resize():
     assert np.allclose(semantic.confidence, probability.numpy(), atol=1e-5)
 
 
-def _predictor(clip, **kwargs):
-    return Predictor(build_segmenter(clip, dense_method=DENSE_METHOD), TextEncoder(clip), clip.mean, clip.std, inference_size=128, **kwargs)
+def _predictor(clip, **options):
+    return SegmentationModel(clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=128, **options)).predictor()
 
 
 def test_batching_does_not_change_predictions(demo_clip, scenes):
@@ -28,7 +28,7 @@ def test_batching_does_not_change_predictions(demo_clip, scenes):
     images = [image for image, _ in scenes[:5]]
     together = predictor.predict(images, vocabulary)
     alone = [predictor.predict([image], vocabulary)[0] for image in images]
-    for a, b in zip(together, alone):
+    for a, b in zip(together, alone, strict=True):
         assert (a.label_map == b.label_map).mean() > 0.999
         assert np.allclose(a.confidence, b.confidence, atol=1e-4)
 
@@ -44,8 +44,8 @@ def test_any_image_size_gets_a_full_size_prediction(demo_clip):
 def test_zero_shot_segments_the_demo_world(demo_clip, scenes):
     predictor = _predictor(demo_clip)
     confusion = ConfusionMatrix(len(world.NAMES))
-    for (image, truth), prediction in zip(scenes, predictor.predict([s[0] for s in scenes],
-                                                                    Vocabulary.from_labels(world.NAMES))):
+    for (_image, truth), prediction in zip(scenes, predictor.predict([s[0] for s in scenes],
+                                                                    Vocabulary.from_labels(world.NAMES)), strict=True):
         confusion.update(truth, prediction.label_map)
     assert confusion.miou() > 15.0  # chance is ~3% for 30 classes
 
