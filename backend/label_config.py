@@ -1,39 +1,16 @@
-"""Label config → segmentation targets (control tag, image tag, vocabulary, threshold)."""
+"""Label config → its segmentation targets: control tags (:mod:`backend.control_tags`) bound to images."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from backend.control_tags import CONTROL_TAGS, ControlTag, for_tag
 from model.vocabulary import Vocabulary
-
-SEGMENTATION_TAGS = ("BrushLabels", "PolygonLabels")
 
 
 class LabelConfigError(ValueError):
     """The label config can't be served by this backend; the message says why."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """One segmentation control tag bound to an image.
-
-    Attributes:
-        control: the control tag's name (``from_name`` in results).
-        control_type: ``BrushLabels`` or ``PolygonLabels``.
-        image: the Image tag's name (``to_name``).
-        data_key: the task-data key holding the image (``$image`` → ``image``).
-        vocabulary: the labels and their prompt texts.
-        score_threshold: regions scoring below it are left out.
-    """
-
-    control: str
-    control_type: str
-    image: str
-    data_key: str
-    vocabulary: Vocabulary
-    score_threshold: float
 
 
 def _threshold(raw: str | None, control: str) -> float:
@@ -49,8 +26,8 @@ def _threshold(raw: str | None, control: str) -> float:
 
 
 @lru_cache(maxsize=64)
-def parse_targets(label_config: str) -> tuple[Target, ...]:
-    """Every BrushLabels/PolygonLabels tag bound to an Image in ``label_config``.
+def parse_targets(label_config: str) -> tuple[ControlTag, ...]:
+    """Every segmentation control tag (``CONTROL_TAGS``) bound to an Image in ``label_config``.
 
     Raises:
         LabelConfigError: malformed XML, no segmentation tag, or a tag without labels.
@@ -63,7 +40,8 @@ def parse_targets(label_config: str) -> tuple[Target, ...]:
         raise LabelConfigError(f"the label config can't be parsed: {error}") from None
     targets = []
     for control in interface.controls:
-        if control.tag not in SEGMENTATION_TAGS:
+        cls = for_tag(control.tag)
+        if cls is None:
             continue
         images = [obj for obj in control.objects if obj.tag == "Image"]
         if not images:
@@ -75,9 +53,8 @@ def parse_targets(label_config: str) -> tuple[Target, ...]:
             value: [t.strip() for t in label.attr.get("predicted_values", "").split(",") if t.strip()]
             for value, label in control.labels_attrs.items()
         }
-        targets.append(Target(
+        targets.append(cls(
             control=control.name,
-            control_type=control.tag,
             image=images[0].name,
             data_key=images[0].value_name,
             vocabulary=Vocabulary.from_labels(labels, extra),
@@ -85,7 +62,7 @@ def parse_targets(label_config: str) -> tuple[Target, ...]:
         ))
     if not targets:
         raise LabelConfigError(
-            "the label config has no BrushLabels or PolygonLabels tag bound to an Image tag; "
+            f"the label config has no {' or '.join(c.tag for c in CONTROL_TAGS)} tag bound to an Image tag; "
             "this backend predicts semantic segmentation masks (see labeling_config/ for examples)"
         )
     return tuple(targets)

@@ -10,11 +10,11 @@ def test_brush_and_polygon_targets_with_prompts_and_thresholds():
       <PolygonLabels name="poly" toName="img"><Label value="tree"/></PolygonLabels>
       <Choices name="c" toName="img"><Choice value="x"/></Choices></View>"""
     brush, polygon = parse_targets(config)
-    assert (brush.control, brush.control_type, brush.image, brush.data_key) == ("mask", "BrushLabels", "img", "photo")
+    assert (brush.control, brush.tag, brush.image, brush.data_key) == ("mask", "BrushLabels", "img", "photo")
     assert brush.vocabulary.labels == ("car", "sky")
     assert brush.vocabulary.texts[0] == ("car", "automobile", "auto")
     assert brush.score_threshold == 0.4
-    assert polygon.control_type == "PolygonLabels" and polygon.vocabulary.labels == ("tree",)
+    assert polygon.tag == "PolygonLabels" and polygon.vocabulary.labels == ("tree",)
     assert polygon.score_threshold == 0.0
 
 

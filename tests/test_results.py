@@ -1,9 +1,10 @@
 import numpy as np
 
 from backend.annotations import results_to_label_map
+from backend.control_tags.polygon_labels import mask_to_polygons
 from backend.label_config import parse_targets
-from backend.results import build_results, mask_to_polygons
-from model.predictor import UNLABELED, SemanticPrediction
+from model.predictor import SemanticPrediction
+from model.vocabulary import UNLABELED
 
 CONFIG = """<View><Image name="image" value="$image"/>
   <BrushLabels name="mask" toName="image" model_score_threshold="0.5">
@@ -29,7 +30,7 @@ def _prediction():
 def test_brush_results_decode_to_the_predicted_masks_and_respect_the_threshold():
     brush = parse_targets(CONFIG)[0]
     prediction = _prediction()
-    results = build_results(brush, prediction)
+    results = brush.build(prediction)
     assert sorted(r["value"]["brushlabels"][0] for r in results) == ["blob", "ring"]  # faint < 0.5 left out
     for r in results:
         assert (r["from_name"], r["to_name"], r["type"]) == ("mask", "image", "brushlabels")
@@ -43,7 +44,7 @@ def test_brush_results_decode_to_the_predicted_masks_and_respect_the_threshold()
 def test_polygons_cover_parts_and_holes():
     polygon_target = parse_targets(CONFIG)[1]
     prediction = _prediction()
-    results = build_results(polygon_target, prediction)
+    results = polygon_target.build(prediction)
     labels = [r["value"]["polygonlabels"][0] for r in results]
     assert labels.count("blob") == 2 and labels.count("ring") == 1 and labels.count("faint") == 1
     for r in results:
