@@ -12,7 +12,6 @@ import ipaddress
 import logging
 import re
 import socket
-import threading
 import time
 import warnings
 from urllib.parse import quote, urljoin, urlsplit
@@ -21,42 +20,14 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps
 
+from backend.labelstudio import LabelStudioClient, LabelStudioError
+
 log = logging.getLogger(__name__)
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 
 
 class ImageError(Exception):
     """A task's image could not be used; the message says why (shown to the user)."""
-
-
-def _is_jwt(token: str) -> bool:
-    return token.count(".") == 2 and len(token) > 40
-
-
-class LabelStudioAuth:
-    """Authorization header for Label Studio: legacy tokens as ``Token``, personal access
-    tokens exchanged at ``/api/token/refresh/`` for short-lived ``Bearer`` tokens."""
-
-    def __init__(self, url: str, token: str, timeout: float = 10.0):
-        self.url = url.rstrip("/")
-        self.token = token
-        self.timeout = timeout
-        self._access: tuple[str, float] | None = None
-        self._lock = threading.Lock()
-
-    def header(self, refresh: bool = False) -> dict[str, str]:
-        if not self.token:
-            return {}
-        if not _is_jwt(self.token):
-            return {"Authorization": f"Token {self.token}"}
-        with self._lock:
-            if refresh or self._access is None or self._access[1] < time.time():
-                response = requests.post(f"{self.url}/api/token/refresh/", json={"refresh": self.token},
-                                         timeout=self.timeout)
-                if response.status_code != 200:
-                    raise ImageError(f"Label Studio refused the personal access token ({response.status_code})")
-                self._access = (response.json()["access"], time.time() + 240)
-            return {"Authorization": f"Bearer {self._access[0]}"}
 
 
 def _describe(error: Exception) -> str:
@@ -101,9 +72,22 @@ class ImageFetcher:
                    settings.fetch_timeout, settings.fetch_deadline)
 
     def configure(self, label_studio_url: str, api_key: str) -> None:
-        """Point at a Label Studio instance; ``api_key`` is sent to that host and no other."""
+        """Point at a Label Studio instance; ``api_key`` is sent to that host and no other.
+
+        Raises:
+            LabelStudioError: ``api_key`` is an expired personal access token.
+        """
         self.label_studio_url = (label_studio_url or "").rstrip("/")
-        self.auth = LabelStudioAuth(self.label_studio_url, api_key or "", self.timeout)
+        self.label_studio = LabelStudioClient(self.label_studio_url, api_key or "", self.timeout) \
+            if self.label_studio_url else None
+
+    def _credentials(self, refresh: bool = False) -> dict[str, str]:
+        if self.label_studio is None:
+            return {}
+        try:
+            return self.label_studio.auth_header(refresh)
+        except LabelStudioError as error:
+            raise ImageError(str(error)) from None
 
     # ------------------------------------------------------------------ URL resolution
     def _label_studio_host(self) -> str | None:
@@ -154,12 +138,12 @@ class ImageFetcher:
         started = time.monotonic()
         for _ in range(5):  # redirects are followed by hand so each hop is checked
             self._check_host(url)
-            headers = self.auth.header() if with_credentials else {}
+            headers = self._credentials() if with_credentials else {}
             try:
                 response = self.session.get(url, headers=headers, timeout=self.timeout, stream=True,
                                             allow_redirects=False)
-                if response.status_code == 401 and with_credentials and _is_jwt(self.auth.token):
-                    response = self.session.get(url, headers=self.auth.header(refresh=True),
+                if response.status_code == 401 and with_credentials and self.label_studio.uses_access_tokens:
+                    response = self.session.get(url, headers=self._credentials(refresh=True),
                                                 timeout=self.timeout, stream=True, allow_redirects=False)
             except requests.RequestException as error:
                 raise ImageError(f"can't download {url}: {_describe(error)}") from None

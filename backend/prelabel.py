@@ -27,7 +27,9 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 from tqdm import tqdm
 
-from backend.service import SegmentationService, ServiceError
+from backend.errors import ServiceError
+from backend.labelstudio import LabelStudioClient, LabelStudioError
+from backend.service import SegmentationService
 from backend.settings import Settings
 
 log = logging.getLogger("backend.prelabel")
@@ -122,7 +124,7 @@ class Prelabeler:
                 answer = self.service.predict({"tasks": batch, "label_config": label_config,
                                                "project": self.project})
                 predictions = []
-                for task, entry in zip(batch, answer["results"]):
+                for task, entry in zip(batch, answer["results"], strict=True):
                     if "result" in entry:
                         predictions.append({"task": task["id"], "result": entry["result"], "score": entry["score"],
                                             "model_version": entry["model_version"]})
@@ -168,10 +170,13 @@ def main(argv=None) -> None:
     service = SegmentationService(settings)
     service.start()
     try:
-        service.model(wait=3600)  # fail now, clearly, if the weights are missing
+        service.runtime.model(wait=3600)  # fail now, clearly, if the weights are missing
     except ServiceError as error:
         sys.exit(f"prelabel: {error}")
-    client = LabelStudio(base_url=args.url, api_key=args.token, timeout=120)
+    try:
+        client = LabelStudioClient(args.url, args.token).sdk
+    except LabelStudioError as error:
+        sys.exit(f"prelabel: {error}")
     try:
         counts = Prelabeler(client, service, args.project, args.batch_size, args.page_size, args.retries,
                             activate=not args.keep_project_version).run(progress=not args.no_progress)

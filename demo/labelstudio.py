@@ -13,11 +13,14 @@ import socket
 import subprocess
 import sys
 import time
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import requests
 from PIL import Image
+
+from backend.labelstudio import LabelStudioClient
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_STUDIO_BIN = ROOT / ".venv-ls" / "bin" / "label-studio"
@@ -56,7 +59,7 @@ class ManagedProcess:
     def __init__(self, args: list[str], env: dict, log: Path):
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(log, "ab")
+        self._log_file = open(log, "ab")  # noqa: SIM115 (the child writes to it until stop())
         self.process = subprocess.Popen(args, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
 
@@ -107,16 +110,18 @@ class LabelStudio:
         if self.process:
             self.process.stop()
 
-    # ------------------------------------------------------------------ API
+    # ------------------------------------------------------------------ API (the backend's own client)
+    @cached_property
+    def client(self) -> LabelStudioClient:
+        return LabelStudioClient(self.url, self.token)
+
     def api(self, method: str, path: str, **kwargs):
-        response = requests.request(method, f"{self.url}{path}", timeout=kwargs.pop("timeout", 120),
-                                    headers={"Authorization": f"Token {self.token}"}, **kwargs)
-        if response.status_code >= 400:
-            raise RuntimeError(f"{method} {path} → {response.status_code}: {response.text[:500]}")
+        """A call the SDK does not wrap, answered as JSON (None when empty)."""
+        response = self.client.request(method, path, timeout=kwargs.pop("timeout", 120), **kwargs)
         return response.json() if response.content else None
 
     def create_project(self, title: str, label_config: str) -> int:
-        return self.api("POST", "/api/projects", json={"title": title, "label_config": label_config})["id"]
+        return self.client.sdk.projects.create(title=title, label_config=label_config).id
 
     def import_images(self, project: int, images: dict[str, np.ndarray], per_request: int = 50) -> None:
         """Upload PNGs as tasks; Label Studio caps the files per request (DATA_UPLOAD_MAX_NUMBER_FILES=100)."""
@@ -130,12 +135,12 @@ class LabelStudio:
             self.api("POST", f"/api/projects/{project}/import", files=files)
 
     def connect_backend(self, project: int, url: str, title: str = "GKC open-vocabulary segmenter") -> int:
-        return self.api("POST", "/api/ml", json={"url": url, "project": project, "title": title,
-                                                "is_interactive": False})["id"]
+        return self.client.sdk.ml.create(url=url, project=project, title=title, is_interactive=False).id
 
     def retrieve_predictions(self, project: int) -> None:
-        self.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-                 json={"selectedItems": {"all": True, "excluded": []}}, timeout=600)
+        self.client.sdk.actions.create(id="retrieve_tasks_predictions", project=project,
+                                       selected_items={"all": True, "excluded": []},
+                                       request_options={"timeout_in_seconds": 600})
 
     def tasks(self, project: int) -> list[dict]:
         tasks, page = [], 1

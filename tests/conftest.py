@@ -1,5 +1,7 @@
 import io
+import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -33,18 +35,43 @@ def scenes():
 
 
 class FileServer:
-    """A stand-in for Label Studio's file serving: ``/data/upload/<name>`` with token auth."""
+    """A stand-in for Label Studio's file serving: ``/data/upload/<name>`` with token auth.
+
+    With ``refresh_token`` set it also takes personal access tokens: ``/api/token/refresh/``
+    exchanges that token for an access token, and only the newest access token is accepted.
+    """
 
     def __init__(self, token="good-token"):
-        self.token = token
+        self.accepted = {f"Token {token}"}
+        self.refresh_token: str | None = None
+        self.refreshes = 0
         self.files: dict[str, bytes] = {}
         self.requests: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if self.path != "/api/token/refresh/" or body.get("refresh") != server.refresh_token:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                import jwt
+
+                server.refreshes += 1
+                access = jwt.encode({"exp": int(time.time()) + 300, "token_type": "access", "n": server.refreshes},
+                                    "test-signing-key-of-32-bytes-or-more")
+                server.accepted = {f"Bearer {access}"}
+                answer = json.dumps({"access": access}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
             def do_GET(self):
                 server.requests.append(self.path)
-                if self.headers.get("Authorization") != f"Token {server.token}":
+                if self.headers.get("Authorization") not in server.accepted:
                     self.send_response(401)
                     self.end_headers()
                     return

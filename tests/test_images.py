@@ -1,5 +1,6 @@
 import base64
 import io
+import time
 
 import numpy as np
 import pytest
@@ -57,6 +58,23 @@ def test_label_studio_paths_use_the_token(file_server):
         ImageFetcher(file_server.url, "good-token").fetch("/data/upload/1/missing.png")
     with pytest.raises(ImageError, match="LABEL_STUDIO_URL"):
         ImageFetcher().fetch(path)
+
+
+def test_personal_access_tokens_are_exchanged_cached_and_refreshed(file_server):
+    import jwt
+
+    file_server.refresh_token = jwt.encode({"exp": int(time.time()) + 3600, "token_type": "refresh"},
+                                           "test-signing-key-of-32-bytes-or-more")
+    image = np.full((5, 6, 3), 9, np.uint8)
+    path = file_server.add("pat.png", png_bytes(image))
+    fetcher = ImageFetcher(file_server.url, file_server.refresh_token)
+    assert np.array_equal(fetcher.fetch(path), image) and file_server.refreshes == 1
+    assert np.array_equal(fetcher.fetch(path), image) and file_server.refreshes == 1  # the access token is kept
+    file_server.accepted = set()  # Label Studio revoked it before its expiry: a 401, one refresh, a retry
+    assert np.array_equal(fetcher.fetch(path), image) and file_server.refreshes == 2
+    stranger = jwt.encode({"exp": int(time.time()) + 3600, "token_type": "refresh"}, "another-signing-key-32-bytes-long")
+    with pytest.raises(ImageError, match="refused the personal access token"):
+        ImageFetcher(file_server.url, stranger).fetch(path)
 
 
 def test_untrusted_urls_to_private_addresses_are_refused(file_server):
