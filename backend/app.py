@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 import uuid
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 
-from backend.service import SegmentationService, ServiceError
+from backend.errors import ServiceError
+from backend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from backend.metrics import Metrics
+from backend.service import SegmentationService
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,39 +30,8 @@ def create_app(settings: Settings | None = None, service: SegmentationService | 
     app = Flask("gkc-backend")
     app.config["service"] = service
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-
-    @app.before_request
-    def _basic_auth():
-        if not settings.basic_auth_user:
-            return None
-        if not _authenticated(settings):
-            return Response('{"error": "authentication required"}', 401, mimetype="application/json",
-                            headers={"WWW-Authenticate": 'Basic realm="ml-backend"'})
-        return None
-
-    def _json_body() -> dict:
-        payload = request.get_json(silent=True)
-        if not isinstance(payload, dict):
-            raise ServiceError("the request body must be a JSON object")
-        return payload
-
-    @app.errorhandler(ServiceError)
-    def _service_error(error: ServiceError):
-        log.warning("%s %s: %s", request.method, request.path, error)
-        return jsonify({"error": str(error)}), error.status
-
-    @app.errorhandler(404)
-    @app.errorhandler(405)
-    @app.errorhandler(413)
-    def _http_error(error):
-        return jsonify({"error": error.description}), error.code
-
-    @app.errorhandler(Exception)
-    def _unexpected(error: Exception):
-        # Internals (paths, object reprs) stay in the log; the answer names the log entry.
-        reference = uuid.uuid4().hex[:8]
-        log.exception("unexpected error on %s %s (ref %s)", request.method, request.path, reference)
-        return jsonify({"error": f"internal error (ref {reference} in the backend's log)"}), 500
+    _measure(app, service.metrics)
+    _guard_and_report(app, settings)
 
     @app.get("/")
     @app.get("/health")
@@ -81,14 +54,68 @@ def create_app(settings: Settings | None = None, service: SegmentationService | 
 
     @app.get("/metrics")
     def metrics():
-        return jsonify({**service.metrics.as_dict(), "annotations": service.store.annotation_counts(),
-                        **service.status()})
+        summary = service.metrics_summary()
+        accept = request.accept_mimetypes
+        if accept["application/json"] > accept["text/plain"]:
+            return jsonify(summary)
+        return Response(service.metrics.exposition(), mimetype=None, content_type=METRICS_CONTENT_TYPE)
 
     @app.get("/versions")
     def versions():
         return jsonify(service.versions())
 
     return app
+
+
+def _measure(app: Flask, metrics: Metrics) -> None:
+    """Count every answer and time it, by route (not by path: paths are unbounded)."""
+
+    @app.before_request
+    def _start_clock():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _observe(response: Response):
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+        metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        return response
+
+
+def _guard_and_report(app: Flask, settings: Settings) -> None:
+    """Basic auth before every request; errors as JSON ``{"error": ...}`` after any."""
+
+    @app.before_request
+    def _basic_auth():
+        if settings.basic_auth_user and not _authenticated(settings):
+            return Response('{"error": "authentication required"}', 401, mimetype="application/json",
+                            headers={"WWW-Authenticate": 'Basic realm="ml-backend"'})
+        return None
+
+    @app.errorhandler(ServiceError)
+    def _service_error(error: ServiceError):
+        log.warning("%s %s: %s", request.method, request.path, error)
+        return jsonify({"error": str(error)}), error.status
+
+    @app.errorhandler(404)
+    @app.errorhandler(405)
+    @app.errorhandler(413)
+    def _http_error(error):
+        return jsonify({"error": error.description}), error.code
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception):
+        # Internals (paths, object reprs) stay in the log; the answer names the log entry.
+        reference = uuid.uuid4().hex[:8]
+        log.exception("unexpected error on %s %s (ref %s)", request.method, request.path, reference)
+        return jsonify({"error": f"internal error (ref {reference} in the backend's log)"}), 500
+
+
+def _json_body() -> dict:
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):
+        raise ServiceError("the request body must be a JSON object")
+    return payload
 
 
 def _authenticated(settings: Settings) -> bool:

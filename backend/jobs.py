@@ -9,6 +9,7 @@ nothing the service serves: only a finished job registers a new version.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from backend.settings import Settings
@@ -27,10 +29,14 @@ FAILURE_PREFIX = "training failed: "  # the child's last line when it fails (bac
 
 
 class TrainingJobs:
-    def __init__(self, settings: Settings, store: Store, env: dict | None = None):
+    """``on_end(outcome)`` is called as each job ends ("finished" or "failed")."""
+
+    def __init__(self, settings: Settings, store: Store, env: dict | None = None,
+                 on_end: Callable[[str], None] | None = None):
         self.settings = settings
         self.store = store
         self.env = env or {}
+        self._on_end = on_end
         self._lock = threading.Lock()
         self._running: dict[str, subprocess.Popen] = {}
         self._queue: dict[str, bool] = {}  # project → pull annotations first; insertion order = turn
@@ -86,13 +92,16 @@ class TrainingJobs:
                 self._last[project] = {"state": "failed", "finished": time.time(), "error": error}
                 log.error("project %s: training job failed: %s (see its training.log)", project, error)
             self._start_queued()
+            outcome = self._last[project]["state"]
+        if self._on_end is not None:
+            self._on_end(outcome)
 
     def _copy_output(self, project: str, process: subprocess.Popen) -> collections.deque:
         """Copy the child's output to ``training.log`` as it comes; keep its last lines in memory,
         so a failure is reported in the child's own words even when the disk is full."""
         tail: collections.deque = collections.deque(maxlen=20)
         try:
-            log_file = open(self.store.project_dir(project) / "training.log", "ab")
+            log_file = open(self.store.project_dir(project) / "training.log", "ab")  # noqa: SIM115 (may be dropped mid-loop)
         except OSError as error:
             log.warning("project %s: training.log can't be opened (%s)", project, error.strerror)
             log_file = None
@@ -105,10 +114,8 @@ class TrainingJobs:
             except OSError:
                 log_file = None  # keep reading, or the child would block on a full pipe
         if log_file is not None:
-            try:
+            with contextlib.suppress(OSError):
                 log_file.close()
-            except OSError:
-                pass
         return tail
 
     def _progress(self, project: str) -> dict:

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.build import ModelConfig
 from model.calibration import TASK_SCORES
 
 
@@ -111,10 +112,15 @@ class Settings:
             env[name.upper()] = str(value)
         return env
 
-    def segmenter_options(self) -> dict:
-        """Keyword arguments of :func:`model.segmenter.build_segmenter` that these settings choose."""
-        return {"dense_method": self.dense_method, "seen_weight": self.ensemble_seen_weight,
-                "unseen_weight": self.ensemble_unseen_weight}
+    def model_config(self) -> ModelConfig:
+        """The model these settings choose (:func:`model.build.load_model`)."""
+        return ModelConfig(clip_model=self.clip_model, clip_pretrained=self.clip_pretrained, device=self.device,
+                           dense_method=self.dense_method, seen_weight=self.ensemble_seen_weight,
+                           unseen_weight=self.ensemble_unseen_weight, inference_size=self.inference_size,
+                           batch_size=self.predict_batch_size, max_area=self.max_inference_area,
+                           temperature=self.temperature, cache_dir=self.cache_dir,
+                           text_cache_vocabularies=self.text_cache_vocabularies,
+                           text_cache_disk_bytes=self.text_cache_disk_bytes)
 
     @property
     def cache_dir(self) -> Path:

@@ -11,6 +11,7 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,21 +164,22 @@ class Store:
                        (key, value))
 
     # ------------------------------------------------------------------ versions
-    def add_version(self, project: str, path: Path, summary: dict) -> Version:
-        with self._db() as db:
+    def add_version(self, project: str, summary: dict, save: Callable[[int, Path], object]) -> Version:
+        """Register the project's next version: ``save(number, path)`` writes its checkpoint (atomically),
+        and only then is the version recorded. Numbers are taken under the database's write lock."""
+        db = self._db()
+        with db:
+            db.execute("BEGIN IMMEDIATE")
             (last,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE project=?", (project,)).fetchone()
+            path = self.project_dir(project) / f"v{last + 1}.pt"
+            save(last + 1, path)
             created = time.time()
             db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?)",
                        (project, last + 1, str(path), created, json.dumps(summary)))
-        return Version(project, last + 1, Path(path), created, summary)
+        return Version(project, last + 1, path, created, summary)
 
     def versions(self, project: str | None = None) -> list[Version]:
         query = "SELECT project, version, path, created, summary FROM versions"
         rows = self._db().execute(query + (" WHERE project=?" if project else "") + " ORDER BY project, version",
                                   (project,) if project else ())
         return [Version(p, v, Path(path), c, json.loads(s)) for p, v, path, c, s in rows]
-
-    def next_version_number(self, project: str) -> int:
-        (last,) = self._db().execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE project=?",
-                                     (project,)).fetchone()
-        return last + 1

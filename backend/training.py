@@ -11,6 +11,7 @@ registers it as the project's next version; progress goes to ``<project dir>/job
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import logging
@@ -21,28 +22,29 @@ import time
 from pathlib import Path
 
 import numpy as np
-import requests
 
 from backend.annotations import AnnotationError, results_to_label_map, validate_results
+from backend.control_tags import ControlTag
 from backend.images import ImageError, ImageFetcher
 from backend.jobs import FAILURE_PREFIX
 from backend.label_config import parse_targets
+from backend.labelstudio import LabelStudioClient
+from backend.runtime import ModelRuntime
 from backend.settings import Settings
 from backend.store import ProjectIdError, Store, Version, project_key
 from model.calibration import calibrate
-from model.predictor import Predictor
+from model.checkpoint import save_checkpoint
+from model.files import atomic_write
 from model.train import Sample, TrainConfig, finetune
-from model.vocabulary import Vocabulary
+from model.vocabulary import UNLABELED, Vocabulary
 
 log = logging.getLogger(__name__)
 
 
 def write_progress(path: Path, **state) -> None:
     """Best effort: progress is for people watching; a full disk must not stop the job here."""
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps({**state, "updated": time.time()}))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({**state, "updated": time.time()}).encode())
     except OSError as error:
         log.warning("progress not written: %s", describe_error(error))
 
@@ -57,45 +59,54 @@ def describe_error(error: BaseException) -> str:
 
 def pull_annotations(settings: Settings, store: Store, project: str) -> int:
     """Replace the stored annotations by Label Studio's current ones (its JSON export)."""
-    from backend.images import LabelStudioAuth
-
     if not settings.label_studio_url:
         raise RuntimeError("pulling annotations needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
-    base = settings.label_studio_url.rstrip("/")
-    response = requests.get(f"{base}/api/projects/{project}/export?exportType=JSON", headers=auth.header(),
-                            timeout=300)
-    response.raise_for_status()
-    details = requests.get(f"{base}/api/projects/{project}", headers=auth.header(), timeout=60)
-    details.raise_for_status()
-    store.set_label_config(project, details.json()["label_config"])
-    return store.replace_annotations(project, response.json())
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key, timeout=300)
+    exported = client.export_annotations(project)
+    store.set_label_config(project, client.label_config(project))
+    return store.replace_annotations(project, exported)
 
 
 def build_samples(annotations: list[dict], label_config: str, fetcher: ImageFetcher,
                   skipped: list[dict] | None = None) -> tuple[list[Sample], Vocabulary]:
     """Annotated images as training samples, in the vocabulary of the classes that occur in them.
 
-    An annotation that can't be used (its image can't be fetched, or its regions are malformed,
-    e.g. stored before the webhook validated them) is skipped and appended to ``skipped``.
+    Every segmentation target of the config is learnt from: the targets reading one image are
+    painted into one label map, over all their labels. An annotation that can't be used (an
+    image can't be fetched, or its regions are malformed, e.g. stored before the webhook
+    validated them) is skipped and appended to ``skipped``.
     """
-    target = parse_targets(label_config)[0]
+    targets = parse_targets(label_config)
+    vocabulary = Vocabulary.merge(t.vocabulary for t in targets)
+    by_image: dict[str, list[ControlTag]] = {}
+    for target in targets:  # each target's results painted in the merged vocabulary's indices
+        by_image.setdefault(target.data_key, []).append(dataclasses.replace(target, vocabulary=vocabulary))
     samples = []
     for annotation in annotations:
         try:
             validate_results(annotation["result"], fetcher.max_pixels)
-            image = fetcher.fetch((annotation["data"] or {})[target.data_key], annotation["task_id"])
-            labels = results_to_label_map(annotation["result"], target, *image.shape[:2])
+            samples.extend(_annotation_samples(annotation, by_image, fetcher))
         except (ImageError, AnnotationError, KeyError, TypeError, ValueError) as error:
             reason = str(error) if isinstance(error, (ImageError, AnnotationError)) else \
                 f"{error.__class__.__name__}: {error}"
             log.warning("task %s skipped: %s", annotation["task_id"], reason)
             if skipped is not None:
                 skipped.append({"task_id": annotation["task_id"], "reason": reason[:300]})
-            continue
+    return restrict_to_annotated(samples, vocabulary)
+
+
+def _annotation_samples(annotation: dict, by_image: dict[str, list[ControlTag]],
+                        fetcher: ImageFetcher) -> list[Sample]:
+    """One sample per image of the annotation that has annotated pixels."""
+    samples = []
+    for data_key, targets in by_image.items():
+        image = fetcher.fetch((annotation["data"] or {})[data_key], annotation["task_id"])
+        labels = None
+        for target in targets:
+            labels = results_to_label_map(annotation["result"], target, *image.shape[:2], label_map=labels)
         if (labels >= 0).any():
             samples.append(Sample(image, labels))
-    return restrict_to_annotated(samples, target.vocabulary)
+    return samples
 
 
 def restrict_to_annotated(samples: list[Sample], vocabulary: Vocabulary) -> tuple[list[Sample], Vocabulary]:
@@ -107,7 +118,7 @@ def restrict_to_annotated(samples: list[Sample], vocabulary: Vocabulary) -> tupl
     classes = sorted({int(c) for sample in samples for c in np.unique(sample.labels) if c >= 0})
     if not classes:
         return [], vocabulary
-    remap = np.full(len(vocabulary) + 1, -1, np.int64)
+    remap = np.full(len(vocabulary) + 1, UNLABELED, np.int64)
     remap[classes] = np.arange(len(classes))
     restricted = [Sample(sample.image, remap[sample.labels]) for sample in samples]
     return restricted, Vocabulary(tuple(vocabulary.labels[c] for c in classes),
@@ -123,15 +134,11 @@ def train_config(settings: Settings) -> TrainConfig:
 
 def train_project(settings: Settings, project: str, pull: bool = False) -> Version:
     """Fine-tune on the project's annotations; register and return the new version."""
-    from backend.service import load_model
-    from model.checkpoint import save_checkpoint
-    from model.segmenter import build_segmenter
-
     store = Store(settings.model_dir)
     directory = store.project_dir(project)
     directory.mkdir(parents=True, exist_ok=True)
     # One job per project across every backend worker process: later ones wait their turn.
-    lock = open(directory / "train.lock", "w")
+    lock = open(directory / "train.lock", "w")  # noqa: SIM115 (held, so locked, until the process ends)
     fcntl.flock(lock, fcntl.LOCK_EX)
     progress = directory / "job.json"
     started = time.time()
@@ -139,20 +146,11 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
     if pull:
         log.info("project %s: pulled %d annotations from Label Studio", project,
                  pull_annotations(settings, store, project))
-    label_config = store.label_config(project)
-    if not label_config:
-        raise RuntimeError(f"project {project}: no label config known yet (connect the backend or pass one)")
     changes = store.changes_since_training(project)
-    skipped: list[dict] = []
-    samples, vocabulary = build_samples(store.annotations(project), label_config,
-                                        ImageFetcher.from_settings(settings), skipped)
-    if not samples:
-        raise RuntimeError(f"project {project}: no usable annotations to train on"
-                           + (f" ({len(skipped)} skipped, e.g. task {skipped[0]['task_id']}: "
-                              f"{skipped[0]['reason']})" if skipped else ""))
-    model = load_model(settings)
+    samples, vocabulary, skipped = _project_samples(settings, store, project)
+    model = ModelRuntime(settings, store).load()
     config = train_config(settings)
-    segmenter = build_segmenter(model.clip, seed=config.seed, **settings.segmenter_options())
+    segmenter = model.segmenter(seed=config.seed)
     log.info("project %s: training on %d images, classes %s", project, len(samples), list(vocabulary.labels))
 
     def report(step: int, losses: dict) -> None:
@@ -162,23 +160,35 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
 
     summary = finetune(segmenter, model.clip, model.encoder, samples, vocabulary, config, progress=report)
     write_progress(progress, state="calibrating", pid=os.getpid(), started=started)
-    predictor = Predictor(segmenter, model.encoder, model.clip.mean, model.clip.std, settings.inference_size,
-                          settings.predict_batch_size, device=settings.device)
     # The fine-tuned model's own annotations calibrate it about as well as held-out ones would
     # (bench.calibration), so no annotation is set aside from training.
-    summary.update(calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], vocabulary))
+    summary.update(calibrate(model.predictor(segmenter, temperature=1.0), [s.image for s in samples],
+                             [s.labels for s in samples], vocabulary))
     summary.update(images=len(samples), classes=list(vocabulary.labels), skipped_annotations=len(skipped),
                    skipped=skipped[:20])
-    number = store.next_version_number(project)
-    path = save_checkpoint(directory / f"v{number}.pt", segmenter, model.clip.identity,
-                           project=project, version=number, **summary)
-    version = store.add_version(project, path, summary)
+    version = store.add_version(project, summary, lambda number, path: save_checkpoint(
+        path, segmenter, model.name, project=project, version=number, **summary))
     if store.changes_since_training(project) == changes:
         store.reset_changes(project)
     write_progress(progress, state="finished", version=version.version, started=started,
                    seconds=round(time.time() - started, 1))
-    log.info("project %s: version v%d ready (%s)", project, version.version, path)
+    log.info("project %s: version v%d ready (%s)", project, version.version, version.path)
     return version
+
+
+def _project_samples(settings: Settings, store: Store, project: str) -> tuple[list[Sample], Vocabulary, list[dict]]:
+    """The stored annotations as samples, their vocabulary, and the annotations skipped (with why)."""
+    label_config = store.label_config(project)
+    if not label_config:
+        raise RuntimeError(f"project {project}: no label config known yet (connect the backend or pass one)")
+    skipped: list[dict] = []
+    samples, vocabulary = build_samples(store.annotations(project), label_config,
+                                        ImageFetcher.from_settings(settings), skipped)
+    if not samples:
+        raise RuntimeError(f"project {project}: no usable annotations to train on"
+                           + (f" ({len(skipped)} skipped, e.g. task {skipped[0]['task_id']}: "
+                              f"{skipped[0]['reason']})" if skipped else ""))
+    return samples, vocabulary, skipped
 
 
 def main(argv=None) -> None:

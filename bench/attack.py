@@ -112,7 +112,7 @@ class Backend:
         return requests.post(self.url + path, json=payload, timeout=kwargs.pop("timeout", 60), **kwargs)
 
     def get(self, path: str) -> dict:
-        return requests.get(self.url + path, timeout=10).json()
+        return requests.get(self.url + path, headers={"Accept": "application/json"}, timeout=10).json()
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -327,10 +327,9 @@ def corrupt_checkpoint(lab: Lab) -> str:
     clip = load_clip(str(CONFIG), str(materialize()))
     store = Store(backend.model_dir)
     directory = store.project_dir("5")
-    for number in (1, 2):
-        path = save_checkpoint(directory / f"v{number}.pt", build_segmenter(clip, dense_method=DENSE_METHOD),
-                               clip.identity, temperature=1.0)
-        store.add_version("5", path, {"images": 1})
+    for _ in (1, 2):
+        store.add_version("5", {"images": 1}, lambda number, path: save_checkpoint(
+            path, build_segmenter(clip, dense_method=DENSE_METHOD), clip.identity, temperature=1.0))
     (directory / "v2.pt").write_bytes((directory / "v2.pt").read_bytes()[:100])
     image = lab.label_studio.add("c.png", png(64, 48))
     answer = backend.post("/predict", {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": LABEL_CONFIG,
@@ -345,9 +344,9 @@ def corrupt_checkpoint(lab: Lab) -> str:
 
 def bad_annotations(lab: Lab) -> str:
     """7. Malformed annotations are refused at the webhook; stored ones are skipped by training."""
+    from backend.images import ImageFetcher
     from backend.store import Store
     from backend.training import build_samples
-    from backend.images import ImageFetcher
 
     backend = lab.backend("annotations")
     task = {"id": 9, "data": {"image": "/data/upload/1/x.png"}}

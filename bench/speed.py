@@ -26,11 +26,10 @@ import torch
 from PIL import Image
 
 from backend.app import create_app
-from backend.service import LoadedModel, SegmentationService
+from backend.service import SegmentationService
 from backend.settings import Settings
+from model.build import ModelConfig, SegmentationModel
 from model.clip import load_clip
-from model.predictor import Predictor
-from model.segmenter import build_segmenter
 from model.train import masked_crop, teacher_embeddings
 from model.vocabulary import TextEncoder, Vocabulary
 
@@ -68,17 +67,21 @@ def main(argv=None) -> None:
     parser.add_argument("--classes", type=int, default=20, help="vocabulary size of the timed requests")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    import open_clip
-
-    clip = load_clip(args.model, "random")
-    encoder = TextEncoder(clip)
-    segmenter = build_segmenter(clip)
-    predictor = Predictor(segmenter, encoder, clip.mean, clip.std, inference_size=args.size)
     from model.wordnet import wordnet
 
+    model = SegmentationModel(load_clip(args.model, "random"), ModelConfig(inference_size=args.size))
     nouns = [s.lemma_names()[0].replace("_", " ") for s in list(wordnet().all_synsets("n"))[:20000:130]][:150]
-    vocabulary = Vocabulary.from_labels(nouns[:args.classes])
-    text = encoder.embed(vocabulary)
+    rows = {}
+    for name, fn in designs(args, model, Vocabulary.from_labels(nouns[:args.classes])).items():
+        rows[name] = measure(fn, args.images)
+        print(f"  {name}: {rows[name][0]:.0f} ms", flush=True)
+    report(args, rows, text_encoder_ms(model.clip, Vocabulary.from_labels(nouns)))
+
+
+def designs(args, model: SegmentationModel, vocabulary: Vocabulary) -> dict:
+    """The timed calls, by design name, on one random image of args.size²."""
+    import open_clip
+
     image = np.random.default_rng(0).integers(0, 255, (args.size, args.size, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
@@ -86,25 +89,19 @@ def main(argv=None) -> None:
     labels = "".join(f'<Label value="{name}"/>' for name in vocabulary.labels)
     label_config = f'<View><Image name="image" value="$image"/><BrushLabels name="m" toName="image">{labels}</BrushLabels></View>'
     settings = Settings(clip_model=args.model, clip_pretrained="random", inference_size=args.size)
-    service = SegmentationService(settings, model_loader=lambda _: LoadedModel(predictor, "bench"))
+    service = SegmentationService(settings, model_loader=lambda _: model)
     service.start()
     client = create_app(settings, service).test_client()
     payload = {"tasks": [{"id": 1, "data": {"image": uri}}], "label_config": label_config}
+    predictor, text = model.predictor(), model.encoder.embed(vocabulary)
+    # A fine-tuned version: the same pass plus the ensemble with the frozen classifier (half the labels seen).
+    tuned_segmenter = model.segmenter()
+    tuned_segmenter.trained_labels = vocabulary.labels[::2]
+    tuned = model.predictor(tuned_segmenter)
 
     def fast():
         response = client.post("/predict", json=payload)
         assert response.status_code == 200, response.get_json()
-
-    def zero_shot():
-        predictor.logits([image], vocabulary)
-
-    # A fine-tuned version: the same pass plus the ensemble with the frozen classifier (half the labels seen).
-    tuned_segmenter = build_segmenter(clip)
-    tuned_segmenter.trained_labels = vocabulary.labels[::2]
-    tuned = Predictor(tuned_segmenter, encoder, clip.mean, clip.std, inference_size=args.size)
-
-    def fine_tuned():
-        tuned.logits([image], vocabulary)
 
     def two_stage():
         prediction = predictor.predict([image], vocabulary)[0]
@@ -116,8 +113,8 @@ def main(argv=None) -> None:
             blob = np.zeros(image.shape[:2], bool)
             blob[y:y + 64, x:x + 64] = True
             masks.append(blob)
-        crops = [masked_crop(image, mask, clip.image_size) for mask in masks[:args.masks]]
-        region = teacher_embeddings(clip, crops, batch_size=args.masks)
+        crops = [masked_crop(image, mask, model.clip.image_size) for mask in masks[:args.masks]]
+        region = teacher_embeddings(model.clip, crops, batch_size=args.masks)
         (region @ text.T).argmax(1)
 
     bare_model = open_clip.create_model(args.model, pretrained=None, force_image_size=args.size).visual.eval()
@@ -127,21 +124,22 @@ def main(argv=None) -> None:
         with torch.no_grad():
             bare_model(bare_input)
 
-    rows = {}
-    for name, fn in [("bare", bare), ("zero-shot", zero_shot), ("fine-tuned", fine_tuned), ("fast", fast),
-                     ("two-stage", two_stage)]:
-        rows[name] = measure(fn, args.images)
-        print(f"  {name}: {rows[name][0]:.0f} ms", flush=True)
+    return {"bare": bare, "zero-shot": lambda: predictor.logits([image], vocabulary),
+            "fine-tuned": lambda: tuned.logits([image], vocabulary), "fast": fast, "two-stage": two_stage}
 
-    cold_encoder = TextEncoder(clip)
-    big = Vocabulary.from_labels(nouns)
-    started = time.perf_counter()
-    cold_encoder.embed(big)
-    cold_ms = (time.perf_counter() - started) * 1000
-    started = time.perf_counter()
-    cold_encoder.embed(big)
-    warm_ms = (time.perf_counter() - started) * 1000
 
+def text_encoder_ms(clip, vocabulary: Vocabulary) -> tuple[float, float, str]:
+    """(cold ms, cached ms, what was embedded) for ``vocabulary`` with a fresh text encoder."""
+    encoder = TextEncoder(clip)
+    timings = []
+    for _ in range(2):
+        started = time.perf_counter()
+        encoder.embed(vocabulary)
+        timings.append((time.perf_counter() - started) * 1000)
+    return timings[0], timings[1], f"{len(vocabulary)} classes × {len(encoder.templates)} templates"
+
+
+def report(args, rows: dict, text_timing: tuple[float, float, str]) -> None:
     print(f"\n{args.model}, {args.size}x{args.size}, CPU threads {torch.get_num_threads()}, "
           f"{args.classes} classes, median of {args.images}\n")
     print("| design | ms / image | × bare forward | peak RSS added (MiB) |\n|---|---|---|---|")
@@ -151,8 +149,8 @@ def main(argv=None) -> None:
     for name in ("fast", "zero-shot", "fine-tuned", "two-stage", "bare"):
         ms, mib = rows[name]
         print(f"| {labels[name]} | {ms:.0f} | {ms / rows['bare'][0]:.2f} | {mib:.0f} |")
-    print(f"\ntext encoder, {len(big)} classes × {len(cold_encoder.templates)} templates: cold {cold_ms:.0f} ms, "
-          f"cached {warm_ms:.2f} ms")
+    cold_ms, warm_ms, embedded = text_timing
+    print(f"\ntext encoder, {embedded}: cold {cold_ms:.0f} ms, cached {warm_ms:.2f} ms")
     print(f"two-stage / fast = {rows['two-stage'][0] / rows['fast'][0]:.1f}x; "
           f"fast / bare = {rows['fast'][0] / rows['bare'][0]:.2f}x")
     print(f"speed: fast_ms={rows['fast'][0]:.0f} two_stage_ms={rows['two-stage'][0]:.0f} bare_ms={rows['bare'][0]:.0f} "

@@ -4,11 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from backend.annotations import results_to_label_map
 from backend.app import create_app
 from backend.label_config import parse_targets
-from backend.service import SegmentationService, load_model
+from backend.runtime import load_model
+from backend.service import SegmentationService
 from backend.settings import Settings
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, materialize
@@ -16,6 +18,7 @@ from model.calibration import task_score
 from model.metrics import ConfusionMatrix
 from tests.conftest import png_bytes
 
+JSON = {"Accept": "application/json"}
 LABEL_CONFIG = (Path(__file__).parents[1] / "labeling_config" / "demo-world.xml").read_text()
 POLYGON_CONFIG = LABEL_CONFIG.replace("BrushLabels", "PolygonLabels")
 
@@ -52,8 +55,21 @@ def test_health_setup_versions_metrics(make_client):
     assert setup.status_code == 200 and "demo-clip" in setup.get_json()["model_version"]
     versions = client.get("/versions").get_json()
     assert versions["versions"] == [] and "demo-clip" in versions["base_model"]
-    assert "predicted_tasks" in client.get("/metrics").get_json()
     assert client.post("/webhook", json={"action": "SOMETHING_NEW"}).get_json()["status"] == "ignored"
+    summary = client.get("/metrics", headers=JSON).get_json()  # the JSON of earlier versions, on request
+    assert summary["predicted_tasks"] == 0 and summary["webhooks_received"] == 1 and summary["model_state"] == "ready"
+    scraped = _scrape(client)  # what Prometheus reads
+    assert scraped[("gkc_webhooks_total", (("action", "other"),))] == 1
+    assert scraped[("gkc_http_requests_total", (("endpoint", "/setup"), ("status", "200")))] == 1
+    assert scraped[("gkc_model_ready", ())] == 1
+
+
+def _scrape(client) -> dict:
+    """``/metrics`` as Prometheus parses it: (sample name, sorted labels) → value."""
+    response = client.get("/metrics", headers={"Accept": "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"})
+    assert response.status_code == 200 and response.content_type.startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.get_data(as_text=True)) for sample in family.samples}
 
 
 def test_predict_matches_the_model_and_caches_text(make_client, file_server, scenes, loaded_model):
@@ -64,9 +80,9 @@ def test_predict_matches_the_model_and_caches_text(make_client, file_server, sce
     body = response.get_json()
     assert len(body["results"]) == len(tasks)
     target = parse_targets(LABEL_CONFIG)[0]
-    direct = loaded_model.predictor.predict([image for image, _ in scenes], target.vocabulary)
+    direct = loaded_model.predictor().predict([image for image, _ in scenes], target.vocabulary)
     served, model = ConfusionMatrix(len(world.NAMES)), ConfusionMatrix(len(world.NAMES))
-    for (image, truth), entry, prediction in zip(scenes, body["results"], direct):
+    for (_image, truth), entry, prediction in zip(scenes, body["results"], direct, strict=True):
         assert entry["model_version"] == body["model_version"] and "meta" not in entry
         assert entry["score"] == pytest.approx(task_score(prediction), rel=1e-3)  # TASK_SCORE=product
         assert all(r["value"]["brushlabels"][0] in world.NAMES for r in entry["result"])
@@ -74,9 +90,9 @@ def test_predict_matches_the_model_and_caches_text(make_client, file_server, sce
         model.update(truth, prediction.label_map)
     assert served.miou() == pytest.approx(model.miou(), abs=1e-9)  # nothing lost in the service
 
-    forwards = loaded_model.predictor.text_encoder.forward_count
+    forwards = loaded_model.encoder.forward_count
     assert client.post("/predict", json={"tasks": tasks[:2], "label_config": LABEL_CONFIG}).status_code == 200
-    assert loaded_model.predictor.text_encoder.forward_count == forwards  # warm vocabulary: no text forward
+    assert loaded_model.encoder.forward_count == forwards  # warm vocabulary: no text forward
 
 
 def test_review_options_report_unsure_pixels(make_client, file_server, scenes, loaded_model):
@@ -84,8 +100,8 @@ def test_review_options_report_unsure_pixels(make_client, file_server, scenes, l
     body = client.post("/predict", json={"tasks": _tasks(file_server, scenes[:3]),
                                          "label_config": LABEL_CONFIG}).get_json()
     vocabulary = parse_targets(LABEL_CONFIG)[0].vocabulary
-    direct = loaded_model.predictor.predict([image for image, _ in scenes[:3]], vocabulary)
-    for entry, prediction in zip(body["results"], direct):
+    direct = loaded_model.predictor().predict([image for image, _ in scenes[:3]], vocabulary)
+    for entry, prediction in zip(body["results"], direct, strict=True):
         unsure = float((prediction.confidence < 0.6).mean())
         assert entry["meta"] == {"unsure_fraction": pytest.approx(unsure, abs=1e-4), "unsure_below": 0.6}
         assert entry["score"] == pytest.approx(1 - unsure, abs=1e-4)
@@ -122,7 +138,11 @@ def test_bad_tasks_fail_alone(make_client, file_server, scenes):
     for index, message in [(1, "not a readable image"), (2, "HTTP 404"), (3, "over the limit"),
                            (4, "no 'image' field"), (5, "non-public address")]:
         assert "result" not in results[index] and message in results[index]["error"], results[index]
-    assert client.get("/metrics").get_json()["failed_tasks"] == 5
+    assert client.get("/metrics", headers=JSON).get_json()["failed_tasks"] == 5
+    scraped = _scrape(client)
+    assert scraped[("gkc_failed_tasks_total", ())] == 5 and scraped[("gkc_predicted_tasks_total", ())] == 7
+    assert scraped[("gkc_http_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 1
+    assert scraped[("gkc_predict_seconds_count", ())] == 1
 
 
 def test_wrong_token_is_reported_per_task(make_client, file_server, scenes):
@@ -168,7 +188,7 @@ def test_missing_weights_are_reported_not_fatal(tmp_path):
     settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(tmp_path / "nope.pt"), model_dir=tmp_path)
     app = create_app(settings)
     client = app.test_client()
-    app.config["service"]._loaded.wait(60)
+    app.config["service"].runtime._loaded.wait(60)
     health = client.get("/health").get_json()
     assert health["model_state"] == "error" and "CLIP_PRETRAINED" in health["model_error"]
     response = client.post("/predict", json={"tasks": [{"data": {"image": "x"}}], "label_config": LABEL_CONFIG})

@@ -144,7 +144,8 @@ def test_label_studio_annotation_events_reach_the_store(servers):
 
     def stored(expected: int, changes: int) -> None:
         deadline = time.time() + 30
-        while (counts := requests.get(f"{backend_url}/metrics", timeout=5).json()["annotations"].get(str(project))) \
+        while (counts := requests.get(f"{backend_url}/metrics", headers={"Accept": "application/json"},
+                                           timeout=5).json()["annotations"].get(str(project))) \
                 != {"stored": expected, "changes_since_training": changes}:
             assert time.time() < deadline, counts
             time.sleep(0.3)

@@ -30,7 +30,7 @@ def _setup(client, host, **kwargs):
 def test_first_label_studio_is_trusted_and_remembered(tmp_path):
     client, service = _client(tmp_path, label_studio_api_key="K")
     assert _setup(client, "http://10.0.0.5:8080").status_code == 200
-    assert service.fetcher.label_studio_url == "http://10.0.0.5:8080" and service.fetcher.auth.token == "t"
+    assert service.fetcher.label_studio_url == "http://10.0.0.5:8080" and service.fetcher.label_studio.token == "t"
     assert _setup(client, "http://10.0.0.6:8080").status_code == 403
     restarted, _ = _client(tmp_path)
     assert _setup(restarted, "http://10.0.0.6:8080").status_code == 403  # the trust survives a restart
@@ -52,7 +52,7 @@ def test_moving_label_studio_takes_basic_auth_or_an_allowed_host(tmp_path):
 def test_environment_label_studio_wins_and_bad_hostnames_are_refused(tmp_path):
     client, service = _client(tmp_path, label_studio_url="http://ls:8080", label_studio_api_key="K")
     assert _setup(client, "http://elsewhere").status_code == 200
-    assert service.fetcher.label_studio_url == "http://ls:8080" and service.fetcher.auth.token == "K"
+    assert service.fetcher.label_studio_url == "http://ls:8080" and service.fetcher.label_studio.token == "K"
     client, _ = _client(tmp_path / "b")
     for bad in ("file:///etc/passwd", "http://user:pw@ls:8080", "ls:8080"):
         assert _setup(client, bad).status_code == 400, bad

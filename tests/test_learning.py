@@ -11,7 +11,7 @@ import pytest
 from backend.annotations import results_to_label_map
 from backend.app import create_app
 from backend.label_config import parse_targets
-from backend.results import build_results
+from backend.runtime import ModelRuntime
 from backend.service import SegmentationService
 from backend.settings import Settings
 from backend.store import Store
@@ -30,7 +30,7 @@ NOVEL = [world.NAMES.index(n) for n in world.NOVEL]
 def annotation_results(label_map: np.ndarray, classes=BASE) -> list[dict]:
     """What an annotator labelling only ``classes`` (indices; the base classes by default) would submit."""
     kept = np.where(np.isin(label_map, list(classes)), label_map.astype(np.int16), -1).astype(np.int16)
-    return build_results(TARGET, SemanticPrediction(kept, np.ones(label_map.shape, np.float32)))
+    return TARGET.build(SemanticPrediction(kept, np.ones(label_map.shape, np.float32)))
 
 
 @pytest.fixture()
@@ -46,7 +46,7 @@ def service(tmp_path, file_server):
 def _predict_miou(client, tasks, scenes):
     body = client.post("/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG, "project": "7.123"}).get_json()
     confusion = ConfusionMatrix(len(world.NAMES))
-    for entry, (_, truth) in zip(body["results"], scenes):
+    for entry, (_, truth) in zip(body["results"], scenes, strict=True):
         confusion.update(truth, results_to_label_map(entry["result"], TARGET, *truth.shape))
     return body["model_version"], confusion.miou(BASE), confusion.miou(NOVEL)
 
@@ -87,11 +87,13 @@ def test_annotations_train_a_new_version_that_is_served(service, file_server):
     assert versions["current"]["7"] == "v2"
     summary = versions["versions"][-1]["summary"]  # each version is calibrated on the project's annotations
     assert summary["temperature"] > 0 and summary["ece_after"] <= summary["ece_before"] + 1e-6
-    served = service.model().predictor_for(service.current_version("7").path)
+    served = service.runtime.serving("7").predictor
     assert served.temperature == pytest.approx(summary["temperature"], abs=1e-3)
     assert client.get("/health").get_json()["training"]["7"]["state"] == "finished"
     tuned_version, base_after, novel_after = _predict_miou(client, tasks, held_out)
     assert "@p7-v2" in tuned_version
+    # /versions names each version exactly as its predictions do in Label Studio.
+    assert client.get("/versions").get_json()["versions"][-1]["model_version"] == tuned_version
     print(f"held-out mIoU base {base_before:.1f} → {base_after:.1f}, novel {novel_before:.1f} → {novel_after:.1f}")
     assert base_after > base_before + 5
     # Uncorrected labels are not forgotten; novel mIoU moves by ±2.6 between training seeds
@@ -132,16 +134,19 @@ def test_store_survives_restarts_and_pins_versions(tmp_path):
     store = Store(tmp_path)
     store.upsert_annotation("1", {"id": 5, "result": [{"a": 1}]}, {"id": 9, "data": {"image": "x"}})
     store.upsert_annotation("1", {"id": 5, "result": [{"a": 2}]}, {"id": 9, "data": {"image": "x"}})
-    store.add_version("1", tmp_path / "v1.pt", {"images": 1})
-    store.add_version("1", tmp_path / "v2.pt", {"images": 2})
+    written = []
+    for images in (1, 2):
+        store.add_version("1", {"images": images}, lambda number, path: written.append((number, path.name)))
+    assert written == [(1, "v1.pt"), (2, "v2.pt")]  # numbered once, named by their number
     reopened = Store(tmp_path)
     assert reopened.annotations("1") == [{"task_id": 9, "data": {"image": "x"}, "result": [{"a": 2}]}]
     assert [v.version for v in reopened.versions("1")] == [1, 2]
-    pinned = SegmentationService(Settings(model_dir=tmp_path, pinned_versions={"1": 1}), model_loader=None)
-    assert pinned.current_version("1").version == 1
-    assert SegmentationService(Settings(model_dir=tmp_path), model_loader=None).current_version("1").version == 2
-    assert SegmentationService(Settings(model_dir=tmp_path, pinned_versions={"1": 0}),
-                               model_loader=None).current_version("1") is None
+    def current(**settings):
+        return ModelRuntime(Settings(model_dir=tmp_path, **settings), reopened, loader=None).current_version("1")
+
+    assert current(pinned_versions={"1": 1}).version == 1
+    assert current().version == 2
+    assert current(pinned_versions={"1": 0}) is None
 
 
 def test_training_from_a_label_studio_export_file(tmp_path):
@@ -163,5 +168,5 @@ def test_training_from_a_label_studio_export_file(tmp_path):
         env={**os.environ, **settings.to_env()}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["version"] == "v1"
-    service = SegmentationService(settings)
-    assert service.current_version("5").summary["images"] == 6
+    runtime = ModelRuntime(settings, Store(settings.model_dir), loader=None)
+    assert runtime.current_version("5").summary["images"] == 6

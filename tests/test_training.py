@@ -1,3 +1,4 @@
+import base64
 import math
 import os
 import subprocess
@@ -7,14 +8,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from label_studio_sdk.converter.brush import mask2rle
 
+from backend.images import ImageFetcher
+from backend.training import build_samples
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.losses import (classification_loss, distillation_loss, diversified_logits, pool_regions,
-                          text_guided_distillation_loss)
+from model.losses import (
+    classification_loss,
+    distillation_loss,
+    diversified_logits,
+    pool_regions,
+    text_guided_distillation_loss,
+)
 from model.segmenter import build_segmenter
 from model.synonyms import candidate_names, filter_synonyms
 from model.train import Sample, TrainConfig, finetune, masked_crop
 from model.vocabulary import TextEncoder, Vocabulary
+from tests.conftest import png_bytes
 
 
 def test_distillation_losses_known_values():
@@ -177,3 +187,25 @@ def test_fine_tuned_segmenter_ensembles_with_the_frozen_clip(demo_clip, tmp_path
     restored = build_segmenter(demo_clip)
     load_checkpoint(path, restored, demo_clip.identity)
     assert restored.trained_labels == ("a", "c")  # a served version knows which labels it saw
+
+
+def test_training_learns_every_segmentation_tag_of_the_config():
+    """A brush tag and a polygon tag on one image: both tags' regions are learnt, in one label map."""
+    config = """<View><Image name="image" value="$image"/>
+      <BrushLabels name="stuff" toName="image"><Label value="grass"/><Label value="sky"/></BrushLabels>
+      <PolygonLabels name="things" toName="image"><Label value="car"/><Label value="sky"/></PolygonLabels></View>"""
+    image = np.zeros((40, 60, 3), np.uint8)
+    brush = np.zeros((40, 60), np.uint8)
+    brush[20:, :] = 255
+    results = [
+        {"from_name": "stuff", "to_name": "image", "type": "brushlabels", "original_width": 60, "original_height": 40,
+         "value": {"format": "rle", "rle": mask2rle(brush), "brushlabels": ["grass"]}},
+        {"from_name": "things", "to_name": "image", "type": "polygonlabels", "original_width": 60,
+         "original_height": 40, "value": {"points": [[10, 5], [40, 5], [40, 40], [10, 40]], "polygonlabels": ["car"]}},
+    ]
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+    samples, vocabulary = build_samples([{"task_id": 1, "data": {"image": uri}, "result": results}], config,
+                                        ImageFetcher())
+    assert vocabulary.labels == ("grass", "car")  # both tags' annotated labels, none of the others
+    (sample,) = samples
+    assert (sample.labels[30, 50], sample.labels[5, 15], sample.labels[2, 2]) == (0, 1, -1)
