@@ -8,7 +8,7 @@ export GKC_CACHE := $(CACHE)
 export NLTK_DATA := $(CACHE)/nltk_data
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup setup-ls test test-fast demo bench clean
+.PHONY: setup setup-ls lint test test-fast demo bench clean
 
 setup: $(VENV)/.installed $(CACHE)/.demo-model $(NLTK_DATA)/corpora/wordnet/lexnames
 
@@ -35,10 +35,14 @@ $(VENV_LS)/.installed:
 	$(VENV_LS)/bin/pip install -q label-studio==1.23.2
 	touch $@
 
-test: setup setup-ls
+# Lint settings (and why a rule is off) are in pyproject.toml.
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint setup-ls
 	$(PY) -m pytest -q tests
 
-test-fast: setup
+test-fast: lint
 	$(PY) -m pytest -q tests -m "not labelstudio"
 
 demo: setup setup-ls

@@ -11,8 +11,8 @@ Everything is deterministic given a seed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -309,7 +309,7 @@ def render_scene(rng: np.random.Generator, size: int = SCENE_SIZE, max_things: i
         cx, cy = rng.uniform(r, size - r, 2)
         layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
         shift = rng.uniform(-25, 25, 3)
-        col = lambda rgb: tuple(int(v) for v in np.clip(np.asarray(rgb) + shift, 0, 255))  # noqa: E731
+        col = lambda rgb, shift=shift: tuple(int(v) for v in np.clip(np.asarray(rgb) + shift, 0, 255))
         _draw_thing(NAMES[cls], ImageDraw.Draw(layer), cx, cy, r, rng, col)
         mask = layer.getchannel("A").point(lambda a: 255 if a > 0 else 0)
         canvas.paste(layer.convert("RGB"), (0, 0), mask)
