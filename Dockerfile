@@ -1,45 +1,46 @@
 # Open-vocabulary pre-segmentation backend for Label Studio.
-#   docker build -t gkc-backend .                                  # CPU
+#   docker build -t gkc-backend .                                                          # CPU
 #   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t gkc-backend:cuda .
-#   docker build --build-arg CLIP_MODEL=ViT-B-16 --build-arg CLIP_PRETRAINED=openai -t gkc-backend .  # bake weights in
+# `docker compose up` (docker-compose.yml) runs it beside a Label Studio.
 FROM python:3.11-slim
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ARG CLIP_MODEL=ViT-B-16
-ARG CLIP_PRETRAINED=
 
+# CLIP weights are downloaded once into the volume (HF_HOME), not into each new container.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     NLTK_DATA=/opt/nltk_data \
-    GKC_CACHE=/opt/gkc-cache \
-    HF_HOME=/opt/hf \
+    HF_HOME=/data/hf-cache \
     MODEL_DIR=/data/models \
-    CLIP_MODEL=${CLIP_MODEL} \
     PORT=9090 THREADS=8
 
-# WordNet from Debian, read by NLTK (see model/wordnet.py); man-db for the lexnames page.
+# WordNet from Debian, read by NLTK (see model/wordnet.py). The slim image drops man pages, so the
+# one WordNet file NLTK needs beside the data (lexnames) is taken from the package itself.
+# Debian's WordNet 3.0 packages do not change within a release: their versions are not pinned.
+WORKDIR /tmp
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends wordnet-base wordnet-sense-index \
-    && rm -rf /var/lib/apt/lists/*
-# The slim image drops man pages; fetch the one WordNet file NLTK needs from the package itself.
-RUN apt-get update && cd /tmp && apt-get download wordnet-base && dpkg-deb -x wordnet-base_*.deb /tmp/wn \
+    && apt-get download wordnet-base && dpkg-deb -x wordnet-base_*.deb /tmp/wn \
     && mkdir -p /usr/share/man/man5 && cp /tmp/wn/usr/share/man/man5/lexnames.5WN.gz /usr/share/man/man5/ \
     && rm -rf /tmp/wn /tmp/*.deb /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY requirements.txt .
-RUN pip install --index-url ${TORCH_INDEX} --extra-index-url https://pypi.org/simple -r requirements.txt
+# Only what serving and training need: the demo's packages stay out (requirements.txt adds them).
+COPY requirements-serve.txt .
+RUN pip install --index-url ${TORCH_INDEX} --extra-index-url https://pypi.org/simple -r requirements-serve.txt
 
-COPY backend backend
 COPY model model
-COPY demo demo
+COPY backend backend
 COPY labeling_config labeling_config
-RUN python -c "from model.wordnet import ensure_wordnet; ensure_wordnet()" \
-    && python -c "from demo.train_clip import materialize; materialize()"
-# Download the CLIP weights at build time when a pretrained tag is given.
-RUN if [ -n "${CLIP_PRETRAINED}" ]; then \
-      python -c "import open_clip; open_clip.create_model('${CLIP_MODEL}', pretrained='${CLIP_PRETRAINED}')"; \
-    fi
-ENV CLIP_PRETRAINED=${CLIP_PRETRAINED:-openai}
+RUN python -c "from model.wordnet import ensure_wordnet; ensure_wordnet()"
+
+# An unprivileged user owns /data, so a new named volume mounted there is writable by it.
+RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin gkc \
+    && mkdir -p /data && chown gkc:gkc /data
+USER 10001:10001
+VOLUME /data
 
 EXPOSE 9090
+# Up and with a model that loaded (a model still loading is healthy; one that failed is not).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 CMD ["python", "-m", "backend", "health"]
 CMD ["python", "-m", "backend"]

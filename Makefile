@@ -45,8 +45,11 @@ test: lint setup-ls
 test-fast: lint
 	$(PY) -m pytest -q tests -m "not labelstudio"
 
+# make demo LS_PORT=8081 BACKEND_PORT=9091 when 8080 or 9090 is taken.
+LS_PORT ?= 8080
+BACKEND_PORT ?= 9090
 demo: setup setup-ls
-	$(PY) -m demo
+	$(PY) -m demo --ls-port $(LS_PORT) --backend-port $(BACKEND_PORT)
 
 bench: setup
 	$(PY) -m bench.speed

@@ -1,5 +1,9 @@
 """``python -m backend``: serve the app on HOST:PORT (settings from the environment, see README).
 
+    python -m backend                    # serve
+    python -m backend check --help       # can Label Studio and this backend reach each other?
+    python -m backend health             # exit 0 if the backend on PORT is up (container HEALTHCHECK)
+
 The server is waitress: its I/O thread buffers each request whole (header and body, up to
 MAX_REQUEST_BYTES) before a worker thread sees it, so slow or half-open clients cost a
 socket, never one of the THREADS that run predictions. Idle connections close after
@@ -55,15 +59,39 @@ def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
+def health(settings: Settings) -> None:
+    """Exit 0 when the backend on 127.0.0.1:PORT answers /health and its model did not fail to load."""
+    import requests
+
+    auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
+    try:
+        answer = requests.get(f"http://127.0.0.1:{settings.port}/health", auth=auth, timeout=5)
+        state = answer.json().get("model_state") if answer.status_code == 200 else f"HTTP {answer.status_code}"
+    except (requests.RequestException, ValueError) as error:
+        sys.exit(f"health: no answer on port {settings.port} ({error.__class__.__name__})")
+    if state not in ("ready", "loading"):
+        sys.exit(f"health: {state}")
+    print(state)
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        from backend.check import main as check
+
+        return check(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args(argv)
+    parser.add_argument("command", nargs="?", choices=("serve", "health"), default="serve",
+                        help="serve (the default), or health; `check` has its own --help")
+    args = parser.parse_args(argv)
     try:
         settings = Settings()
     except ValueError as error:  # a setting that can't work: say which, start nothing
         sys.exit(f"backend: {error}")
-    serve(settings)
+    if args.command == "health":
+        return health(settings)
+    return serve(settings)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ class Prelabeler:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m backend.prelabel", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True, help="Label Studio's address, e.g. http://localhost:8080")
     parser.add_argument("--token", required=True, help="a Label Studio access token (legacy token or personal access token)")
     parser.add_argument("--project", type=int, required=True)

@@ -192,7 +192,8 @@ def _project_samples(settings: Settings, store: Store, project: str) -> tuple[li
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m backend.training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project", required=True)
     parser.add_argument("--pull", action="store_true", help="pull annotations from Label Studio's API first")
     parser.add_argument("--export", type=Path, help="a Label Studio JSON export file to train from")

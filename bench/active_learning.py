@@ -28,7 +28,8 @@ from model.vocabulary import Vocabulary
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.active_learning", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", type=int, default=200)
     parser.add_argument("--annotate", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1, help="annotate, train, re-predict this many times")

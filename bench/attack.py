@@ -9,6 +9,7 @@ behaviour and stops its processes by PID. ``tests/test_hardening.py`` runs the s
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import io
@@ -545,7 +546,11 @@ def lab_session():
 
 
 def main(argv=None) -> None:
-    numbers = [int(a) for a in (argv if argv is not None else sys.argv[1:])] or range(1, len(ATTACKS) + 1)
+    parser = argparse.ArgumentParser(prog="python -m bench.attack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("numbers", nargs="*", type=int, choices=range(1, len(ATTACKS) + 1), metavar="N",
+                        help=f"the items to run (1-{len(ATTACKS)}; default: all)")
+    numbers = parser.parse_args(argv).numbers or range(1, len(ATTACKS) + 1)
     failed = 0
     for number in numbers:
         attack = ATTACKS[number - 1]

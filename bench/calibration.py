@@ -64,7 +64,8 @@ def report(name: str, predictor: Predictor, vocabulary: Vocabulary, fit_sets: di
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.calibration", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-images", type=int, default=100)
     parser.add_argument("--calibration-images", type=int, default=40)
     parser.add_argument("--test-images", type=int, default=80)

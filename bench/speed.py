@@ -59,7 +59,8 @@ def measure(fn, repeats: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--images", type=int, default=5, help="timed repeats (median reported)")

@@ -1,23 +1,30 @@
 """``make demo``: a real Label Studio pre-labeled by our backend, from scratch, offline.
 
-Starts Label Studio on 127.0.0.1:8080 and the backend (demo model) on 127.0.0.1:9090,
-creates a project from ``labeling_config/demo-world.xml``, imports demo-world images,
-connects the backend, asks Label Studio to pre-label every task, reports the mIoU of
-the predictions Label Studio stored, and keeps both servers running until Ctrl-C.
+    make demo                                   # Label Studio on :8080, the backend on :9090
+    make demo LS_PORT=8081 BACKEND_PORT=9091    # other ports
+
+Starts Label Studio and the backend (demo model) on 127.0.0.1, creates a project from
+``labeling_config/demo-world.xml``, imports demo-world images, connects the backend, asks
+Label Studio to pre-label every task and selects that model version in the project (so the
+Data Manager shows the prediction scores). It reports the mIoU of the predictions Label
+Studio stored, prints the login, the API token and a ready-to-paste ``backend.prelabel``
+command, and keeps both servers running until Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
 from backend.annotations import results_to_label_map
 from backend.label_config import parse_targets
 from demo import world
-from demo.labelstudio import ROOT, LabelStudio, start_backend
+from demo.labelstudio import DEMO_MODEL_SETTINGS, ROOT, LabelStudio, backend_env, port_is_free, start_backend
 from model.metrics import ConfusionMatrix
 
 CONFIG = ROOT / "labeling_config" / "demo-world.xml"
@@ -38,14 +45,26 @@ def stored_prediction_miou(label_studio: LabelStudio, project: int, scenes, labe
     return confusion
 
 
+def prelabel_command(model_dir: Path, label_studio: LabelStudio, project: int) -> str:
+    """``backend.prelabel`` with the environment that names the demo model, ready to paste."""
+    env = backend_env(model_dir, None)
+    settings = " ".join(f"{name}={shlex.quote(env[name])}" for name in DEMO_MODEL_SETTINGS)
+    return (f"{settings} {shlex.quote(sys.executable)} -m backend.prelabel --url {label_studio.url} "
+            f"--token {label_studio.token} --project {project}")
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=24)
-    parser.add_argument("--ls-port", type=int, default=8080)
-    parser.add_argument("--backend-port", type=int, default=9090)
+    parser.add_argument("--ls-port", type=int, default=8080, help="Label Studio's port (make demo LS_PORT=...)")
+    parser.add_argument("--backend-port", type=int, default=9090, help="the backend's port (make demo BACKEND_PORT=...)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".demo")
     parser.add_argument("--exit", action="store_true", help="stop after reporting instead of waiting for Ctrl-C")
     args = parser.parse_args(argv)
+    for port, variable in ((args.ls_port, "LS_PORT"), (args.backend_port, "BACKEND_PORT")):
+        if not port_is_free(port):
+            sys.exit(f"demo: port {port} is busy; pick another one: make demo {variable}=<free port>")
 
     shutil.rmtree(args.work_dir, ignore_errors=True)
     args.work_dir.mkdir(parents=True)
@@ -64,16 +83,20 @@ def main(argv=None) -> None:
         label_studio.connect_backend(project, f"http://127.0.0.1:{args.backend_port}")
         print(f"pre-labeling {len(scenes)} tasks through Label Studio...", flush=True)
         label_studio.retrieve_predictions(project)
+        version = label_studio.select_predictions(project)
         confusion = stored_prediction_miou(label_studio, project, scenes, label_config)
         base = [world.NAMES.index(n) for n in world.BASE]
         novel = [world.NAMES.index(n) for n in world.NOVEL]
         print(
             f"\nLabel Studio: {label_studio.url}/projects/{project}/data\n"
             f"login: {label_studio.username} / {label_studio.password}\n"
+            f"API token: {label_studio.token}\n"
             f"backend: http://127.0.0.1:{args.backend_port} (PID {backend.pid}), Label Studio PID {label_studio.process.pid}\n"
             f"stored zero-shot predictions: mIoU all={confusion.miou():.1f} base={confusion.miou(base):.1f} "
-            f"novel={confusion.miou(novel):.1f} (%, {len(scenes)} images)\n"
-            f"ready in {time.time() - started:.0f}s", flush=True)
+            f"novel={confusion.miou(novel):.1f} (%, {len(scenes)} images); the project shows {version}\n"
+            f"ready in {time.time() - started:.0f}s\n\n"
+            f"pre-label the project again from the command line (the same model, so it skips what is done):\n"
+            f"  {prelabel_command(args.work_dir / 'model_dir', label_studio, project)}", flush=True)
         if not args.exit:
             print("press Ctrl-C to stop", flush=True)
             signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -79,10 +79,15 @@ class ManagedProcess:
 
 
 class LabelStudio:
-    """A Label Studio server on 127.0.0.1 with a known user and legacy API token."""
+    """A Label Studio server on 127.0.0.1 with a known user and legacy API token.
+
+    ``allow_local_backends``: start it as the README says, so that it connects a backend on
+    this host and sends it webhooks; False: a stock Label Studio, which refuses both.
+    """
 
     def __init__(self, data_dir: Path, port: int = 8080, username: str = "admin@example.com",
-                 password: str | None = None, token: str | None = None):
+                 password: str | None = None, token: str | None = None, allow_local_backends: bool = True):
+        self.allow_local_backends = allow_local_backends
         self.data_dir = Path(data_dir)
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -96,12 +101,19 @@ class LabelStudio:
             raise RuntimeError(f"{LABEL_STUDIO_BIN} missing: run `make setup-ls`")
         if not port_is_free(self.port):
             raise RuntimeError(f"port {self.port} is busy: Label Studio would silently pick another one")
-        env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir), "ML_BLOCK_LOCAL_IP": "false",
-               "SSRF_PROTECTION_ENABLED": "false", "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true"}
+        # As the README tells users: the backend on this host is a local address, which Label Studio
+        # refuses to connect (ML_BLOCK_LOCAL_IP) and to send webhooks to (SSRF_PROTECTION_ENABLED).
+        # Credentials go through the environment, never the command line (visible in `ps`).
+        env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir),
+               "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+               "LABEL_STUDIO_USERNAME": self.username, "LABEL_STUDIO_PASSWORD": self.password,
+               "LABEL_STUDIO_USER_TOKEN": self.token, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true"}
+        for name in ("ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED"):
+            env.pop(name, None)
+            if self.allow_local_backends:
+                env[name] = "false"
         self.process = ManagedProcess(
-            [str(LABEL_STUDIO_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1",
-             "--port", str(self.port), "--username", self.username, "--password", self.password,
-             "--user-token", self.token, "--enable-legacy-api-token"],
+            [str(LABEL_STUDIO_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port)],
             env, self.data_dir / "label-studio.log")
         wait_for(f"{self.url}/health", timeout, self.process.process, self.process.log)
         return self
@@ -142,6 +154,15 @@ class LabelStudio:
                                        selected_items={"all": True, "excluded": []},
                                        request_options={"timeout_in_seconds": 600})
 
+    def select_predictions(self, project: int) -> str:
+        """Make the newest model version of the project's stored predictions the one the project
+        shows (pre-annotations, and the Data Manager's prediction score column); returns it."""
+        versions = {p["model_version"]: p["created_at"] for task in self.tasks(project)
+                    for p in task.get("predictions") or []}
+        version = max(versions, key=versions.get)
+        self.client.sdk.projects.update(id=project, model_version=version)
+        return version
+
     def tasks(self, project: int) -> list[dict]:
         tasks, page = [], 1
         while True:
@@ -150,6 +171,9 @@ class LabelStudio:
             if len(tasks) >= batch["total"] or not batch["tasks"]:
                 return tasks
             page += 1
+
+
+DEMO_MODEL_SETTINGS = ("MODEL_DIR", "CLIP_MODEL", "CLIP_PRETRAINED", "INFERENCE_SIZE", "DENSE_METHOD", "TEMPERATURE")
 
 
 def backend_env(model_dir: Path, label_studio: LabelStudio | None, env_extra: dict | None = None) -> dict:

@@ -1,4 +1,5 @@
 """End to end with a real Label Studio server (installed by `make setup-ls` in .venv-ls)."""
+import io
 import json
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from backend.annotations import region_mask
+from backend.check import ConnectionCheck
 from demo import world
 from demo.labelstudio import LABEL_STUDIO_BIN, ROOT, LabelStudio, backend_env, free_port, start_backend
 
@@ -272,3 +274,36 @@ def test_annotating_the_lowest_scoring_tasks_beats_random_ones(servers, pool_pro
     print(f"active learning, held-out mIoU: zero-shot {zero_shot:.1f}, 20 lowest-scoring {lowest:.1f}, "
           f"20 random {random:.1f}")
     assert lowest > random > zero_shot
+
+
+def test_the_connection_check_passes_where_label_studio_is_set_up_as_the_readme_says(servers):
+    label_studio, backend_url, _ = servers
+    project, _ = connected_project(servers, "Connection check", CONFIG, {"c.png": world.test_scenes(1)[0][0]})
+    out = io.StringIO()
+    assert ConnectionCheck(label_studio.url, label_studio.token, project, backend_url).run(out), out.getvalue()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and all(line.startswith("ok") for line in lines), lines
+    assert "128x128 pixels" in lines[1] and "reached" in lines[3]
+    hooks = label_studio.api("GET", f"/api/webhooks/?project={project}") or []
+    assert not [hook for hook in hooks if hook.get("actions") == ["PROJECT_UPDATED"]]  # the check removed its own
+    print("\n" + out.getvalue())
+
+
+def test_the_connection_check_names_what_a_stock_label_studio_refuses(servers, tmp_path):
+    """A Label Studio started without the README's two settings: the check says which one to set."""
+    _, backend_url, _ = servers
+    stock = LabelStudio(tmp_path / "stock", port=free_port(), allow_local_backends=False).start()
+    try:
+        project = stock.create_project("Stock Label Studio", CONFIG)
+        stock.import_images(project, {"s.png": world.test_scenes(1)[0][0]})
+        with pytest.raises(Exception, match="reserved network address"):  # what a user sees when connecting
+            stock.connect_backend(project, backend_url)
+        out = io.StringIO()
+        assert not ConnectionCheck(stock.url, stock.token, project, backend_url).run(out)
+        lines = out.getvalue().splitlines()
+        assert lines[0].startswith("ok") and lines[1].startswith("ok"), lines  # its API and images are fine
+        assert lines[2].startswith("FAIL") and "ML_BLOCK_LOCAL_IP=false" in lines[2], lines
+        assert lines[3].startswith("FAIL") and "SSRF_PROTECTION_ENABLED=false" in lines[3], lines
+        print("\n" + out.getvalue())
+    finally:
+        stock.stop()

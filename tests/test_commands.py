@@ -1,0 +1,29 @@
+"""Every command answers --help with its usage, and does nothing else (no server, no download, no file)."""
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+COMMANDS = ["backend", "backend check", "backend.training", "backend.prelabel", "demo", "demo.train_clip",
+            "bench.speed", "bench.accuracy", "bench.calibration", "bench.active_learning", "bench.attack"]
+
+
+def test_every_command_answers_help_without_side_effects(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "MODEL_DIR": str(tmp_path / "model_dir"),
+           "GKC_CACHE": str(tmp_path / "cache"), "NLTK_DATA": str(tmp_path / "nltk"), "HF_HOME": str(tmp_path / "hf"),
+           "PORT": "1"}  # were a server to start, it could not take a real port
+
+    def run(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *command.split(), "--help"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = dict(zip(COMMANDS, pool.map(run, COMMANDS), strict=True))
+    for command, result in results.items():
+        assert result.returncode == 0, (command, result.stderr[-1000:])
+        assert result.stdout.startswith(f"usage: python -m {command}"), (command, result.stdout[:200])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["home"], "a --help wrote files"
