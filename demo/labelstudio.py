@@ -154,6 +154,19 @@ class LabelStudio:
                                        selected_items={"all": True, "excluded": []},
                                        request_options={"timeout_in_seconds": 600})
 
+    def personal_access_token(self) -> str:
+        """A new personal access token of the user, created as the web UI does (log in, then POST /api/token/)."""
+        session = requests.Session()
+        session.get(f"{self.url}/user/login/", timeout=30)
+        session.post(f"{self.url}/user/login/", timeout=30, headers={"Referer": f"{self.url}/user/login/"},
+                     data={"email": self.username, "password": self.password,
+                           "csrfmiddlewaretoken": session.cookies.get("csrftoken")})
+        answer = session.post(f"{self.url}/api/token/", timeout=30,
+                              headers={"X-CSRFToken": session.cookies.get("csrftoken"), "Referer": f"{self.url}/"})
+        if answer.status_code >= 400:
+            raise RuntimeError(f"creating a personal access token → {answer.status_code}: {answer.text[:300]}")
+        return answer.json()["token"]
+
     def select_predictions(self, project: int) -> str:
         """Make the newest model version of the project's stored predictions the one the project
         shows (pre-annotations, and the Data Manager's prediction score column); returns it."""

@@ -11,6 +11,8 @@ import pytest
 
 from backend.annotations import region_mask
 from backend.check import ConnectionCheck
+from backend.images import ImageFetcher
+from backend.labelstudio import LabelStudioClient
 from demo import world
 from demo.labelstudio import LABEL_STUDIO_BIN, ROOT, LabelStudio, backend_env, free_port, start_backend
 
@@ -307,3 +309,17 @@ def test_the_connection_check_names_what_a_stock_label_studio_refuses(servers, t
         print("\n" + out.getvalue())
     finally:
         stock.stop()
+
+
+def test_a_personal_access_token_fetches_label_studio_images(servers):
+    """The newer kind of token, made as the web UI makes it: exchanged, cached and used by the one client."""
+    label_studio = servers[0]
+    project = label_studio.create_project("Personal token", CONFIG)
+    image = world.test_scenes(1)[0][0]
+    label_studio.import_images(project, {"p.png": image})
+    path = label_studio.tasks(project)[0]["data"]["image"]
+    token = label_studio.personal_access_token()
+    fetcher = ImageFetcher(label_studio.url, token)
+    assert fetcher.label_studio.uses_access_tokens
+    assert np.array_equal(fetcher.fetch(path), image)
+    assert LabelStudioClient(label_studio.url, token).label_config(project) == CONFIG  # the SDK's calls too
