@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 
 from backend.annotations import results_to_label_map
@@ -59,3 +60,14 @@ def test_polygons_cover_parts_and_holes():
 
 def test_polygon_of_empty_mask_is_empty():
     assert mask_to_polygons(np.zeros((10, 10), bool)) == []
+
+
+def test_a_noisy_mask_gives_polygons_within_the_vertex_budget():
+    y, x = np.mgrid[0:400, 0:400]
+    jagged = (np.hypot(y - 200, x - 200) + 6 * np.sin(np.arctan2(y - 200, x - 200) * 150)) < 150  # a saw-toothed disc
+    unbounded = mask_to_polygons(jagged, max_points=100_000)
+    bounded = mask_to_polygons(jagged, max_points=120)
+    assert len(unbounded[0]) > 400 and len(bounded) == 1 and 3 <= len(bounded[0]) <= 120
+    kept = np.zeros((400, 400), np.uint8)
+    cv2.fillPoly(kept, [np.round(bounded[0]).astype(np.int32)], 1)
+    assert (kept.astype(bool) & jagged).sum() / (kept.astype(bool) | jagged).sum() > 0.9  # still the same shape

@@ -44,11 +44,11 @@ class ControlTag:
     score_threshold: float
 
     # ------------------------------------------------------------------ prediction → results
-    def regions(self, prediction: SemanticPrediction) -> Iterator[tuple[str, np.ndarray, float]]:
-        """(label, (H, W) bool mask, score) for each predicted label whose score passes the threshold."""
+    def regions(self, prediction: SemanticPrediction) -> Iterator[tuple[int, str, float]]:
+        """(vocabulary index, label, score) of each predicted label whose score passes the threshold."""
         for index, score in prediction.region_scores.items():
             if score >= self.score_threshold:
-                yield self.vocabulary.labels[index], prediction.label_map == index, score
+                yield index, self.vocabulary.labels[index], score
 
     def result(self, label: str, value: dict, score: float, height: int, width: int) -> dict:
         """One Label Studio result (a region) of this tag."""

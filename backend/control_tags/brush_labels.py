@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from label_studio_sdk.converter.brush import decode_rle
 
 from backend.control_tags.base import AnnotationError, ControlTag
+from backend.control_tags.rle import label_map_runs, rle_for_label
 from model.predictor import SemanticPrediction
 
 
@@ -14,10 +15,12 @@ class BrushLabels(ControlTag):
     result_type = "brushlabels"
 
     def build(self, prediction: SemanticPrediction) -> list[dict]:
+        """The RLE bytes are label-studio-sdk's ``mask2rle``'s, encoded from the label map's runs (:mod:`.rle`)."""
         height, width = prediction.label_map.shape
-        return [self.result(label, {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255)}, score,
+        runs = label_map_runs(prediction.label_map)
+        return [self.result(label, {"format": "rle", "rle": rle_for_label(runs, index, height * width)}, score,
                             height, width)
-                for label, mask, score in self.regions(prediction)]
+                for index, label, score in self.regions(prediction)]
 
     @classmethod
     def check(cls, value: dict, height: int, width: int) -> None:

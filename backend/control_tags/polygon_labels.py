@@ -9,6 +9,8 @@ import numpy as np
 from backend.control_tags.base import AnnotationError, ControlTag
 from model.predictor import SemanticPrediction
 
+MAX_POINTS = 200  # vertices per ring; a bridged part with holes may have a few rings' worth
+
 
 class PolygonLabels(ControlTag):
     tag = "PolygonLabels"
@@ -18,8 +20,8 @@ class PolygonLabels(ControlTag):
         """Points in percent of the image size, as Label Studio stores them."""
         height, width = prediction.label_map.shape
         results = []
-        for label, mask, score in self.regions(prediction):
-            for polygon in mask_to_polygons(mask, self.min_area):
+        for index, label, score in self.regions(prediction):
+            for polygon in mask_to_polygons(prediction.label_map == index, self.min_area):
                 # Contours run through pixel centres; +0.5 puts them on the pixel grid Label Studio draws.
                 points = [[round((x + 0.5) / width * 100, 3), round((y + 0.5) / height * 100, 3)] for x, y in polygon]
                 results.append(self.result(label, {"points": points, "closed": True}, score, height, width))
@@ -59,15 +61,26 @@ def _bridge_holes(outer: np.ndarray, holes: list[np.ndarray]) -> np.ndarray:
     return ring
 
 
-def mask_to_polygons(mask: np.ndarray, min_area: float = 16, tolerance: float = 1.0) -> list[np.ndarray]:
-    """Polygons (N, 2) in pixel (x, y) for each part of ``mask``; holes are bridged into their part."""
+def mask_to_polygons(mask: np.ndarray, min_area: float = 16, tolerance: float = 1.0,
+                     max_points: int = MAX_POINTS) -> list[np.ndarray]:
+    """Polygons (N, 2) in pixel (x, y) for each part of ``mask``; holes are bridged into their part.
+
+    Each ring is simplified within ``tolerance`` pixels, and further (the tolerance doubling)
+    until it has at most ``max_points`` vertices: a noisy mask must not hand the annotator a
+    polygon of thousands of points to edit.
+    """
     contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return []
     hierarchy = hierarchy[0]
 
     def simplify(contour):
-        return cv2.approxPolyDP(contour, tolerance, True)[:, 0, :].astype(float)
+        epsilon = tolerance
+        ring = cv2.approxPolyDP(contour, epsilon, True)
+        while len(ring) > max_points:
+            epsilon *= 2
+            ring = cv2.approxPolyDP(contour, epsilon, True)
+        return ring[:, 0, :].astype(float)
 
     polygons = []
     for index, contour in enumerate(contours):
