@@ -197,35 +197,42 @@ class SegmentationService:
             self._remember_config(project, label_config)
         serving = self.runtime.serving(project)
         version = serving.model_version(targets)
-        images, errors = self._fetch_images(tasks, targets, serving.predictor)
-        answers = [{"result": [], "scores": [], "unsure": []} for _ in tasks]
-        for (data_key, _), group in _group_targets(targets).items():
-            self._predict_group(serving.predictor, images[data_key], group, answers)
-        results = [self._answer(task, answers[index], errors.get(index), version) for index, task in enumerate(tasks)]
-        self.metrics.predicted(len(tasks), len(errors), time.time() - started)
-        release_freed_memory()
-        return {"results": results, "model_version": version}
-
-    def _fetch_images(self, tasks: list[dict], targets: tuple[ControlTag, ...], predictor
-                      ) -> tuple[dict[str, dict[int, np.ndarray]], dict[int, str]]:
-        """Each task's image per data key (fetched once however many targets read it), and the
-        error of each task whose image can't be used."""
-        images: dict[str, dict[int, np.ndarray]] = {}
-        errors: dict[int, str] = {}
+        results: list[dict] = []
+        failures = 0
         # A pool per request: one request's slow image servers never delay another request's images.
         with ThreadPoolExecutor(max_workers=min(self.settings.fetch_threads, len(tasks)),
                                 thread_name_prefix="fetch") as pool:
-            for data_key in {t.data_key for t in targets}:
-                futures = [pool.submit(self._load_image, task, data_key, predictor) for task in tasks]
-                images[data_key] = {}
-                for index, future in enumerate(futures):
-                    try:
-                        images[data_key][index] = future.result()
-                    except ImageError as error:
-                        errors.setdefault(index, str(error))
-                    except Exception as error:  # never let one task break the batch
-                        log.exception("unexpected error loading task %s", str(tasks[index].get("id"))[:20])
-                        errors.setdefault(index, f"unexpected {error.__class__.__name__} (see the backend's log)")
+            # Chunk by chunk (fetch, predict, encode): memory holds one chunk's images however many tasks come.
+            for start in range(0, len(tasks), self.settings.predict_batch_size):
+                chunk = tasks[start:start + self.settings.predict_batch_size]
+                images, errors = self._fetch_images(pool, chunk, targets, serving.predictor)
+                parts = [{"result": [], "scores": [], "unsure": []} for _ in chunk]
+                for (data_key, _), group in _group_targets(targets).items():
+                    self._predict_group(serving.predictor, images[data_key], group, parts)
+                results += [self._answer(task, parts[i], errors.get(i), version) for i, task in enumerate(chunk)]
+                failures += len(errors)
+                del images
+        self.metrics.predicted(len(tasks), failures, time.time() - started)
+        release_freed_memory()
+        return {"results": results, "model_version": version}
+
+    def _fetch_images(self, pool: ThreadPoolExecutor, tasks: list[dict], targets: tuple[ControlTag, ...],
+                      predictor) -> tuple[dict[str, dict[int, np.ndarray]], dict[int, str]]:
+        """Each task's image per data key (fetched once however many targets read it), and the
+        error of each task whose image can't be used; keyed by the task's position in ``tasks``."""
+        images: dict[str, dict[int, np.ndarray]] = {}
+        errors: dict[int, str] = {}
+        for data_key in {t.data_key for t in targets}:
+            futures = [pool.submit(self._load_image, task, data_key, predictor) for task in tasks]
+            images[data_key] = {}
+            for index, future in enumerate(futures):
+                try:
+                    images[data_key][index] = future.result()
+                except ImageError as error:
+                    errors.setdefault(index, str(error))
+                except Exception as error:  # never let one task break the batch
+                    log.exception("unexpected error loading task %s", str(tasks[index].get("id"))[:20])
+                    errors.setdefault(index, f"unexpected {error.__class__.__name__} (see the backend's log)")
         return images, errors
 
     def _load_image(self, task: dict, data_key: str, predictor) -> np.ndarray:

@@ -47,7 +47,7 @@ def _tasks(file_server, scenes):
 
 
 def test_health_setup_versions_metrics(make_client):
-    client, _ = make_client()
+    client, service = make_client()
     health = client.get("/health").get_json()
     assert health["status"] == "UP" and client.get("/").status_code == 200
     setup = client.post("/setup", json={"project": "1.1", "schema": LABEL_CONFIG, "hostname": "http://x",
@@ -56,6 +56,7 @@ def test_health_setup_versions_metrics(make_client):
     versions = client.get("/versions").get_json()
     assert versions["versions"] == [] and "demo-clip" in versions["base_model"]
     assert client.post("/webhook", json={"action": "SOMETHING_NEW"}).get_json()["status"] == "ignored"
+    service.runtime.model(wait=60)
     summary = client.get("/metrics", headers=JSON).get_json()  # the JSON of earlier versions, on request
     assert summary["predicted_tasks"] == 0 and summary["webhooks_received"] == 1 and summary["model_state"] == "ready"
     scraped = _scrape(client)  # what Prometheus reads
