@@ -26,7 +26,7 @@ def _flatten(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: i
         size = (max(1, round(label.shape[0] * scale)), max(1, round(label.shape[1] * scale)))
         grid = F.interpolate(torch.from_numpy(np.asarray(label, np.float32))[None, None], size=size,
                              mode="nearest")[0, 0].long()
-        up = F.interpolate(out[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+        up = F.interpolate(out[None].float().cpu(), size=size, mode="bilinear", align_corners=False)[0]
         keep = grid >= 0
         rows.append(up.permute(1, 2, 0)[keep])
         targets.append(grid[keep])

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.upsample import label_map_and_confidence
 from model.vocabulary import TextEncoder, Vocabulary
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,10 @@ class Predictor:
                     jobs.append((index, (y, x, shape), crop))
             else:
                 jobs.append((index, None, tensor))
+        return self._merge_windows(jobs, self._forward(jobs, text, seen), len(images))
+
+    def _forward(self, jobs: list, text: torch.Tensor, seen: torch.Tensor | None) -> list[torch.Tensor]:
+        """The segmenter's logits for each job's tensor, batching tensors of one shape; kept on the device."""
         outputs: list = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for j, (_, _, tensor) in enumerate(jobs):
@@ -128,9 +133,13 @@ class Predictor:
                 for start in range(0, len(members), self.batch_size):
                     chunk = members[start:start + self.batch_size]
                     batch = torch.stack([jobs[j][2] for j in chunk])
-                    for j, out in zip(chunk, self.segmenter(batch, text.to(self.device), seen).float().cpu(), strict=True):
+                    for j, out in zip(chunk, self.segmenter(batch, text.to(self.device), seen).float(), strict=True):
                         outputs[j] = out
-        results: list = [None] * len(images)
+        return outputs
+
+    def _merge_windows(self, jobs: list, outputs: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+        """One (C, h, w) map per image: a window's logits averaged where windows overlap."""
+        results: list = [None] * count
         for (index, window, _), out in zip(jobs, outputs, strict=True):
             if window is None:
                 results[index] = out
@@ -138,38 +147,19 @@ class Predictor:
             y, x, shape = window
             if results[index] is None:
                 grid = (shape[0] // self.stride, shape[1] // self.stride)
-                results[index] = [torch.zeros(out.shape[0], *grid), torch.zeros(1, *grid)]
-            total, count = results[index]
+                results[index] = [out.new_zeros(out.shape[0], *grid), out.new_zeros(1, *grid)]
+            total, covered = results[index]
             ys, xs = y // self.stride, x // self.stride
             total[:, ys:ys + out.shape[1], xs:xs + out.shape[2]] += out
-            count[:, ys:ys + out.shape[1], xs:xs + out.shape[2]] += 1
+            covered[:, ys:ys + out.shape[1], xs:xs + out.shape[2]] += 1
         return [r if isinstance(r, torch.Tensor) else r[0] / r[1].clamp(min=1) for r in results]
 
     @staticmethod
-    def to_semantic(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
-                    rows_per_chunk: int = 512) -> SemanticPrediction:
-        """Upsample (C, h, w) logits to (height, width) in row chunks; argmax and probability
-        of ``softmax(logits / temperature)``."""
-        label_map = np.empty((height, width), np.int16)
-        confidence = np.empty((height, width), np.float32)
-        logits = logits[None]
-        h = logits.shape[-2]
-        for top in range(0, height, rows_per_chunk):
-            bottom = min(height, top + rows_per_chunk)
-            # Sample the source rows this chunk needs, with the same geometry as a full resize.
-            src_top = max(0, int(math.floor((top + 0.5) * h / height - 0.5)) - 1)
-            src_bottom = min(h, int(math.ceil((bottom - 0.5) * h / height - 0.5)) + 2)
-            part = logits[:, :, src_top:src_bottom]
-            full_rows = torch.arange(top, bottom, dtype=torch.float32)
-            src = ((full_rows + 0.5) * h / height - 0.5).clamp(0, h - 1) - src_top
-            grid_y = (src + 0.5) / part.shape[-2] * 2 - 1
-            grid_x = ((torch.arange(width, dtype=torch.float32) + 0.5) / width * 2 - 1)
-            grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)[None]
-            up = F.grid_sample(part, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-            prob, label = (up / temperature).softmax(0).max(0)
-            label_map[top:bottom] = label.numpy()
-            confidence[top:bottom] = prob.numpy()
-        return SemanticPrediction(label_map, confidence)
+    def to_semantic(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0) -> SemanticPrediction:
+        """(C, h, w) logits → the argmax and probability of ``softmax(upsampled logits / temperature)`` at
+        (height, width), on the logits' device, in time and memory that do not grow with C
+        (:func:`model.upsample.label_map_and_confidence`)."""
+        return SemanticPrediction(*label_map_and_confidence(logits, height, width, temperature))
 
     def predict(self, images: list[np.ndarray], vocabulary: Vocabulary) -> list[SemanticPrediction]:
         """images: RGB uint8 arrays (H, W, 3) of any sizes → one prediction per image."""
