@@ -7,6 +7,7 @@ from pathlib import Path
 
 from model.build import ModelConfig
 from model.calibration import TASK_SCORES
+from model.predictor import PRECISIONS
 
 
 def _env(name: str, default: str = "") -> str:
@@ -47,6 +48,7 @@ class Settings:
     device: str = field(default_factory=lambda: _env("DEVICE", "cpu"))
     inference_size: int = field(default_factory=lambda: int(_env("INFERENCE_SIZE", "448")))
     predict_batch_size: int = field(default_factory=lambda: int(_env("PREDICT_BATCH_SIZE", "8")))
+    precision: str = field(default_factory=lambda: _env("PRECISION", "auto").lower())
     allowed_image_hosts: tuple[str, ...] = field(
         default_factory=lambda: tuple(h for h in _env("ALLOWED_IMAGE_HOSTS").split(",") if h.strip()))
     max_image_bytes: int = field(default_factory=lambda: int(_env("MAX_IMAGE_BYTES", str(50 * 2**20))))
@@ -96,6 +98,8 @@ class Settings:
                 raise ValueError(f"{name.upper()} must be between 0 and 1, not {getattr(self, name)}")
         if self.max_training_jobs < 1:
             raise ValueError(f"MAX_TRAINING_JOBS must be at least 1, not {self.max_training_jobs}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.max_inference_area < 1:
             raise ValueError(f"MAX_INFERENCE_AREA must be at least 1, not {self.max_inference_area}")
 
@@ -118,7 +122,7 @@ class Settings:
                            dense_method=self.dense_method, seen_weight=self.ensemble_seen_weight,
                            unseen_weight=self.ensemble_unseen_weight, inference_size=self.inference_size,
                            batch_size=self.predict_batch_size, max_area=self.max_inference_area,
-                           temperature=self.temperature, cache_dir=self.cache_dir,
+                           temperature=self.temperature, precision=self.precision, cache_dir=self.cache_dir,
                            text_cache_vocabularies=self.text_cache_vocabularies,
                            text_cache_disk_bytes=self.text_cache_disk_bytes)
 

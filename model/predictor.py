@@ -17,6 +17,18 @@ from model.vocabulary import TextEncoder, Vocabulary
 log = logging.getLogger(__name__)
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a forward pass on ``device`` runs under bfloat16 autocast at this ``precision``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
 class ImageShapeError(ValueError):
     """An image the predictor refuses for its shape; the message says why."""
 
@@ -55,12 +67,14 @@ class Predictor:
     would then fall under one patch is refused (:class:`ImageShapeError`). Text embeddings come
     from the :class:`TextEncoder`'s cache.
     Confidences are softmax probabilities of the logits divided by ``temperature`` (see
-    :mod:`model.calibration`).
+    :mod:`model.calibration`). ``precision``: ``"auto"`` runs the forward pass under bfloat16
+    autocast on a CUDA device that supports it and in float32 elsewhere; ``"bf16"`` or
+    ``"fp32"`` force one.
     """
 
     def __init__(self, segmenter, text_encoder: TextEncoder, inference_size: int = 448,
                  batch_size: int = 8, max_aspect: float = 2.0, device: str | torch.device = "cpu",
-                 temperature: float = 1.0, max_area: float = 4.0):
+                 temperature: float = 1.0, max_area: float = 4.0, precision: str = "auto"):
         self.segmenter = segmenter.to(device).eval()
         self.text_encoder = text_encoder
         self.device = torch.device(device)
@@ -70,6 +84,7 @@ class Predictor:
         self.max_aspect = max_aspect
         self.max_area = max_area
         self.temperature = temperature
+        self.autocast_bf16 = uses_bf16(precision, self.device)
         self._lock = threading.Lock()  # one forward at a time per model (torch uses all cores anyway)
 
     def inference_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -128,7 +143,7 @@ class Predictor:
         groups: dict[tuple, list[int]] = {}
         for j, (_, _, tensor) in enumerate(jobs):
             groups.setdefault(tuple(tensor.shape), []).append(j)
-        with self._lock:
+        with self._lock, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
             for members in groups.values():
                 for start in range(0, len(members), self.batch_size):
                     chunk = members[start:start + self.batch_size]

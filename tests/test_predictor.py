@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -88,3 +89,18 @@ def test_confusion_matrix_miou():
     iou = confusion.iou()
     assert np.allclose(iou, [0.5, 2 / 3, 0.0])
     assert abs(confusion.miou([0, 1]) - (0.5 + 2 / 3) / 2 * 100) < 1e-9
+
+
+def test_precision_setting(demo_clip, scenes):
+    from model.predictor import uses_bf16
+
+    assert not uses_bf16("auto", torch.device("cpu")) and uses_bf16("bf16", torch.device("cpu"))
+    assert not uses_bf16("fp32", torch.device("cuda"))
+    with pytest.raises(ValueError, match="PRECISION"):
+        uses_bf16("half", torch.device("cpu"))
+    vocabulary = Vocabulary.from_labels(world.NAMES)
+    images = [image for image, _ in scenes[:4]]
+    fp32 = _predictor(demo_clip).predict(images, vocabulary)
+    bf16 = _predictor(demo_clip, precision="bf16").predict(images, vocabulary)
+    for a, b in zip(fp32, bf16, strict=True):  # bfloat16 autocast on the CPU stands in for a GPU's
+        assert (a.label_map == b.label_map).mean() > 0.97
