@@ -4,7 +4,7 @@ that do not grow with the number of labels.
 Bilinear upsampling followed by a softmax needs every label's logit at every pixel: with
 hundreds of labels and a 12-megapixel photo that is gigabytes. But a pixel's interpolated
 logits mix only its four nearest cells, so the label it takes is almost always among the
-``top_k`` labels of those cells. The image is cut into tiles of ``tile`` × ``tile`` cells;
+``top_k`` labels of those cells. The image is cut into tiles of about ``tile_pixels`` a side;
 each tile upsamples only its candidate labels (the top-k of its cells and their neighbours)
 plus one channel for the probability mass of all the others, interpolated as a log-sum-exp
 (an upper bound of the exact mass, so confidences err slightly low: by 0.002 on average with
@@ -28,11 +28,13 @@ def _source(size: int, source: int, device) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def label_map_and_confidence(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
-                             top_k: int = 6, tile: int = 16) -> tuple[np.ndarray, np.ndarray]:
+                             top_k: int = 6, tile_pixels: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """logits (C, h, w) → (label map (height, width) int16, confidence (height, width) float32):
-    the argmax and probability of ``softmax(upsampled logits / temperature)``."""
+    the argmax and probability of ``softmax(upsampled logits / temperature)``. A tile spans about
+    ``tile_pixels`` output pixels a side, so a tile's work is bounded however large the image."""
     scores = logits.float() / temperature
     classes, rows, cols = scores.shape
+    tile = max(1, round(tile_pixels / max(height / rows, width / cols)))
     k = min(top_k, classes)
     top = scores.topk(k, dim=0).indices  # (k, h, w)
     total = scores.logsumexp(0)  # (h, w): the softmax's denominator at each cell
