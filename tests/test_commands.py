@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-COMMANDS = ["backend", "backend check", "backend.training", "backend.prelabel", "demo", "demo.train_clip",
+COMMANDS = ["backend", "backend check", "backend.training", "backend.prelabel", "demo", "demo.train_clip", "bench.postprocess",
             "bench.speed", "bench.accuracy", "bench.calibration", "bench.active_learning", "bench.attack"]
 
 
