@@ -114,9 +114,8 @@ class ConnectionCheck:
 
     def model_address(self) -> str:
         # An invalid project makes Label Studio check each field and connect nowhere: only the URL's verdict counts.
-        response = self.client.sdk._client_wrapper.httpx_client.httpx_client.post(
-            f"{self.url}/api/ml", json={"url": self.backend_url, "project": 0, "title": "connection check"},
-            headers=self.client.auth_header())
+        response = self.client.request("POST", "/api/ml", check=False,
+                                       json={"url": self.backend_url, "project": 0, "title": "connection check"})
         if RESERVED in response.text:
             raise CheckFailed(f"Label Studio refuses {self.backend_url}: \"URL resolves to a {RESERVED}\". Start "
                               "Label Studio with ML_BLOCK_LOCAL_IP=false to connect a backend on its own host or "

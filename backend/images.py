@@ -62,6 +62,7 @@ class ImageFetcher:
         self.deadline = deadline
         self.allowed_hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
         self.session = requests.Session()
+        self.label_studio: LabelStudioClient | None = None
         self.configure(label_studio_url, api_key)
 
     @classmethod
@@ -77,7 +78,11 @@ class ImageFetcher:
         Raises:
             LabelStudioError: ``api_key`` is an expired personal access token.
         """
-        self.label_studio_url = (label_studio_url or "").rstrip("/")
+        label_studio_url = (label_studio_url or "").rstrip("/")
+        current = self.label_studio
+        if current is not None and (current.url, current.token) == (label_studio_url, api_key or ""):
+            return  # Label Studio repeats /setup often: keep the client and its cached access token
+        self.label_studio_url = label_studio_url
         self.label_studio = LabelStudioClient(self.label_studio_url, api_key or "", self.timeout) \
             if self.label_studio_url else None
 

@@ -63,12 +63,12 @@ class LabelStudioClient:
         """Whether the token is a personal access token (so a 401 may only mean "refresh me")."""
         return bool(self.token) and not self._wrapper._tokens_client._use_legacy_token
 
-    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def request(self, method: str, path: str, check: bool = True, **kwargs) -> httpx.Response:
         """A call to an endpoint the SDK does not wrap (e.g. a multipart file import), authorised
-        like the SDK's own; raises :class:`LabelStudioError` on a 4xx/5xx answer."""
+        like the SDK's own; raises :class:`LabelStudioError` on a 4xx/5xx answer unless not ``check``."""
         response = self._wrapper.httpx_client.httpx_client.request(
             method, f"{self.url}{path}", headers=self.auth_header(), **kwargs)
-        if response.status_code >= 400:
+        if check and response.status_code >= 400:
             raise LabelStudioError(f"{method} {path} → {response.status_code}: {response.text[:500]}")
         return response
 

@@ -5,8 +5,6 @@ answers the JSON summary (:meth:`Metrics.summary`) that earlier versions served.
 """
 from __future__ import annotations
 
-import threading
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -38,28 +36,26 @@ class Metrics:
         self.training_queued = Gauge("gkc_training_jobs_queued", "Projects waiting for a training slot", registry=r)
         self.model_ready = Gauge("gkc_model_ready", "1 when the model has loaded, 0 while loading or failed",
                                  registry=r)
-        self._lock = threading.Lock()
-        self._totals = {"predict_requests": 0, "predicted_tasks": 0, "failed_tasks": 0, "predict_seconds_total": 0.0,
-                        "webhooks_received": 0}
 
     def predicted(self, tasks: int, failures: int, seconds: float) -> None:
         self.tasks.inc(tasks)
         self.task_failures.inc(failures)
         self.predict_seconds.observe(seconds)
-        with self._lock:
-            self._totals["predict_requests"] += 1
-            self._totals["predicted_tasks"] += tasks
-            self._totals["failed_tasks"] += failures
-            self._totals["predict_seconds_total"] += seconds
 
     def webhook(self, action: str, known: bool) -> None:
         self.webhooks.labels(action=action if known else "other").inc()  # unknown actions: one series
-        with self._lock:
-            self._totals["webhooks_received"] += 1
 
     def summary(self) -> dict:
-        with self._lock:
-            return {**self._totals, "predict_seconds_total": round(self._totals["predict_seconds_total"], 3)}
+        """The JSON counters, read from the Prometheus samples (one source for both formats)."""
+        samples = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                samples[sample.name] = samples.get(sample.name, 0.0) + sample.value  # summed over labels
+        return {"predict_requests": int(samples.get("gkc_predict_seconds_count", 0)),
+                "predicted_tasks": int(samples.get("gkc_predicted_tasks_total", 0)),
+                "failed_tasks": int(samples.get("gkc_failed_tasks_total", 0)),
+                "predict_seconds_total": round(samples.get("gkc_predict_seconds_sum", 0.0), 3),
+                "webhooks_received": int(samples.get("gkc_webhooks_total", 0))}
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

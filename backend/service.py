@@ -59,7 +59,8 @@ class SegmentationService:
 
     def metrics_summary(self) -> dict:
         """The JSON of ``/metrics``; also brings the Prometheus gauges up to date."""
-        status, training = self.status(), self.jobs.status()
+        status = self.status()
+        training = status["training"]
         self.metrics.model_ready.set(1 if status["model_state"] == "ready" else 0)
         self.metrics.training_running.set(sum(1 for job in training.values() if job.get("state") == "running"))
         self.metrics.training_queued.set(sum(1 for job in training.values() if job.get("queued")))
