@@ -42,23 +42,24 @@ def label_map_and_confidence(logits: torch.Tensor, height: int, width: int, temp
     x0, x1, wx = _source(width, cols, scores.device)
     label_map = torch.empty((height, width), dtype=torch.int16, device=scores.device)
     confidence = torch.empty((height, width), dtype=torch.float32, device=scores.device)
+    column_blocks = [(left, ((x0 >= left) & (x0 < left + tile)).nonzero().squeeze(1)) for left in range(0, cols, tile)]
     for top_cell in range(0, rows, tile):
         out_rows = ((y0 >= top_cell) & (y0 < top_cell + tile)).nonzero().squeeze(1)
         if out_rows.numel() == 0:
             continue
-        for left_cell in range(0, cols, tile):
-            out_cols = ((x0 >= left_cell) & (x0 < left_cell + tile)).nonzero().squeeze(1)
+        first, last = int(y0[out_rows[0]]), int(y1[out_rows[-1]]) + 1  # the source rows these pixels read
+        for left_cell, out_cols in column_blocks:
             if out_cols.numel() == 0:
                 continue
             # Candidates: the top-k of every cell these pixels read (the tile and one cell around it).
             near = top[:, max(0, top_cell - 1):top_cell + tile + 1, max(0, left_cell - 1):left_cell + tile + 1]
             candidates = near.unique()
-            chosen = scores[candidates]  # (K, h, w)
+            chosen = scores[candidates, first:last]  # (K, source rows, w)
             # The rest's probability mass, as one more logit: log(Σ exp over the other labels).
-            rest = total + torch.log1p(-torch.exp(chosen.logsumexp(0) - total).clamp(max=1 - 1e-7))
-            # Separable: along the columns on the few source rows, then along the rows at full size.
-            first, last = int(y0[out_rows[0]]), int(y1[out_rows[-1]]) + 1
-            channels = torch.cat([chosen, rest[None]])[:, first:last]
+            rest = total[first:last] + torch.log1p(
+                -torch.exp(chosen.logsumexp(0) - total[first:last]).clamp(max=1 - 1e-7))
+            # Separable: along the columns on the source rows, then along the rows at full size.
+            channels = torch.cat([chosen, rest[None]])
             c0, c1, cw = x0[out_cols], x1[out_cols], wx[out_cols]
             across = channels[:, :, c0] * (1 - cw) + channels[:, :, c1] * cw  # (K + 1, source rows, cols)
             rw = wy[out_rows][:, None]
