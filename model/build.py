@@ -28,7 +28,8 @@ class ModelConfig:
     Attributes:
         clip_model, clip_pretrained, device: see :func:`model.clip.load_clip`.
         dense_method, seen_weight, unseen_weight: see :func:`model.segmenter.build_segmenter`.
-        inference_size, batch_size, max_area, precision: see :class:`model.predictor.Predictor`.
+        inference_size, batch_size, max_area, precision, refine_boundaries: see
+            :class:`model.predictor.Predictor`.
         temperature: the zero-shot model's; a fine-tuned version carries the one its training fitted.
         cache_dir: where text embeddings are cached on disk (None: memory only), within
             ``text_cache_disk_bytes``; ``text_cache_vocabularies`` label sets stay in memory.
@@ -45,6 +46,7 @@ class ModelConfig:
     max_area: float = 4.0
     temperature: float = 1.0
     precision: str = "auto"
+    refine_boundaries: bool = False
     cache_dir: Path | None = None
     text_cache_vocabularies: int = 64
     text_cache_disk_bytes: int = 256 * 2**20
@@ -81,7 +83,8 @@ class SegmentationModel:
         return Predictor(segmenter if segmenter is not None else self.segmenter(), self.encoder,
                          inference_size=config.inference_size, batch_size=config.batch_size, device=config.device,
                          temperature=config.temperature if temperature is None else temperature,
-                         max_area=config.max_area, precision=config.precision)
+                         max_area=config.max_area, precision=config.precision,
+                         refine_boundaries=config.refine_boundaries)
 
     def load_predictor(self, checkpoint: str | Path) -> Predictor:
         """The predictor of a fine-tuned version, at the temperature its training fitted.

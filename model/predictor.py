@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.upsample import label_map_and_confidence
+from model.regions import NO_PRUNING, RegionRules, regions
 from model.vocabulary import TextEncoder, Vocabulary
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,13 @@ class SemanticPrediction:
     Attributes:
         label_map: (H, W) int16, the vocabulary index per pixel, or ``UNLABELED``.
         confidence: (H, W) float32, the winning class's probability per pixel.
+        found: the score of every label the model found, by vocabulary index, including those then
+            left unlabeled for scoring under the pruning's ``min_score`` (None: the region scores).
     """
 
     label_map: np.ndarray
     confidence: np.ndarray
+    found: dict[int, float] | None = None
 
     @cached_property
     def region_scores(self) -> dict[int, float]:
@@ -54,6 +57,10 @@ class SemanticPrediction:
         counts = np.bincount(labels[kept])
         sums = np.bincount(labels[kept], self.confidence.ravel()[kept].astype(np.float64))
         return {int(c): float(sums[c] / counts[c]) for c in np.flatnonzero(counts)}
+
+    @property
+    def found_scores(self) -> dict[int, float]:
+        return self.region_scores if self.found is None else self.found
 
 
 class Predictor:
@@ -69,12 +76,14 @@ class Predictor:
     Confidences are softmax probabilities of the logits divided by ``temperature`` (see
     :mod:`model.calibration`). ``precision``: ``"auto"`` runs the forward pass under bfloat16
     autocast on a CUDA device that supports it and in float32 elsewhere; ``"bf16"`` or
-    ``"fp32"`` force one.
+    ``"fp32"`` force one. ``refine_boundaries``: label boundaries follow the image's edges
+    (:mod:`model.regions`).
     """
 
     def __init__(self, segmenter, text_encoder: TextEncoder, inference_size: int = 448,
                  batch_size: int = 8, max_aspect: float = 2.0, device: str | torch.device = "cpu",
-                 temperature: float = 1.0, max_area: float = 4.0, precision: str = "auto"):
+                 temperature: float = 1.0, max_area: float = 4.0, precision: str = "auto",
+                 refine_boundaries: bool = False):
         self.segmenter = segmenter.to(device).eval()
         self.text_encoder = text_encoder
         self.device = torch.device(device)
@@ -84,6 +93,7 @@ class Predictor:
         self.max_aspect = max_aspect
         self.max_area = max_area
         self.temperature = temperature
+        self.refine_boundaries = refine_boundaries
         self.autocast_bf16 = uses_bf16(precision, self.device)
         self._lock = threading.Lock()  # one forward at a time per model (torch uses all cores anyway)
 
@@ -170,13 +180,21 @@ class Predictor:
         return [r if isinstance(r, torch.Tensor) else r[0] / r[1].clamp(min=1) for r in results]
 
     @staticmethod
-    def to_semantic(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0) -> SemanticPrediction:
+    def to_semantic(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
+                    rules: RegionRules = NO_PRUNING, image: np.ndarray | None = None) -> SemanticPrediction:
         """(C, h, w) logits → the argmax and probability of ``softmax(upsampled logits / temperature)`` at
-        (height, width), on the logits' device, in time and memory that do not grow with C
-        (:func:`model.upsample.label_map_and_confidence`)."""
-        return SemanticPrediction(*label_map_and_confidence(logits, height, width, temperature))
+        (height, width), on the logits' device, in time and memory that do not grow with C; regions
+        pruned by ``rules`` and, given the RGB ``image``, boundaries refined (:func:`model.regions.regions`)."""
+        return SemanticPrediction(*regions(logits, height, width, temperature, rules, image))
 
-    def predict(self, images: list[np.ndarray], vocabulary: Vocabulary) -> list[SemanticPrediction]:
+    def predict(self, images: list[np.ndarray], vocabulary: Vocabulary,
+                rules: RegionRules = NO_PRUNING) -> list[SemanticPrediction]:
         """images: RGB uint8 arrays (H, W, 3) of any sizes → one prediction per image."""
-        return [self.to_semantic(out, *image.shape[:2], self.temperature)
-                for image, out in zip(images, self.logits(images, vocabulary), strict=True)]
+        return self.semantic(images, self.logits(images, vocabulary), rules)
+
+    def semantic(self, images: list[np.ndarray], logits: list[torch.Tensor],
+                 rules: RegionRules = NO_PRUNING) -> list[SemanticPrediction]:
+        """:meth:`logits`' output for ``images`` → their predictions (refined if :attr:`refine_boundaries`)."""
+        return [self.to_semantic(out, *image.shape[:2], self.temperature, rules,
+                                 image if self.refine_boundaries else None)
+                for image, out in zip(images, logits, strict=True)]

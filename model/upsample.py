@@ -10,11 +10,10 @@ plus one channel for the probability mass of all the others, interpolated as a l
 (an upper bound of the exact mass, so confidences err slightly low: by 0.002 on average with
 847 labels). With no more labels than ``top_k`` the result is exact.
 
-Everything runs on the logits' device; only the label map and confidences leave it.
+Everything runs on the logits' device.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 
@@ -28,15 +27,19 @@ def _source(size: int, source: int, device) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def label_map_and_confidence(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
-                             top_k: int = 6, tile_pixels: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """logits (C, h, w) → (label map (height, width) int16, confidence (height, width) float32):
-    the argmax and probability of ``softmax(upsampled logits / temperature)``. A tile spans about
-    ``tile_pixels`` output pixels a side, so a tile's work is bounded however large the image."""
+                             allowed: torch.Tensor | None = None, top_k: int = 6,
+                             tile_pixels: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (C, h, w) → (label map (height, width) int16, confidence (height, width) float32), on
+    the logits' device: the argmax and probability of ``softmax(upsampled logits / temperature)``.
+    ``allowed`` (C,) bool: only these labels may win (the probability is still over all labels).
+    A tile spans about ``tile_pixels`` output pixels a side, so its work is bounded however large
+    the image."""
     scores = logits.float() / temperature
     classes, rows, cols = scores.shape
     tile = max(1, round(tile_pixels / max(height / rows, width / cols)))
-    k = min(top_k, classes)
-    top = scores.topk(k, dim=0).indices  # (k, h, w)
+    k = min(top_k, classes if allowed is None else int(allowed.sum()))
+    ranked = scores if allowed is None else scores.masked_fill(~allowed.to(scores.device)[:, None, None], -torch.inf)
+    top = ranked.topk(k, dim=0).indices  # (k, h, w)
     total = scores.logsumexp(0)  # (h, w): the softmax's denominator at each cell
     y0, y1, wy = _source(height, rows, scores.device)
     x0, x1, wx = _source(width, cols, scores.device)
@@ -68,5 +71,5 @@ def label_map_and_confidence(logits: torch.Tensor, height: int, width: int, temp
             block = (out_rows[:, None], out_cols[None, :])
             label_map[block] = candidates[index].to(torch.int16)
             confidence[block] = torch.exp(best - up.logsumexp(0))
-    return label_map.cpu().numpy(), confidence.cpu().numpy()
+    return label_map, confidence
 
