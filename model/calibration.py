@@ -103,28 +103,30 @@ def calibrate(predictor, images: list[np.ndarray], labels: list[np.ndarray], voc
             "ece_before": ece(1.0), "ece_after": ece(temperature)}
 
 
-TASK_SCORES = ("product", "mean", "sure_pixels")
+TASK_SCORES = ("product", "mean", "sure_pixels", "pixel_accuracy")
 
 
-def task_score(prediction, kind: str = "product", sure_at: float = 0.5) -> float:
+def task_score(prediction, kind: str = "mean", sure_at: float = 0.5) -> float:
     """A prediction's task-level score in [0, 1]; lower = more in need of review.
 
     Args:
         prediction: a :class:`model.predictor.SemanticPrediction` with calibrated confidences.
-        kind: ``"product"``: the product of the region scores, the probability that every
-            predicted region is right if they err independently; ``"mean"``: the mean region
-            score, every predicted label counting once; ``"sure_pixels"``: the fraction of
-            pixels whose confidence is at least ``sure_at``.
+        kind: ``"mean"``: the mean score of every label the model found, those then left
+            unlabeled as unlikely included, each counting once: a task whose image the model
+            hesitates over scores low however clean its pruned pre-label looks;
+            ``"product"``: the product of those scores, the probability that every label found
+            is right if they err independently; ``"sure_pixels"``: the fraction of
+            pixels whose confidence is at least ``sure_at``; ``"pixel_accuracy"``: the expected
+            share of the image labeled right, the mean confidence with unlabeled pixels counting 0.
 
-    The product ranks tasks by their own mIoU about as well as the mean (Spearman 0.60 vs 0.80
-    zero-shot, 0.77 vs 0.76 fine-tuned on the demo world) and, unlike it, its lowest-scoring
-    tasks are the ones worth annotating: images with many doubtful regions rather than many
-    images of the same doubtful kind (``python -m bench.calibration``, ``bench.active_learning``).
-    An empty prediction scores 0.
+    Measured by ``python -m bench.prelabel_quality`` (Spearman against the task's own mIoU, on
+    two worlds) and ``python -m bench.active_learning`` (see the README). An empty prediction scores 0.
     """
     if kind == "sure_pixels":
         return 1 - unsure_fraction(prediction.confidence, sure_at)
-    scores = list(prediction.region_scores.values())
+    if kind == "pixel_accuracy":
+        return float(np.where(prediction.label_map >= 0, prediction.confidence, 0).mean())
+    scores = list(prediction.found_scores.values())
     if not scores:
         return 0.0
     if kind == "product":

@@ -40,11 +40,18 @@ def test_task_scores():
     confidence[0, :4] = 0.3
     prediction = SemanticPrediction(label_map, confidence)
     assert prediction.region_scores == pytest.approx({0: 0.9, 3: 0.3})
-    assert task_score(prediction) == pytest.approx(0.27)  # both regions right: 0.9 × 0.3
-    assert task_score(prediction, "mean") == pytest.approx(0.6)  # the pixel mean would say 0.876
+    assert task_score(prediction, "product") == pytest.approx(0.27)  # both regions right: 0.9 × 0.3
+    assert task_score(prediction) == task_score(prediction, "mean") == pytest.approx(0.6)  # pixel mean: 0.876
     assert task_score(prediction, "sure_pixels", sure_at=0.5) == pytest.approx(0.96)
+    assert task_score(prediction, "pixel_accuracy") == pytest.approx(0.876)
+    # A label left unlabeled as unlikely still counts in the mean and the product: it is the model's doubt.
+    pruned = SemanticPrediction(np.where(label_map == 3, -1, label_map).astype(np.int16), confidence,
+                                found={0: 0.9, 3: 0.3})
+    assert pruned.region_scores == pytest.approx({0: 0.9})
+    assert task_score(pruned) == pytest.approx(0.6) and task_score(pruned, "product") == pytest.approx(0.27)
+    assert task_score(pruned, "pixel_accuracy") == pytest.approx(0.9 * 0.96)  # unlabeled pixels count 0
     assert unsure_fraction(confidence, 0.5) == pytest.approx(0.04)
     empty = SemanticPrediction(np.full((4, 4), -1, np.int16), np.zeros((4, 4), np.float32))
-    assert task_score(empty) == task_score(empty, "mean") == 0.0
+    assert task_score(empty) == task_score(empty, "product") == task_score(empty, "pixel_accuracy") == 0.0
     with pytest.raises(ValueError, match="unknown task score"):
         task_score(prediction, "entropy")
