@@ -13,15 +13,18 @@ class LabelConfigError(ValueError):
     """The label config can't be served by this backend; the message says why."""
 
 
-def _threshold(raw: str | None, control: str) -> float:
-    if raw is None or raw == "":
-        return 0.0
+def _fraction(control, attribute: str) -> float | None:
+    """A control tag's attribute that must be a number in [0, 1]; None when absent."""
+    raw = control.attr.get(attribute)
+    if raw is None or str(raw).strip() == "":
+        return None
+    where = f'{attribute}="{str(raw)[:40]}" on <{control.tag} name="{control.name}">'
     try:
         value = float(raw)
     except ValueError:
-        raise LabelConfigError(f"model_score_threshold={raw!r} on <{control}> is not a number") from None
+        raise LabelConfigError(f"{where} is not a number") from None
     if not 0.0 <= value <= 1.0:
-        raise LabelConfigError(f"model_score_threshold={raw!r} on <{control}> must be between 0 and 1")
+        raise LabelConfigError(f"{where} must be between 0 and 1")
     return value
 
 
@@ -58,7 +61,8 @@ def parse_targets(label_config: str) -> tuple[ControlTag, ...]:
             image=images[0].name,
             data_key=images[0].value_name,
             vocabulary=Vocabulary.from_labels(labels, extra),
-            score_threshold=_threshold(control.attr.get("model_score_threshold"), control.name),
+            score_threshold=_fraction(control, "model_score_threshold"),
+            min_region_area=_fraction(control, "model_min_region_area"),
         ))
     if not targets:
         raise LabelConfigError(

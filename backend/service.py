@@ -23,6 +23,7 @@ from backend.runtime import ModelRuntime, load_model
 from backend.settings import Settings
 from backend.store import ProjectIdError, Store, project_key
 from model.calibration import task_score, unsure_fraction
+from model.regions import RegionRules
 
 log = logging.getLogger(__name__)
 
@@ -251,17 +252,24 @@ class SegmentationService:
 
     def _predict_group(self, predictor, loaded: dict[int, np.ndarray], group: list[ControlTag],
                        answers: list[dict]) -> None:
-        """One prediction per image for targets sharing an image and a vocabulary; each target's results."""
+        """One forward pass per image for targets sharing an image and a vocabulary; each target's results,
+        pruned by its own rules (the task score reads the first target's prediction)."""
         if not loaded:
             return
+        images = list(loaded.values())
+        logits = predictor.logits(images, group[0].vocabulary)
+        by_rules: dict[RegionRules, list] = {}
+        for target in group:
+            rules = target.rules(self.settings.region_rules())
+            if rules not in by_rules:
+                by_rules[rules] = predictor.semantic(images, logits, rules)
+            for index, prediction in zip(loaded, by_rules[rules], strict=True):
+                answers[index]["result"].extend(target.build(prediction))
         unsure_below = self.settings.unsure_below
-        predictions = predictor.predict(list(loaded.values()), group[0].vocabulary)
-        for index, prediction in zip(loaded, predictions, strict=True):
+        for index, prediction in zip(loaded, next(iter(by_rules.values())), strict=True):
             answers[index]["scores"].append(task_score(prediction, self.settings.task_score, unsure_below or 0.5))
             if unsure_below:
                 answers[index]["unsure"].append(unsure_fraction(prediction.confidence, unsure_below))
-            for target in group:
-                answers[index]["result"].extend(target.build(prediction))
 
     def _answer(self, task: dict, parts: dict, error: str | None, version: str) -> dict:
         """One task's entry in the /predict answer."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from model.build import ModelConfig
 from model.calibration import TASK_SCORES
 from model.predictor import PRECISIONS
+from model.regions import RegionRules
 
 
 def _env(name: str, default: str = "") -> str:
@@ -63,8 +64,13 @@ class Settings:
 
     # Scores (see README: "Scores, review and active learning")
     temperature: float = field(default_factory=lambda: float(_env("TEMPERATURE", "1.0")))
-    task_score: str = field(default_factory=lambda: _env("TASK_SCORE", "product"))
+    task_score: str = field(default_factory=lambda: _env("TASK_SCORE", "mean"))
     unsure_below: float = field(default_factory=lambda: float(_env("UNSURE_BELOW", "0")))
+
+    # Pre-labels (see README: "Pre-labels"); a label config's control tag may override the first two
+    min_region_score: float = field(default_factory=lambda: float(_env("MIN_REGION_SCORE", "0.25")))
+    min_region_area: float = field(default_factory=lambda: float(_env("MIN_REGION_AREA", "0.01")))
+    refine_boundaries: bool = field(default_factory=lambda: _env("REFINE_BOUNDARIES", "true").lower() in _TRUE)
 
     # Learning from annotations (see README: "The learning loop")
     train_steps: int = field(default_factory=lambda: int(_env("TRAIN_STEPS", "300")))
@@ -88,6 +94,9 @@ class Settings:
             raise ValueError(f"TASK_SCORE must be one of {', '.join(TASK_SCORES)}, not {self.task_score!r}")
         if not 0 <= self.unsure_below < 1:
             raise ValueError(f"UNSURE_BELOW must be a probability in [0, 1), not {self.unsure_below}")
+        for name in ("min_region_score", "min_region_area"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name.upper()} must be in [0, 1), not {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"TEMPERATURE must be positive, not {self.temperature}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
@@ -122,9 +131,14 @@ class Settings:
                            dense_method=self.dense_method, seen_weight=self.ensemble_seen_weight,
                            unseen_weight=self.ensemble_unseen_weight, inference_size=self.inference_size,
                            batch_size=self.predict_batch_size, max_area=self.max_inference_area,
-                           temperature=self.temperature, precision=self.precision, cache_dir=self.cache_dir,
+                           temperature=self.temperature, precision=self.precision,
+                           refine_boundaries=self.refine_boundaries, cache_dir=self.cache_dir,
                            text_cache_vocabularies=self.text_cache_vocabularies,
                            text_cache_disk_bytes=self.text_cache_disk_bytes)
+
+    def region_rules(self) -> RegionRules:
+        """The pruning of pre-labels whose control tag sets none of its own."""
+        return RegionRules(self.min_region_score, self.min_region_area)
 
     @property
     def cache_dir(self) -> Path:

@@ -81,11 +81,12 @@ def test_predict_matches_the_model_and_caches_text(make_client, file_server, sce
     body = response.get_json()
     assert len(body["results"]) == len(tasks)
     target = parse_targets(LABEL_CONFIG)[0]
-    direct = loaded_model.predictor().predict([image for image, _ in scenes], target.vocabulary)
+    direct = loaded_model.predictor().predict([image for image, _ in scenes], target.vocabulary,
+                                               Settings().region_rules())
     served, model = ConfusionMatrix(len(world.NAMES)), ConfusionMatrix(len(world.NAMES))
     for (_image, truth), entry, prediction in zip(scenes, body["results"], direct, strict=True):
         assert entry["model_version"] == body["model_version"] and "meta" not in entry
-        assert entry["score"] == pytest.approx(task_score(prediction), rel=1e-3)  # TASK_SCORE=product
+        assert entry["score"] == pytest.approx(task_score(prediction), rel=1e-3)  # TASK_SCORE=mean
         assert all(r["value"]["brushlabels"][0] in world.NAMES for r in entry["result"])
         served.update(truth, results_to_label_map(entry["result"], target, *truth.shape))
         model.update(truth, prediction.label_map)
@@ -101,7 +102,7 @@ def test_review_options_report_unsure_pixels(make_client, file_server, scenes, l
     body = client.post("/predict", json={"tasks": _tasks(file_server, scenes[:3]),
                                          "label_config": LABEL_CONFIG}).get_json()
     vocabulary = parse_targets(LABEL_CONFIG)[0].vocabulary
-    direct = loaded_model.predictor().predict([image for image, _ in scenes[:3]], vocabulary)
+    direct = loaded_model.predictor().predict([image for image, _ in scenes[:3]], vocabulary, Settings().region_rules())
     for entry, prediction in zip(body["results"], direct, strict=True):
         unsure = float((prediction.confidence < 0.6).mean())
         assert entry["meta"] == {"unsure_fraction": pytest.approx(unsure, abs=1e-4), "unsure_below": 0.6}
@@ -164,6 +165,10 @@ def test_wrong_token_is_reported_per_task(make_client, file_server, scenes):
     (json.dumps({"tasks": [{"data": {}}], "label_config":
                  '<View><Image name="i" value="$image"/><BrushLabels name="m" toName="i"/></View>'}),
      400, "vocabulary is empty"),
+    (json.dumps({"tasks": [{"data": {}}], "label_config":
+                 '<View><Image name="i" value="$image"/><BrushLabels name="m" toName="i" model_min_region_area="big">'
+                 '<Label value="a"/></BrushLabels></View>'}),
+     400, 'model_min_region_area="big" on <BrushLabels name="m"> is not a number'),
 ])
 def test_bad_requests_get_clear_errors(make_client, body, status, message):
     client, _ = make_client()

@@ -1,11 +1,12 @@
 import pytest
 
 from backend.label_config import LabelConfigError, parse_targets
+from model.regions import RegionRules
 
 
 def test_brush_and_polygon_targets_with_prompts_and_thresholds():
     config = """<View><Image name="img" value="$photo"/>
-      <BrushLabels name="mask" toName="img" model_score_threshold="0.4">
+      <BrushLabels name="mask" toName="img" model_score_threshold="0.4" model_min_region_area="0.05">
         <Label value="car" predicted_values="automobile, auto"/><Label value="sky"/></BrushLabels>
       <PolygonLabels name="poly" toName="img"><Label value="tree"/></PolygonLabels>
       <Choices name="c" toName="img"><Choice value="x"/></Choices></View>"""
@@ -15,7 +16,9 @@ def test_brush_and_polygon_targets_with_prompts_and_thresholds():
     assert brush.vocabulary.texts[0] == ("car", "automobile", "auto")
     assert brush.score_threshold == 0.4
     assert polygon.tag == "PolygonLabels" and polygon.vocabulary.labels == ("tree",)
-    assert polygon.score_threshold == 0.0
+    defaults = RegionRules(min_score=0.25, min_area=0.01)
+    assert brush.rules(defaults) == RegionRules(min_score=0.4, min_area=0.05)  # the tag's own attributes win
+    assert polygon.rules(defaults) == defaults  # none set: the backend's MIN_REGION_SCORE / MIN_REGION_AREA
 
 
 @pytest.mark.parametrize("config, message", [
@@ -24,7 +27,11 @@ def test_brush_and_polygon_targets_with_prompts_and_thresholds():
     ('<View><Image name="i" value="$image"/><BrushLabels name="m" toName="i"></BrushLabels></View>',
      "vocabulary is empty"),
     ('<View><Image name="i" value="$image"/><BrushLabels name="m" toName="i" model_score_threshold="high">'
-     '<Label value="a"/></BrushLabels></View>', "not a number"),
+     '<Label value="a"/></BrushLabels></View>', 'model_score_threshold="high" on <BrushLabels name="m"> is not a number'),
+    ('<View><Image name="i" value="$image"/><PolygonLabels name="p" toName="i" model_min_region_area="5%">'
+     '<Label value="a"/></PolygonLabels></View>', 'model_min_region_area="5%" on <PolygonLabels name="p"> is not a'),
+    ('<View><Image name="i" value="$image"/><BrushLabels name="m" toName="i" model_min_region_area="2">'
+     '<Label value="a"/></BrushLabels></View>', 'model_min_region_area="2" on <BrushLabels name="m"> must be between'),
     ("<View><Image", "can't be parsed"),
     ("", "empty"),
 ])

@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from model.predictor import SemanticPrediction
+from model.regions import RegionRules
 from model.vocabulary import Vocabulary
 
 
@@ -30,7 +31,10 @@ class ControlTag:
         image: the Image tag's name (``to_name``).
         data_key: the task-data key holding the image (``$image`` → ``image``).
         vocabulary: the labels and their prompt texts.
-        score_threshold: regions scoring below it are left out.
+        score_threshold: the tag's ``model_score_threshold``: its regions' least score (None: the
+            backend's ``MIN_REGION_SCORE``).
+        min_region_area: the tag's ``model_min_region_area``: its regions' least share of the image
+            (None: the backend's ``MIN_REGION_AREA``).
     """
 
     tag: ClassVar[str]  # the label config's tag, e.g. "BrushLabels"
@@ -41,13 +45,20 @@ class ControlTag:
     image: str
     data_key: str
     vocabulary: Vocabulary
-    score_threshold: float
+    score_threshold: float | None = None
+    min_region_area: float | None = None
+
+    def rules(self, defaults: RegionRules) -> RegionRules:
+        """The pruning this tag's predictions get: its own attributes, else ``defaults``."""
+        return RegionRules(defaults.min_score if self.score_threshold is None else self.score_threshold,
+                           defaults.min_area if self.min_region_area is None else self.min_region_area)
 
     # ------------------------------------------------------------------ prediction → results
     def regions(self, prediction: SemanticPrediction) -> Iterator[tuple[int, str, float]]:
-        """(vocabulary index, label, score) of each predicted label whose score passes the threshold."""
+        """(vocabulary index, label, score) of each predicted label scoring at least the tag's own threshold
+        (a prediction pruned by :meth:`rules`, as the service makes, has none under it left)."""
         for index, score in prediction.region_scores.items():
-            if score >= self.score_threshold:
+            if score >= (self.score_threshold or 0.0):
                 yield index, self.vocabulary.labels[index], score
 
     def result(self, label: str, value: dict, score: float, height: int, width: int) -> dict:
