@@ -54,6 +54,7 @@ demo: setup setup-ls
 bench: setup
 	$(PY) -m bench.speed
 	$(PY) -m bench.postprocess
+	$(PY) -m bench.prelabel_quality
 	$(PY) -m bench.accuracy
 	$(PY) -m bench.calibration
 	$(PY) -m bench.active_learning

@@ -15,6 +15,7 @@ import logging
 
 import numpy as np
 
+from backend.settings import Settings
 from backend.training import restrict_to_annotated
 from bench.accuracy import evaluate
 from demo import world
@@ -33,17 +34,19 @@ def main(argv=None) -> None:
     parser.add_argument("--pool", type=int, default=200)
     parser.add_argument("--annotate", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1, help="annotate, train, re-predict this many times")
-    parser.add_argument("--score", choices=TASK_SCORES, default="product", help="the task score to rank by")
+    parser.add_argument("--score", choices=TASK_SCORES, default=Settings().task_score, help="the task score to rank by")
     parser.add_argument("--random-draws", type=int, default=5)
     parser.add_argument("--test-images", type=int, default=60)
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    # At the demo CLIP's zero-shot temperature until calibrated.
+    # At the demo CLIP's zero-shot temperature until calibrated; pre-labels pruned and refined as served.
+    served = Settings()
     model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
                               ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
-                                          temperature=ZERO_SHOT_TEMPERATURE))
+                                          temperature=ZERO_SHOT_TEMPERATURE,
+                                          refine_boundaries=served.refine_boundaries))
     vocabulary = Vocabulary.from_labels(world.NAMES)
     pool, test = world.test_scenes(args.pool, seed=2024), world.test_scenes(args.test_images)
 
@@ -61,7 +64,8 @@ def main(argv=None) -> None:
     chosen, predictor = [], zero_shot
     for round_ in range(args.rounds):
         count = args.annotate * (round_ + 1) // args.rounds - len(chosen)
-        scores = [task_score(p, args.score) for p in predictor.predict([i for i, _ in pool], vocabulary)]
+        scores = [task_score(p, args.score)
+                  for p in predictor.predict([i for i, _ in pool], vocabulary, served.region_rules())]
         chosen += [int(i) for i in np.argsort(scores) if i not in chosen][:count]
         predictor = trained_on(chosen)
     lowest = evaluate(predictor, test)["all"]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 SCENE_SIZE = 128
 IGNORE = 255
@@ -285,8 +285,9 @@ def _stuff_layout(rng, size: int, stuff: list[int] = STUFF) -> tuple[np.ndarray,
 
 
 def render_scene(rng: np.random.Generator, size: int = SCENE_SIZE, max_things: int = 4,
-                 classes: list[int] | None = None):
-    """Render one scene, from the concepts in ``classes`` (indices into :data:`CONCEPTS`; all by default).
+                 classes: list[int] | None = None, thing_radius: tuple[float, float] = (0.09, 0.2)):
+    """Render one scene, from the concepts in ``classes`` (indices into :data:`CONCEPTS`; all by default),
+    with things of radius ``thing_radius`` × size.
 
     Returns:
         image: (size, size, 3) uint8 RGB.
@@ -305,7 +306,7 @@ def render_scene(rng: np.random.Generator, size: int = SCENE_SIZE, max_things: i
     labels = Image.fromarray(label_map)
     for cls in rng.choice(allowed_things, size=min(rng.integers(0, max_things + 1), len(allowed_things)),
                           replace=False):
-        r = rng.uniform(0.09, 0.2) * size
+        r = rng.uniform(*thing_radius) * size
         cx, cy = rng.uniform(r, size - r, 2)
         layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
         shift = rng.uniform(-25, 25, 3)
@@ -344,3 +345,19 @@ def test_scenes(count: int, seed: int = 12345, classes: list[int] | None = None)
     """A fixed set of scenes (image, label_map), drawn from ``classes`` (all concepts by default)."""
     rng = np.random.default_rng(seed)
     return [render_scene(rng, classes=classes) for _ in range(count)]
+
+
+def shifted_scenes(count: int, seed: int = 4242, size: int = 192):
+    """Scenes unlike those the demo CLIP was trained on, for checking what was tuned on :func:`test_scenes`:
+    larger images with up to eight smaller things, then a random camera: gamma, contrast, blur and noise."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for _ in range(count):
+        image, labels = render_scene(rng, size=size, max_things=8, thing_radius=(0.05, 0.12))
+        pixels = 255 * (image / 255) ** rng.uniform(0.7, 1.4)
+        pixels = (pixels - 128) * rng.uniform(0.7, 1.2) + 128
+        pixels = np.asarray(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+                            .filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5))), float)
+        pixels += rng.normal(0, rng.uniform(0, 12), pixels.shape)
+        scenes.append((np.clip(pixels, 0, 255).astype(np.uint8), labels))
+    return scenes
