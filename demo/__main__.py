@@ -5,8 +5,8 @@
 
 Starts Label Studio and the backend (demo model) on 127.0.0.1, creates a project from
 ``labeling_config/demo-world.xml``, imports demo-world images, connects the backend, asks
-Label Studio to pre-label every task and selects that model version in the project (so the
-Data Manager shows the prediction scores). It reports the mIoU of the predictions Label
+Label Studio to pre-label every task, selects that model version in the project and adds a
+Data Manager tab that shows the prediction scores, lowest first. It reports the mIoU of the predictions Label
 Studio stored, prints the login, the API token and a ready-to-paste ``backend.prelabel``
 command, and keeps both servers running until Ctrl-C.
 """
@@ -31,18 +31,22 @@ CONFIG = ROOT / "labeling_config" / "demo-world.xml"
 SCENE_NAME = re.compile(r"scene-(\d+)\.png$")
 
 
-def stored_prediction_miou(label_studio: LabelStudio, project: int, scenes, label_config: str) -> ConfusionMatrix:
-    """Decode the predictions Label Studio stored and score them against the scenes' truth."""
+def stored_predictions(label_studio: LabelStudio, project: int, scenes,
+                       label_config: str) -> tuple[ConfusionMatrix, dict[int, tuple[int, float]]]:
+    """Decode the predictions Label Studio stored and score them against the scenes' truth; and
+    each task's (region count, task score), by task id."""
     target = parse_targets(label_config)[0]
     confusion = ConfusionMatrix(len(target.vocabulary))
+    tasks = {}
     for task in label_studio.tasks(project):
         match = SCENE_NAME.search(task["data"]["image"])
         if not match or not task.get("predictions"):
             continue
+        prediction = task["predictions"][-1]
         truth = scenes[int(match.group(1))][1]
-        predicted = results_to_label_map(task["predictions"][-1]["result"], target, *truth.shape)
-        confusion.update(truth, predicted)
-    return confusion
+        confusion.update(truth, results_to_label_map(prediction["result"], target, *truth.shape))
+        tasks[task["id"]] = (len(prediction["result"]), prediction.get("score") or 0.0)
+    return confusion, tasks
 
 
 def prelabel_command(model_dir: Path, label_studio: LabelStudio, project: int) -> str:
@@ -84,7 +88,11 @@ def main(argv=None) -> None:
         print(f"pre-labeling {len(scenes)} tasks through Label Studio...", flush=True)
         label_studio.retrieve_predictions(project)
         version = label_studio.select_predictions(project)
-        confusion = stored_prediction_miou(label_studio, project, scenes, label_config)
+        label_studio.add_score_tab(project)
+        confusion, tasks = stored_predictions(label_studio, project, scenes, label_config)
+        regions = [count for count, _ in tasks.values()]
+        scores = [score for _, score in tasks.values()]
+        first = tasks[min(tasks)][0] if tasks else 0
         base = [world.NAMES.index(n) for n in world.BASE]
         novel = [world.NAMES.index(n) for n in world.NOVEL]
         print(
@@ -94,6 +102,8 @@ def main(argv=None) -> None:
             f"backend: http://127.0.0.1:{args.backend_port} (PID {backend.pid}), Label Studio PID {label_studio.process.pid}\n"
             f"stored zero-shot predictions: mIoU all={confusion.miou():.1f} base={confusion.miou(base):.1f} "
             f"novel={confusion.miou(novel):.1f} (%, {len(scenes)} images); the project shows {version}\n"
+            f"regions per task: {sum(regions) / max(1, len(regions)):.1f} on average, {first} on the first task; "
+            f"task scores {min(scores, default=0):.2f}-{max(scores, default=0):.2f}\n"
             f"ready in {time.time() - started:.0f}s\n\n"
             f"pre-label the project again from the command line (the same model, so it skips what is done):\n"
             f"  {prelabel_command(args.work_dir / 'model_dir', label_studio, project)}", flush=True)
