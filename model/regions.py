@@ -3,9 +3,8 @@
 Three steps, on the logits' device:
 
 1. **Small regions go to their neighbours.** A label covering less than ``min_area`` of the
-   image loses its pixels to the best of the labels that stay (the smallest first, until
-   every label left is large enough): most specks are pixels of a large region that a wrong
-   label won by a hair.
+   image loses its pixels to the best of the labels that stay (until every label left is
+   large enough): most specks are pixels of a large region that a wrong label won by a hair.
 2. **Boundaries follow the image** (when the image is given). The tower sees one cell per
    patch, so an upsampled map draws blobs. The kept labels' probabilities are passed
    through a colour guided filter (He, Sun & Tang, ECCV 2010) steered by the image itself,
@@ -96,18 +95,20 @@ def _label_probabilities(scores: torch.Tensor, labels: torch.Tensor, height: int
 
 def _label_stats(label_map: torch.Tensor, confidence: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each label's pixel count and mean confidence (C,), over the labeled pixels."""
-    labels = label_map.flatten().long()
-    labeled = labels >= 0
-    counts = torch.bincount(labels[labeled], minlength=classes)
-    sums = torch.bincount(labels[labeled], confidence.flatten()[labeled].double(), minlength=classes)
+    labels, confidence = label_map.flatten().long(), confidence.flatten()
+    if label_map.min() < 0:
+        labeled = labels >= 0
+        labels, confidence = labels[labeled], confidence[labeled]
+    counts = torch.bincount(labels, minlength=classes)
+    sums = torch.bincount(labels, confidence, minlength=classes)
     return counts, (sums / counts.clamp(min=1)).float()
 
 
 def _reassign(logits: torch.Tensor, height: int, width: int, temperature: float,
               rules: RegionRules) -> tuple[torch.Tensor, torch.Tensor]:
     """The label map and confidences once every label left covers at least ``min_area`` of the image
-    (and, with ``reassign_unlikely``, scores at least ``min_score``): the worst offender's pixels go
-    to the best label that stays, one label at a time."""
+    (and, with ``reassign_unlikely``, scores at least ``min_score``): the offenders' pixels go to the
+    best labels that stay, all offenders at once (one at a time measured the same, at up to 4x the cost)."""
     label_map, confidence = label_map_and_confidence(logits, height, width, temperature)
     while rules.min_area > 0 or rules.reassign_unlikely:
         counts, scores = _label_stats(label_map, confidence, logits.shape[0])
@@ -117,8 +118,9 @@ def _reassign(logits: torch.Tensor, height: int, width: int, temperature: float,
             offending |= present & (scores < rules.min_score)
         if not offending.any() or present.sum() == 1:
             break
-        allowed = present.clone()
-        allowed[torch.where(offending, counts, counts.max() + 1).argmin()] = False  # the smallest goes first
+        allowed = present & ~offending
+        if not allowed.any():
+            allowed[counts.argmax()] = True  # the largest label stays, however small
         label_map, confidence = label_map_and_confidence(logits, height, width, temperature, allowed)
     return label_map, confidence
 
