@@ -7,7 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 COMMANDS = ["backend", "backend check", "backend.training", "backend.prelabel", "demo", "demo.train_clip", "bench.postprocess",
-            "bench.speed", "bench.accuracy", "bench.calibration", "bench.active_learning", "bench.attack"]
+            "bench.speed", "bench.prelabel_quality", "bench.accuracy", "bench.calibration", "bench.active_learning",
+            "bench.attack"]
 
 
 def test_every_command_answers_help_without_side_effects(tmp_path):
