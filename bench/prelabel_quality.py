@@ -139,7 +139,7 @@ class Bench:
                 "pruned and refined, unlikely regions' pixels to the best label that stays instead of unlabeled":
                     (RegionRules(chosen.min_score, chosen.min_area, reassign_unlikely=True), True)}
         print(f"\n{name}: {len(scenes)} scenes\n\n| post-processing | regions / image | region precision | mIoU |\n|---|---|---|---|")
-        served = None
+        kept = {}
         for row, (rules, refine) in rows.items():
             predictions = [Predictor.to_semantic(out, *image.shape[:2], predictor.temperature, rules,
                                                  image if refine else None)
@@ -147,10 +147,9 @@ class Bench:
             pairs = [(p.label_map, truth) for p, (_, truth) in zip(predictions, scenes, strict=True)]
             count, precision = region_precision(pairs)
             print(f"| {row} | {count:.2f} | {precision:.3f} | {miou(pairs):.2f} |", flush=True)
-            if rules == chosen and refine:
-                served = predictions
-        return {"served": served, "today": [Predictor.to_semantic(out, *image.shape[:2], predictor.temperature)
-                                            for out, (image, _) in zip(logits, scenes, strict=True)]}
+            if (rules, refine) in ((chosen, True), (TODAY, False)):
+                kept["served" if refine else "today"] = predictions
+        return kept
 
     def boundaries(self, name: str, predictor: Predictor, scenes) -> None:
         print(f"\n{name}, rendered at {scenes[0][0].shape[0]} px (4x the inference size): boundaries, "

@@ -179,7 +179,9 @@ class LabelStudio:
     def add_score_tab(self, project: int) -> None:
         """A Data Manager tab that shows the prediction score column, lowest first (Label Studio hides the
         column by default; by hand: *Columns → Prediction score*, then *Order by*)."""
-        hidden = [f"tasks:{column}" for column in SCORE_TAB_HIDDEN]
+        columns = self.api("GET", f"/api/dm/columns?project={project}")["columns"]
+        hidden = [f"tasks:{c['id']}" for c in columns
+                  if not (c.get("visibility_defaults") or {}).get("explore", True) and c["id"] != "predictions_score"]
         self.client.sdk.views.create(project=project, data={
             "title": "Lowest score first", "ordering": ["tasks:predictions_score"],
             "hiddenColumns": {"explore": hidden, "labeling": hidden + ["tasks:predictions_score"]}})
@@ -194,10 +196,6 @@ class LabelStudio:
             page += 1
 
 
-# Label Studio's default hidden columns (1.23), less the prediction score.
-SCORE_TAB_HIDDEN = ("inner_id", "annotations_results", "annotations_ids", "predictions_model_versions",
-                    "predictions_results", "file_upload", "storage_filename", "created_at", "updated_at", "updated_by",
-                    "avg_lead_time", "draft_exists")
 DEMO_MODEL_SETTINGS = ("MODEL_DIR", "CLIP_MODEL", "CLIP_PRETRAINED", "INFERENCE_SIZE", "DENSE_METHOD", "TEMPERATURE")
 
 
