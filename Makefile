@@ -16,8 +16,9 @@ setup: $(VENV)/.installed $(CACHE)/.demo-model $(NLTK_DATA)/corpora/wordnet/lexn
 	@echo "installing WordNet (Debian wordnet-base, wordnet-sense-index)"
 	(apt-get install -y -q wordnet-base wordnet-sense-index || (apt-get update -q && apt-get install -y -q wordnet-base wordnet-sense-index)) >/dev/null
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-serve.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip uninstall -y -q opencv-python-headless  # both are cv2: the contrib build replaces it
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
@@ -55,6 +56,7 @@ bench: setup
 	$(PY) -m bench.speed
 	$(PY) -m bench.postprocess
 	$(PY) -m bench.prelabel_quality
+	$(PY) -m bench.interactive
 	$(PY) -m bench.accuracy
 	$(PY) -m bench.calibration
 	$(PY) -m bench.active_learning

@@ -285,9 +285,10 @@ def _stuff_layout(rng, size: int, stuff: list[int] = STUFF) -> tuple[np.ndarray,
 
 
 def render_scene(rng: np.random.Generator, size: int = SCENE_SIZE, max_things: int = 4,
-                 classes: list[int] | None = None, thing_radius: tuple[float, float] = (0.09, 0.2)):
+                 classes: list[int] | None = None, thing_radius: tuple[float, float] = (0.09, 0.2),
+                 copies: int = 1):
     """Render one scene, from the concepts in ``classes`` (indices into :data:`CONCEPTS`; all by default),
-    with things of radius ``thing_radius`` × size.
+    with things of radius ``thing_radius`` × size, each thing drawn ``copies`` times.
 
     Returns:
         image: (size, size, 3) uint8 RGB.
@@ -305,7 +306,7 @@ def render_scene(rng: np.random.Generator, size: int = SCENE_SIZE, max_things: i
     canvas = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     labels = Image.fromarray(label_map)
     for cls in rng.choice(allowed_things, size=min(rng.integers(0, max_things + 1), len(allowed_things)),
-                          replace=False):
+                          replace=False).repeat(copies):
         r = rng.uniform(*thing_radius) * size
         cx, cy = rng.uniform(r, size - r, 2)
         layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
@@ -345,6 +346,18 @@ def test_scenes(count: int, seed: int = 12345, classes: list[int] | None = None)
     """A fixed set of scenes (image, label_map), drawn from ``classes`` (all concepts by default)."""
     rng = np.random.default_rng(seed)
     return [render_scene(rng, classes=classes) for _ in range(count)]
+
+
+def repeated_scenes(count: int, seed: int = 2718, copies: int = 3):
+    """Scenes whose one thing appears ``copies`` times, each copy on its own: for finding a class's
+    other regions from one example."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    while len(scenes) < count:
+        image, labels = render_scene(rng, max_things=1, thing_radius=(0.07, 0.12), copies=copies)
+        if np.isin(labels, THINGS).any():
+            scenes.append((image, labels))
+    return scenes
 
 
 def shifted_scenes(count: int, seed: int = 4242, size: int = 192):

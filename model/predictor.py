@@ -129,10 +129,21 @@ class Predictor:
             return [round(i * (length - size) / (count - 1)) for i in range(count)]
         return [(y, x) for y in starts(shape[0]) for x in starts(shape[1])]
 
-    @torch.no_grad()
     def logits(self, images: list[np.ndarray], vocabulary: Vocabulary) -> list[torch.Tensor]:
         """Per image (C, h, w) logits at the resized resolution / stride (a fine-tuned segmenter's
         ensemble of its tuned and frozen classifiers, see :class:`model.segmenter.Segmenter`)."""
+        return self._dense(images, vocabulary, with_embeddings=False)
+
+    def logits_and_embeddings(self, images: list[np.ndarray],
+                              vocabulary: Vocabulary) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image, :meth:`logits` and the pixel embeddings they classify, (D, h, w) L2-normalised:
+        what interactive refinement (:mod:`model.interactive`) reuses, from the same one pass."""
+        classes = len(vocabulary.labels)
+        return [(out[:classes], F.normalize(out[classes:], dim=0))
+                for out in self._dense(images, vocabulary, with_embeddings=True)]
+
+    @torch.no_grad()
+    def _dense(self, images: list[np.ndarray], vocabulary: Vocabulary, with_embeddings: bool) -> list[torch.Tensor]:
         text = self.text_encoder.embed(vocabulary)
         seen = self.segmenter.seen_classes(vocabulary.labels)
         jobs = []  # (image index, window corner or None, tensor)
@@ -145,9 +156,10 @@ class Predictor:
                     jobs.append((index, (y, x, shape), crop))
             else:
                 jobs.append((index, None, tensor))
-        return self._merge_windows(jobs, self._forward(jobs, text, seen), len(images))
+        return self._merge_windows(jobs, self._forward(jobs, text, seen, with_embeddings), len(images))
 
-    def _forward(self, jobs: list, text: torch.Tensor, seen: torch.Tensor | None) -> list[torch.Tensor]:
+    def _forward(self, jobs: list, text: torch.Tensor, seen: torch.Tensor | None,
+                 with_embeddings: bool) -> list[torch.Tensor]:
         """The segmenter's logits for each job's tensor, batching tensors of one shape; kept on the device."""
         outputs: list = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
@@ -158,7 +170,7 @@ class Predictor:
                 for start in range(0, len(members), self.batch_size):
                     chunk = members[start:start + self.batch_size]
                     batch = torch.stack([jobs[j][2] for j in chunk])
-                    for j, out in zip(chunk, self.segmenter(batch, text.to(self.device), seen).float(), strict=True):
+                    for j, out in zip(chunk, self.segmenter(batch, text.to(self.device), seen, with_embeddings).float(), strict=True):
                         outputs[j] = out
         return outputs
 

@@ -109,19 +109,21 @@ class Segmenter(nn.Module):
         scale = self.log_logit_scale.exp() if scale is None else scale
         return scale * torch.einsum("bdhw,cd->bchw", embeddings, text.to(embeddings))
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, text: torch.Tensor, seen: torch.Tensor | None = None,
+                with_embeddings: bool = False) -> torch.Tensor:
         """images (B, 3, H, W), text (C, D) → logits (B, C, H/stride, W/stride).
 
         With ``seen`` ((C,) bool: the classes fine-tuning saw), the geometric ensemble of the
-        fine-tuned and frozen classifiers, as log-probabilities.
+        fine-tuned and frozen classifiers, as log-probabilities. ``with_embeddings``: the
+        fine-tuned embeddings E follow as D more channels, (B, C + D, H/stride, W/stride).
         """
         tuned, frozen = self.embed(images)
         logits = self.classify(tuned, text)
-        if seen is None:
-            return logits
-        frozen_logits = self.classify(frozen, text, self.frozen_logit_scale)
-        weight = torch.where(seen.to(logits.device), self.seen_weight, self.unseen_weight).view(1, -1, 1, 1)
-        return (1 - weight) * logits.log_softmax(1) + weight * frozen_logits.log_softmax(1)
+        if seen is not None:
+            frozen_logits = self.classify(frozen, text, self.frozen_logit_scale)
+            weight = torch.where(seen.to(logits.device), self.seen_weight, self.unseen_weight).view(1, -1, 1, 1)
+            logits = (1 - weight) * logits.log_softmax(1) + weight * frozen_logits.log_softmax(1)
+        return torch.cat([logits, tuned], 1) if with_embeddings else logits
 
     def seen_classes(self, labels: tuple[str, ...]) -> torch.Tensor | None:
         """(C,) bool: which of ``labels`` fine-tuning saw; None for a segmenter that was not fine-tuned."""

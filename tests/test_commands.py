@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 COMMANDS = ["backend", "backend check", "backend.training", "backend.prelabel", "demo", "demo.train_clip", "bench.postprocess",
-            "bench.speed", "bench.prelabel_quality", "bench.accuracy", "bench.calibration", "bench.active_learning",
+            "bench.speed", "bench.prelabel_quality", "bench.interactive", "bench.accuracy", "bench.calibration", "bench.active_learning",
             "bench.attack"]
 
 

@@ -1,0 +1,252 @@
+"""Interactive refinement measured as the interactive-segmentation literature does: a click simulator.
+
+    python -m bench.interactive [--images 60] [--max-clicks 20] [--skip-speed]
+                                [--model ViT-B-16] [--size 448] [--photo 1920x1080] [--repeats 5]
+
+Each object is one label of one scene (the label's pixels, at least 1% of the scene). The
+simulator's next click goes at the interior point (the farthest from its border) of the largest
+error region: positive on a missed part, negative on a wrong one. Reported per method: NoC@85 and
+NoC@90 (the mean number of clicks until the object's IoU reaches 85% / 90%, capped at
+``--max-clicks``; 0 when the start already does) and the mean IoU after 0, 1, 3 and 5 clicks (an
+object stops getting clicks once it reaches 90%).
+
+Methods, all on the zero-shot demo model:
+
+* **(a) from the pre-label** (the backend's): :func:`model.interactive.refine`, starting from the
+  served pre-label; also without its "one example → all of this class" search;
+* **(b) clicks alone**: the same clicks' prototypes from an empty mask, with no text;
+* **(c) components only** (a baseline): starting from the pre-label, a positive click adds the whole
+  pre-label region under it, a negative click removes the mask's connected part under it.
+
+Two worlds: the demo world's test scenes, where the constants were chosen, and the shifted world
+(:func:`demo.world.shifted_scenes`), never tuned on. Then "one example → all of this class" on
+scenes with three copies of one thing (:func:`one_example`), and the speed of clicks against a
+whole /predict through the backend, with a real architecture's random weights (:func:`click_speed`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from backend.settings import Settings
+from demo import world
+from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
+from model.build import ModelConfig, SegmentationModel
+from model.clip import load_clip
+from model.interactive import ImageState, Prompt, refine
+from model.vocabulary import Vocabulary
+
+VOCABULARY = Vocabulary.from_labels(world.NAMES)
+MIN_OBJECT = 0.01
+CHECKPOINTS = (0, 1, 3, 5)
+
+
+def next_click(truth: np.ndarray, mask: np.ndarray) -> tuple[float, float, bool]:
+    """(x, y, positive): the interior point of the largest error region."""
+    best = None
+    for positive, error in ((True, truth & ~mask), (False, mask & ~truth)):
+        count, components, stats, _ = cv2.connectedComponentsWithStats(error.astype(np.uint8), connectivity=8)
+        for index in range(1, count):
+            area = stats[index, cv2.CC_STAT_AREA]
+            if best is None or area > best[0]:
+                best = (area, positive, components == index)
+    _, positive, region = best
+    distance = cv2.distanceTransform(np.pad(region, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(distance.argmax()), distance.shape)
+    return x + 0.5, y + 0.5, positive
+
+
+def iou(mask: np.ndarray, truth: np.ndarray) -> float:
+    return float((mask & truth).sum() / max(1, (mask | truth).sum()))
+
+
+class Refined:
+    """The backend's refinement (``from_prelabel``) or clicks alone: each answer from all clicks so far."""
+
+    def __init__(self, from_prelabel: bool, rules, find_all: bool = True):
+        self.from_prelabel, self.rules, self.find_all = from_prelabel, rules, find_all
+
+    def start(self, state: ImageState, label: int) -> np.ndarray:
+        self.state, self.label, self.clicks = state, label, []
+        if not self.from_prelabel:
+            return np.zeros((state.height, state.width), bool)
+        return _full_size(state.prelabel(self.rules), state) == label
+
+    def click(self, x: float, y: float, positive: bool) -> np.ndarray:
+        self.clicks.append((x, y, positive))
+        prompt = Prompt(self.label, tuple(self.clicks))
+        return refine(self.state, prompt, self.rules, self.from_prelabel, self.find_all)[0]
+
+
+class ComponentsOnly:
+    """The baseline: whole pre-label regions added, connected parts of the mask removed."""
+
+    def __init__(self, rules):
+        self.rules = rules
+
+    def start(self, state: ImageState, label: int) -> np.ndarray:
+        self.prelabel = _full_size(state.prelabel(self.rules), state)
+        self.mask = self.prelabel == label
+        return self.mask
+
+    def click(self, x: float, y: float, positive: bool) -> np.ndarray:
+        row, col = int(y), int(x)
+        source = (self.prelabel == self.prelabel[row, col]) if positive else self.mask
+        _, components = cv2.connectedComponents(source.astype(np.uint8), connectivity=8)
+        part = components == components[row, col]
+        self.mask = (self.mask | part) if positive else (self.mask & ~part)
+        return self.mask
+
+
+def _full_size(label_map: torch.Tensor, state: ImageState) -> np.ndarray:
+    rows = np.arange(state.height) * label_map.shape[0] // state.height
+    cols = np.arange(state.width) * label_map.shape[1] // state.width
+    return label_map.cpu().numpy()[rows[:, None], cols[None]]
+
+
+def simulate(method, states: list[ImageState], scenes, max_clicks: int) -> dict[str, float]:
+    """NoC@85, NoC@90 and the IoU after each of :data:`CHECKPOINTS` clicks, averaged over the objects."""
+    curves = []
+    for state, (_, truth) in zip(states, scenes, strict=True):
+        for label in np.unique(truth):
+            target = truth == label
+            if label >= len(world.NAMES) or target.mean() < MIN_OBJECT:
+                continue
+            mask = method.start(state, int(label))
+            curve = [iou(mask, target)]
+            while len(curve) <= max_clicks and curve[-1] < 0.9:
+                mask = method.click(*next_click(target, mask))
+                curve.append(iou(mask, target))
+            curves.append(curve + [curve[-1]] * (max_clicks + 1 - len(curve)))
+    curves = np.array(curves)
+    noc = {f"NoC@{round(100 * t)}": float(np.mean([next((k for k, v in enumerate(c) if v >= t), max_clicks)
+                                                    for c in curves])) for t in (0.85, 0.9)}
+    return {"objects": len(curves), **noc, **{f"IoU@{k}": 100 * float(curves[:, k].mean()) for k in CHECKPOINTS}}
+
+
+def one_example(states: list[ImageState], scenes, rules) -> None:
+    """Scenes with three copies of one thing: for each thing the pre-label missed, one positive click on
+    the first copy (the simulator's), then the thing's IoU and the share of the other copies' pixels found."""
+    rows = {True: [], False: []}
+    for state, (_, truth) in zip(states, scenes, strict=True):
+        label = int(next(c for c in np.unique(truth) if c in world.THINGS))
+        target = truth == label
+        if (_full_size(state.prelabel(rules), state) == label).any():
+            continue
+        x, y, _ = next_click(target, np.zeros_like(target))
+        _, copies = cv2.connectedComponents(target.astype(np.uint8), connectivity=8)
+        others = target & (copies != copies[int(y), int(x)])
+        for find_all in rows:
+            mask = refine(state, Prompt(label, ((x, y, True),)), rules, find_all=find_all)[0]
+            rows[find_all].append((iou(mask, target), (mask & others).sum() / max(1, others.sum())))
+    print(f"\none example → all of this class: {len(scenes)} scenes with three copies of one thing; "
+          f"{len(rows[True])} things the zero-shot pre-label missed, one positive click on one copy\n\n"
+          "| after the click | thing IoU | other copies found |\n|---|---|---|")
+    for find_all, name in ((True, "the backend's (finds the class's other regions)"), (False, "the click's part only")):
+        values = np.array(rows[find_all])
+        print(f"| {name} | {100 * values[:, 0].mean():.1f} | {100 * values[:, 1].mean():.1f}% |")
+
+
+def states_for(predictor, scenes) -> list[ImageState]:
+    images = [image for image, _ in scenes]
+    return [ImageState.from_image(logits, embeddings, image, predictor)
+            for (logits, embeddings), image in zip(predictor.logits_and_embeddings(images, VOCABULARY), images,
+                                                   strict=True)]
+
+
+def click_speed(model_name: str, size: int, picture_size: tuple[int, int], repeats: int) -> None:
+    """Through the backend (Flask test client, random weights): a whole /predict of one photo against the
+    clicks on it. A /predict of one task (an annotator opening it) keeps its pass: its cost shows against
+    the same task in a batch. A cold click has no kept pass (a new image, or one evicted); the first click after the
+    annotator opened the task reuses the /predict's pass but makes the superpixels; later clicks reuse all."""
+    from backend.interactive import ImageStates
+    from bench.speed import brush_config, client_for, data_uri, measure, photo
+
+    vocabulary = Vocabulary.from_labels(world.NAMES)
+    model = SegmentationModel(load_clip(model_name, "random"), ModelConfig(inference_size=size))
+    client = client_for(model, Settings(clip_model=model_name, clip_pretrained="random", inference_size=size))
+    service = client.application.config["service"]
+    task = {"id": 1, "data": {"image": data_uri(photo(*picture_size))}}
+    click = {"result": [{"type": "keypointlabels", "to_name": "image", "from_name": "click", "is_positive": True,
+                         "value": {"x": 50.0, "y": 60.0, "width": 0.5, "keypointlabels": ["road"]}}]}
+
+    def post(context=None, tasks=(task,)):
+        params = {"context": context} if context else {}
+        response = client.post("/predict", json={"tasks": list(tasks), "label_config": brush_config(vocabulary),
+                                                 "params": params})
+        assert response.status_code == 200 and "result" in response.get_json()["results"][0], response.get_json()
+
+    def forget():
+        service.states = ImageStates(service.settings.interactive_cache_bytes)
+
+    def opened_then_click():
+        forget()
+        post()
+        started = time.perf_counter()
+        post(click)
+        return time.perf_counter() - started
+
+    whole = measure(post, repeats)[0]
+    batched = measure(lambda: post(tasks=(task, {**task, "id": 2})), repeats)[0] / 2
+    cold = measure(lambda: (forget(), post(click)), repeats)[0]
+    first = 1000 * float(np.median([opened_then_click() for _ in range(repeats)]))
+    post(click)
+    later = measure(lambda: post(click), repeats)[0]
+    print(f"\nclick speed: {model_name} (random weights) at {size} px, a {picture_size[0]}x{picture_size[1]} photo, "
+          f"{len(vocabulary.labels)} labels, CPU ({torch.get_num_threads()} threads), median of {repeats}\n\n"
+          "| call | ms | share of a whole /predict |\n|---|---|---|")
+    for name, value in (("whole /predict of the task (the pre-label; keeps its pass)", whole),
+                        ("the same, per task of a batch of two (keeps nothing)", batched),
+                        ("a click, cold (no kept pass)", cold),
+                        ("the first click after opening the task", first), ("each later click", later)):
+        print(f"| {name} | {value:.0f} | {value / whole:.0%} |", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.interactive", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=60)
+    parser.add_argument("--max-clicks", type=int, default=20)
+    parser.add_argument("--skip-speed", action="store_true", help="only the click simulator")
+    parser.add_argument("--model", default="ViT-B-16", help="the architecture timed (random weights)")
+    parser.add_argument("--size", type=int, default=448, help="its inference size")
+    parser.add_argument("--photo", default="1920x1080", help="the photo clicked on, WIDTHxHEIGHT")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_grad_enabled(False)
+    model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
+                              ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
+                                          temperature=ZERO_SHOT_TEMPERATURE, refine_boundaries=True))
+    predictor = model.predictor()  # its pre-labels as the backend serves them
+    rules = Settings().region_rules()
+    methods = {"(a) from the zero-shot pre-label (the backend's)": Refined(True, rules),
+               "(a) without \"one example → all of this class\"": Refined(True, rules, find_all=False),
+               "(b) clicks alone": Refined(False, rules),
+               "(c) components only, from the pre-label": ComponentsOnly(rules)}
+    for world_name, scenes in (("demo world", world.test_scenes(args.images)),
+                               ("shifted world", world.shifted_scenes(args.images))):
+        states = states_for(predictor, scenes)
+        print(f"\n{world_name}: {args.images} scenes, zero-shot, at most {args.max_clicks} clicks\n\n"
+              "| method | objects | NoC@85 | NoC@90 | " + " | ".join(f"IoU@{k}" for k in CHECKPOINTS) + " |\n"
+              "|---|---|---|---|" + "---|" * len(CHECKPOINTS), flush=True)
+        for name, method in methods.items():
+            started = time.perf_counter()
+            row = simulate(method, states, scenes, args.max_clicks)
+            print(f"| {name} | {row['objects']} | {row['NoC@85']:.2f} | {row['NoC@90']:.2f} | "
+                  + " | ".join(f"{row[f'IoU@{k}']:.1f}" for k in CHECKPOINTS)
+                  + f" |  ({time.perf_counter() - started:.0f} s)", flush=True)
+    repeated = world.repeated_scenes(args.images)
+    one_example(states_for(predictor, repeated), repeated, rules)
+    if not args.skip_speed:
+        width, height = (int(v) for v in args.photo.split("x"))
+        click_speed(args.model, args.size, (width, height), args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""Interactive refinement: an annotator's clicks and boxes → one label's mask, from per-image work kept
+between clicks (no tower pass after the first).
+
+The working-resolution image (:func:`model.regions.working_shape`) is cut into SLICO superpixels
+(Achanta et al., TPAMI 2012) about half a logit cell wide. Each has the pixel embedding of the one
+forward pass at its centroid, a point in CLIP's joint space, and its mean Lab colour. A click is the
+prototype of its superpixel: similarity to it is the embedding cosine less :data:`COLOUR_WEIGHT` ×
+the colour distance, the embedding saying what a region is, the colour where it ends. A superpixel
+is *the label's* when its most similar prototype is one of the label's (positive clicks, a box's
+centre) and at least :data:`MIN_SIMILARITY`; the others (negative clicks, a box's surrounding ring)
+speak against it.
+
+The mask starts as the label's region in the served pre-label, then each click, in order:
+
+* a positive click adds the connected part of the label's superpixels around it. When the pre-label
+  had none of the label, it also adds the label's superpixels everywhere that the label's text
+  probability supports (:data:`TEXT_SUPPORT`): one example → all of this class;
+* a negative click removes the connected part of the mask around it that is not the label's.
+
+A box replaces the start by the label's superpixels inside it. The pre-label's regions as prototypes
+(their mean embeddings) measured worse than the clicks alone, so the pre-label gives the start and
+the text gives the "all of this class" search. Clicks and boxes are in the image's pixels. Nothing is
+trained; ``python -m bench.interactive`` measures it with the interactive-segmentation literature's
+click simulator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.regions import NO_PRUNING, RegionRules, regions, working_shape
+
+SUPERPIXEL_CELL_SHARE = 0.5  # a superpixel's width, in logit cells
+SUPERPIXEL_ITERATIONS = 5
+COLOUR_WEIGHT = 4.0  # cosine given up per unit of Lab distance (channels in [0, 1])
+MIN_SIMILARITY = 0.2  # the least similarity to a positive prototype of a superpixel that joins the label
+TEXT_SUPPORT = 0.1  # "all of this class": the least text probability of the label far from the click
+MARGIN_SHARPNESS = 20.0  # similarity margin → probability: a margin of 0.1 is 0.88
+
+
+class PromptError(ValueError):
+    """A click or box that can't be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the annotator gave for one label, in the image's pixels.
+
+    Attributes:
+        label: the label's vocabulary index.
+        clicks: (x, y, positive) of each click, in the order they were made (a later one wins).
+        boxes: (left, top, right, bottom) of each box around the label.
+    """
+
+    label: int
+    clicks: tuple[tuple[float, float, bool], ...] = ()
+    boxes: tuple[tuple[float, float, float, float], ...] = ()
+
+    def check(self, height: int, width: int) -> None:
+        """Raise :class:`PromptError` unless every click lies in a ``width`` × ``height`` image and every box
+        has an area inside it."""
+        for x, y, positive in self.clicks:
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise PromptError(f"the {'positive' if positive else 'negative'} click at ({x:.1f}, {y:.1f}) px "
+                                  f"is outside the {width}x{height} image")
+        for left, top, right, bottom in self.boxes:
+            if min(right, width) - max(left, 0) < 1 or min(bottom, height) - max(top, 0) < 1:
+                raise PromptError(f"the box ({left:.1f}, {top:.1f})-({right:.1f}, {bottom:.1f}) px has no area "
+                                  f"inside the {width}x{height} image")
+        if not (self.clicks or self.boxes):
+            raise PromptError("no click or box")
+
+
+@dataclass
+class ImageState:
+    """One image's work that every click reuses.
+
+    Attributes:
+        logits: (C, h, w) the predictor's logits for the vocabulary.
+        embeddings: (D, h, w) the L2-normalised pixel embeddings they classify.
+        image: (H', W', 3) uint8 RGB, the image at the working resolution.
+        height, width: the image's own size.
+        temperature: the predictor's.
+        refined: whether the predictor's pre-labels follow the image's edges (``refine_boundaries``).
+    """
+
+    logits: torch.Tensor
+    embeddings: torch.Tensor
+    image: np.ndarray
+    height: int
+    width: int
+    temperature: float = 1.0
+    refined: bool = True
+    _prelabels: dict[RegionRules, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_image(cls, logits: torch.Tensor, embeddings: torch.Tensor, image: np.ndarray, predictor) -> "ImageState":
+        """From ``predictor``'s :meth:`~model.predictor.Predictor.logits_and_embeddings` for the RGB ``image``."""
+        height, width = image.shape[:2]
+        shape = working_shape(logits, height, width)
+        small = cv2.resize(np.ascontiguousarray(image), shape[::-1], interpolation=cv2.INTER_AREA)
+        return cls(logits, embeddings, small, height, width, predictor.temperature, predictor.refine_boundaries)
+
+    @property
+    def nbytes(self) -> int:
+        """What it holds in memory, superpixels and pre-labels included once made."""
+        tensors = [self.logits, self.embeddings, *self._prelabels.values()]
+        if "superpixels" in self.__dict__:
+            tensors += list(vars(self.superpixels).values())
+        return self.image.nbytes + sum(t.numel() * t.element_size() for t in tensors)
+
+    def prelabel(self, rules: RegionRules) -> torch.Tensor:
+        """The served pre-label's label map at the working resolution (computed once per rules)."""
+        if rules not in self._prelabels:
+            label_map, _, _ = regions(self.logits, *self.image.shape[:2], self.temperature, rules,
+                                      self.image if self.refined else None)
+            self._prelabels[rules] = torch.from_numpy(label_map).to(self.logits.device)
+        return self._prelabels[rules]
+
+    def keep_prelabel(self, rules: RegionRules, label_map: np.ndarray) -> None:
+        """Keep the pre-label just served under ``rules`` ((height, width), the working resolution's map
+        upsampled by nearest neighbour) instead of making it again on the first click."""
+        rows = -(-np.arange(self.image.shape[0]) * self.height // self.image.shape[0])  # ceil: back to the source
+        cols = -(-np.arange(self.image.shape[1]) * self.width // self.image.shape[1])
+        self._prelabels[rules] = torch.from_numpy(label_map[rows[:, None], cols[None]]).to(self.logits.device)
+
+    @cached_property
+    def superpixels(self) -> "Superpixels":
+        """The image's superpixels at the working resolution (made on the first click)."""
+        return Superpixels.of(self)
+
+    def working_pixel(self, x: float, y: float) -> tuple[int, int]:
+        """The working-resolution (row, column) of the image pixel (x, y)."""
+        height, width = self.image.shape[:2]
+        return min(height - 1, int(y * height / self.height)), min(width - 1, int(x * width / self.width))
+
+
+@dataclass
+class Superpixels:
+    """SLICO superpixels (Achanta et al., TPAMI 2012) of the working-resolution image, about
+    :data:`SUPERPIXEL_CELL_SHARE` of a logit cell wide, and what each one looks like.
+
+    Attributes:
+        labels: (H', W') int64, the superpixel of each pixel.
+        embedding: (N, D) the pixel embedding at each superpixel's centroid (bilinear), L2-normalised.
+        colour: (N, 3) its mean CIE Lab colour, each channel in [0, 1].
+        centre: (N, 2) its centroid (row, column) in working-resolution pixels.
+        size: (N,) its pixel count.
+    """
+
+    labels: torch.Tensor
+    embedding: torch.Tensor
+    colour: torch.Tensor
+    centre: torch.Tensor
+    size: torch.Tensor
+
+    @classmethod
+    def of(cls, state: ImageState) -> "Superpixels":
+        image = state.image
+        lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+        width = max(3, round(SUPERPIXEL_CELL_SHARE * image.shape[0] / state.logits.shape[1]))
+        slic = cv2.ximgproc.createSuperpixelSLIC(lab, cv2.ximgproc.SLICO, width)
+        slic.iterate(SUPERPIXEL_ITERATIONS)
+        labels = torch.from_numpy(slic.getLabels().astype(np.int64)).to(state.logits.device)
+        flat, count = labels.flatten(), int(labels.max()) + 1
+        size = torch.bincount(flat, minlength=count).clamp(min=1).float()
+        mean = lambda values: torch.bincount(flat, values.flatten().float(), count) / size  # noqa: E731
+        rows, cols = torch.meshgrid(torch.arange(labels.shape[0]), torch.arange(labels.shape[1]), indexing="ij")
+        centre = torch.stack([mean(rows), mean(cols)], 1)
+        colour = torch.stack([mean(torch.from_numpy(lab[..., k])) for k in range(3)], 1) / 255
+        # grid_sample's (x, y) in [-1, 1] over the cells' centres, as bilinear upsampling places them
+        grid = torch.stack([(centre[:, 1] + 0.5) / labels.shape[1], (centre[:, 0] + 0.5) / labels.shape[0]], 1) * 2 - 1
+        sampled = F.grid_sample(state.embeddings[None].float(), grid[None, None].to(state.embeddings.device),
+                                align_corners=False)[0, :, 0]
+        return cls(labels, F.normalize(sampled.T, dim=1), colour, centre, size)
+
+    def at(self, where: tuple[int, int]) -> int:
+        return int(self.labels[where])
+
+    def mean(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (embedding, colour) prototype of the superpixels in the bool ``members`` (N,), size-weighted."""
+        weight = (self.size * members)[:, None]
+        total = weight.sum().clamp(min=1)
+        return F.normalize((self.embedding * weight).sum(0), dim=0), (self.colour * weight).sum(0) / total
+
+
+def _prototypes(state: ImageState, prompt: Prompt) -> tuple[list, list]:
+    """The (embedding, colour) prototypes for the label and against it: the clicked superpixels, and
+    each box's centre (its middle third) and surrounding ring (one superpixel wide)."""
+    pixels = state.superpixels
+    own = lambda index: (pixels.embedding[index], pixels.colour[index])  # noqa: E731
+    positive = [own(pixels.at(state.working_pixel(x, y))) for x, y, sign in prompt.clicks if sign]
+    negative = [own(pixels.at(state.working_pixel(x, y))) for x, y, sign in prompt.clicks if not sign]
+    row, col = pixels.centre[:, 0], pixels.centre[:, 1]
+    band = max(2.0, float(pixels.size.mean().sqrt()))
+    for box in prompt.boxes:
+        (top, left), (bottom, right) = state.working_pixel(box[0], box[1]), state.working_pixel(box[2], box[3])
+        middle_row, middle_col = (top + bottom) / 2, (left + right) / 2
+        core = ((row - middle_row).abs() <= max(1.0, (bottom - top) / 6)) & \
+               ((col - middle_col).abs() <= max(1.0, (right - left) / 6))
+        core[pixels.at((int(middle_row), int(middle_col)))] = True
+        positive.append(pixels.mean(core))
+        near = (row > top - band) & (row < bottom + band) & (col > left - band) & (col < right + band)
+        ring = near & ~((row >= top) & (row <= bottom) & (col >= left) & (col <= right))
+        if ring.any():
+            negative.append(pixels.mean(ring))
+    return positive, negative
+
+
+def _nearest(pixels: Superpixels, prototypes: list) -> torch.Tensor:
+    """(N,): each superpixel's highest similarity to ``prototypes``: embedding cosine less
+    :data:`COLOUR_WEIGHT` × colour distance."""
+    embeddings = torch.stack([e for e, _ in prototypes])
+    colours = torch.stack([c for _, c in prototypes])
+    similarity = pixels.embedding @ embeddings.T - COLOUR_WEIGHT * torch.cdist(pixels.colour, colours)
+    return similarity.amax(1)
+
+
+def refine(state: ImageState, prompt: Prompt, rules: RegionRules = NO_PRUNING,
+           from_prelabel: bool = True, find_all: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One label's mask after the annotator's clicks and boxes (see the module docstring).
+
+    Args:
+        state: the image's kept work.
+        prompt: the label and the clicks and boxes (checked with :meth:`Prompt.check`).
+        rules: the pruning the pre-label was served with (its label's region is the start).
+        from_prelabel: False starts from nothing and uses no text (``bench.interactive``'s "clicks alone").
+        find_all: a positive click on a label the pre-label missed finds the label's other regions too.
+
+    Returns:
+        mask: (height, width) bool, the label's pixels.
+        probability: (height, width) float32, how sure each pixel is of being the label.
+
+    Raises:
+        PromptError: a click outside the image, a box without area in it, or neither.
+    """
+    prompt.check(state.height, state.width)
+    superpixels = state.superpixels.labels
+    start = state.prelabel(rules) == prompt.label if from_prelabel else torch.zeros_like(superpixels, dtype=torch.bool)
+    chance = _superpixel_chance(state, prompt, start)
+    ours = (chance > 0.5)[superpixels]
+    mask = ours & _inside(state, prompt.boxes) if prompt.boxes else start.clone()
+    anywhere = find_all and from_prelabel and not bool(mask.any())
+    for x, y, positive in prompt.clicks:
+        where = state.working_pixel(x, y)
+        if positive:
+            mask |= _part(ours, where)
+            if anywhere:
+                mask |= ours & (_text_chance(state, prompt.label) >= TEXT_SUPPORT)[superpixels]
+        else:
+            mask &= ~_part(mask & ~ours, where)
+    probability = torch.where(mask, chance[superpixels].clamp(min=0.5), chance[superpixels].clamp(max=0.5))
+    height, width = mask.shape
+    rows = (torch.arange(state.height, device=mask.device) * height // state.height)[:, None]
+    cols = (torch.arange(state.width, device=mask.device) * width // state.width)[None]
+    return mask[rows, cols].cpu().numpy(), probability[rows, cols].cpu().numpy().astype(np.float32)
+
+
+def _superpixel_chance(state: ImageState, prompt: Prompt, start: torch.Tensor) -> torch.Tensor:
+    """(N,) how likely each superpixel is the label, from its most similar prototypes; a clicked
+    superpixel is what its (last) click says. Without a positive click or a box, the ``start`` mask's
+    mean is the label's prototype (else a negative click would take the whole region it lands in)."""
+    positive, negative = _prototypes(state, prompt)
+    pixels = state.superpixels
+    if not positive and start.any():
+        inside = torch.bincount(pixels.labels.flatten(), start.flatten().float(), len(pixels.size)) / pixels.size
+        positive.append(pixels.mean(inside > 0.5))
+    nothing = torch.full((len(pixels.size),), -2.0, device=pixels.size.device)
+    for_label = _nearest(pixels, positive) if positive else nothing
+    against = (_nearest(pixels, negative) if negative else nothing).clamp(min=MIN_SIMILARITY)
+    chance = torch.sigmoid(MARGIN_SHARPNESS * (for_label - against))
+    for x, y, positive in prompt.clicks:
+        chance[pixels.at(state.working_pixel(x, y))] = 1.0 if positive else 0.0
+    return chance
+
+
+def _text_chance(state: ImageState, label: int) -> torch.Tensor:
+    """(N,) the label's calibrated text probability at each superpixel's centroid."""
+    pixels = state.superpixels
+    probability = (state.logits.float() / state.temperature).softmax(0)[label]
+    rows, cols = probability.shape
+    height, width = pixels.labels.shape
+    grid = torch.stack([(pixels.centre[:, 1] + 0.5) / width, (pixels.centre[:, 0] + 0.5) / height], 1) * 2 - 1
+    return F.grid_sample(probability[None, None], grid[None, None].to(probability.device), align_corners=False)[0, 0, 0]
+
+
+def _part(region: torch.Tensor, where: tuple[int, int]) -> torch.Tensor:
+    """The 8-connected part of the (H', W') bool ``region`` holding the pixel ``where`` (none if it is outside)."""
+    if not region[where]:
+        return torch.zeros_like(region)
+    _, components = cv2.connectedComponents(region.cpu().numpy().astype(np.uint8), connectivity=8)
+    return torch.from_numpy(components == components[where]).to(region.device)
+
+
+def _inside(state: ImageState, boxes) -> torch.Tensor:
+    """(H', W') bool: the working-resolution pixels inside any of the boxes."""
+    height, width = state.image.shape[:2]
+    inside = torch.zeros(height, width, dtype=torch.bool, device=state.logits.device)
+    for left, top, right, bottom in boxes:
+        inside[int(top * height / state.height):int(np.ceil(bottom * height / state.height)),
+               int(left * width / state.width):int(np.ceil(right * width / state.width))] = True
+    return inside
