@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import logging
 import sys
 import time
@@ -15,6 +16,7 @@ from backend.annotations import AnnotationError, validate_results
 from backend.control_tags import ControlTag
 from backend.errors import ServiceError
 from backend.images import ImageError, ImageFetcher
+from backend.interactive import ContextError, ImageStates, SmartRegion, as_prompt, label_groups, parse_context
 from backend.jobs import TrainingJobs
 from backend.label_config import LabelConfigError, parse_targets
 from backend.labelstudio import LabelStudioError
@@ -23,7 +25,10 @@ from backend.runtime import ModelRuntime, load_model
 from backend.settings import Settings
 from backend.store import ProjectIdError, Store, project_key
 from model.calibration import task_score, unsure_fraction
+from model.interactive import ImageState, PromptError, refine
+from model.predictor import SemanticPrediction
 from model.regions import RegionRules
+from model.vocabulary import UNLABELED
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,7 @@ class SegmentationService:
         self.metrics = Metrics()
         self.store = Store(settings.model_dir)
         self.runtime = ModelRuntime(settings, self.store, model_loader)
+        self.states = ImageStates(settings.interactive_cache_bytes)
         self.jobs = TrainingJobs(settings, self.store,
                                  on_end=lambda outcome: self.metrics.training_jobs.labels(outcome=outcome).inc())
         self._configs: dict[str, str] = {}
@@ -199,6 +205,12 @@ class SegmentationService:
             self._remember_config(project, label_config)
         serving = self.runtime.serving(project)
         version = serving.model_version(targets)
+        try:
+            smart = parse_context(_object(payload, "params").get("context"))
+        except ContextError as error:
+            return self._refused(tasks, version, f"the smart regions can't be used: {error}")
+        if smart:
+            return self._predict_interactive(tasks, targets, serving, version, smart)
         results: list[dict] = []
         failures = 0
         # A pool per request: one request's slow image servers never delay another request's images.
@@ -210,7 +222,7 @@ class SegmentationService:
                 images, errors = self._fetch_images(pool, chunk, targets, serving.predictor)
                 parts = [{"result": [], "scores": [], "unsure": []} for _ in chunk]
                 for (data_key, _), group in _group_targets(targets).items():
-                    self._predict_group(serving.predictor, images[data_key], group, parts)
+                    self._predict_group(serving, images[data_key], group, parts, chunk if len(tasks) == 1 else None)
                 results += [self._answer(task, parts[i], errors.get(i), version) for i, task in enumerate(chunk)]
                 failures += len(errors)
                 del images
@@ -250,14 +262,21 @@ class SegmentationService:
             raise ImageError(str(error)) from None
         return image
 
-    def _predict_group(self, predictor, loaded: dict[int, np.ndarray], group: list[ControlTag],
-                       answers: list[dict]) -> None:
+    def _predict_group(self, serving, loaded: dict[int, np.ndarray], group: list[ControlTag],
+                       answers: list[dict], keep_for: list[dict] | None = None) -> None:
         """One forward pass per image for targets sharing an image and a vocabulary; each target's results,
-        pruned by its own rules (the task score reads the first target's prediction)."""
+        pruned by its own rules (the task score reads the first target's prediction). ``keep_for``: the
+        one task whose pass is kept for the annotator's clicks (a task they opened)."""
         if not loaded:
             return
-        images = list(loaded.values())
-        logits = predictor.logits(images, group[0].vocabulary)
+        predictor, images = serving.predictor, list(loaded.values())
+        state = None
+        if keep_for:
+            (logits, embeddings), = predictor.logits_and_embeddings(images, group[0].vocabulary)
+            state = ImageState.from_image(logits, embeddings, images[0], predictor)
+            logits = [logits]
+        else:
+            logits = predictor.logits(images, group[0].vocabulary)
         by_rules: dict[RegionRules, list] = {}
         for target in group:
             rules = target.rules(self.settings.region_rules())
@@ -265,11 +284,64 @@ class SegmentationService:
                 by_rules[rules] = predictor.semantic(images, logits, rules)
             for index, prediction in zip(loaded, by_rules[rules], strict=True):
                 answers[index]["result"].extend(target.build(prediction))
+        if state is not None:
+            self._keep(_state_key(serving, keep_for[0], group[0]), state, by_rules)
         unsure_below = self.settings.unsure_below
         for index, prediction in zip(loaded, next(iter(by_rules.values())), strict=True):
             answers[index]["scores"].append(task_score(prediction, self.settings.task_score, unsure_below or 0.5))
             if unsure_below:
                 answers[index]["unsure"].append(unsure_fraction(prediction.confidence, unsure_below))
+
+    def _keep(self, key: tuple, state: ImageState, served: dict[RegionRules, list]) -> None:
+        """Keep an opened task's pass with what a first click needs: the pre-labels just served, the superpixels."""
+        for rules, (prediction,) in served.items():
+            state.keep_prelabel(rules, prediction.label_map)
+        state.superpixels  # noqa: B018 (made now, while the annotator looks at the pre-label)
+        self.states.put(key, state)
+
+    # ------------------------------------------------------------------ /predict with smart regions
+    def _predict_interactive(self, tasks: list[dict], targets: tuple[ControlTag, ...], serving, version: str,
+                             smart: tuple[SmartRegion, ...]) -> dict:
+        """Each task's answer to the annotator's smart regions: the label's refined mask, per target."""
+        started, results = time.time(), []
+        for task in tasks:
+            try:
+                results.append(self._refine_task(task, targets, serving, version, smart))
+            except (ContextError, PromptError, ImageError) as error:
+                results.append(self._answer(task, {}, f"task {str(task.get('id'))[:20]}: {error}", version))
+        self.metrics.predicted(len(tasks), sum("error" in r for r in results), time.time() - started)
+        return {"results": results, "model_version": version}
+
+    def _refine_task(self, task: dict, targets: tuple[ControlTag, ...], serving, version: str,
+                     smart: tuple[SmartRegion, ...]) -> dict:
+        results, scores = [], []
+        for group, label, regions in label_groups(smart, targets):
+            state = self._image_state(task, group[0], serving)
+            prompt = as_prompt(label, regions, state.height, state.width)
+            by_rules: dict[RegionRules, SemanticPrediction] = {}
+            for target in group:
+                rules = target.rules(self.settings.region_rules())
+                if rules not in by_rules:
+                    mask, probability = refine(state, prompt, rules)
+                    by_rules[rules] = SemanticPrediction(np.where(mask, label, UNLABELED).astype(np.int16), probability)
+                results += target.build(by_rules[rules])
+            scores += [p.region_scores.get(label, 0.0) for p in by_rules.values()]
+        return {"result": results, "score": round(float(np.mean(scores)), 4), "model_version": version}
+
+    def _image_state(self, task: dict, target: ControlTag, serving) -> ImageState:
+        """The task's image's kept forward pass for ``target``'s vocabulary, made on a miss."""
+        key = _state_key(serving, task, target)
+        state = self.states.get(key)
+        if state is None:
+            image = self._load_image(task, target.data_key, serving.predictor)
+            (logits, embeddings), = serving.predictor.logits_and_embeddings([image], target.vocabulary)
+            state = ImageState.from_image(logits, embeddings, image, serving.predictor)
+            self.states.put(key, state)
+        return state
+
+    def _refused(self, tasks: list[dict], version: str, error: str) -> dict:
+        return {"results": [self._answer(task, {}, f"task {str(task.get('id'))[:20]}: {error}", version)
+                            for task in tasks], "model_version": version}
 
     def _answer(self, task: dict, parts: dict, error: str | None, version: str) -> dict:
         """One task's entry in the /predict answer."""
@@ -345,6 +417,12 @@ def _targets(label_config: str) -> tuple[ControlTag, ...]:
         return parse_targets(label_config)
     except LabelConfigError as error:
         raise ServiceError(str(error), 400) from None
+
+
+def _state_key(serving, task: dict, target: ControlTag) -> tuple:
+    """What identifies a kept forward pass: the model, the vocabulary and the image."""
+    image = (task.get("data") or {}).get(target.data_key) if isinstance(task.get("data"), dict) else None
+    return serving.name, target.vocabulary.key, hashlib.sha256(str(image).encode()).hexdigest()
 
 
 def _group_targets(targets: tuple[ControlTag, ...]) -> dict[tuple[str, str], list[ControlTag]]:

@@ -71,6 +71,9 @@ class Settings:
     min_region_score: float = field(default_factory=lambda: float(_env("MIN_REGION_SCORE", "0.25")))
     min_region_area: float = field(default_factory=lambda: float(_env("MIN_REGION_AREA", "0.01")))
     refine_boundaries: bool = field(default_factory=lambda: _env("REFINE_BOUNDARIES", "true").lower() in _TRUE)
+    # Interactive refinement (see README: "Clicks and boxes"): memory for the images annotators click on
+    interactive_cache_bytes: int = field(default_factory=lambda: int(_env("INTERACTIVE_CACHE_BYTES",
+                                                                          str(512 * 2**20))))
 
     # Learning from annotations (see README: "The learning loop")
     train_steps: int = field(default_factory=lambda: int(_env("TRAIN_STEPS", "300")))

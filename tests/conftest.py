@@ -104,3 +104,37 @@ def file_server():
     yield server
     server.httpd.shutdown()
     server.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def loaded_model(tmp_path_factory):
+    """The demo model, as the backend loads it."""
+    from backend.runtime import load_model
+    from backend.settings import Settings
+    from demo.train_clip import CONFIG, DENSE_METHOD, materialize
+
+    settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()), inference_size=128,
+                        dense_method=DENSE_METHOD, model_dir=tmp_path_factory.mktemp("model_dir"))
+    return load_model(settings)
+
+
+@pytest.fixture()
+def make_client(loaded_model, file_server, tmp_path):
+    """make(**settings) → (a Flask test client of the backend, its service), serving the demo model."""
+    from backend.app import create_app
+    from backend.service import SegmentationService
+    from backend.settings import Settings
+
+    def make(**overrides):
+        settings = Settings(label_studio_url=file_server.url, label_studio_api_key="good-token",
+                            model_dir=tmp_path, **overrides)
+        service = SegmentationService(settings, model_loader=lambda _: loaded_model)
+        service.start()
+        return create_app(settings, service).test_client(), service
+    return make
+
+
+def tasks_on(file_server, scenes) -> list[dict]:
+    """One task per scene, its image served by ``file_server``."""
+    return [{"id": i, "data": {"image": file_server.add(f"scene-{i}.png", png_bytes(image))}}
+            for i, (image, _) in enumerate(scenes)]

@@ -9,41 +9,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from backend.annotations import results_to_label_map
 from backend.app import create_app
 from backend.label_config import parse_targets
-from backend.runtime import load_model
-from backend.service import SegmentationService
 from backend.settings import Settings
 from demo import world
-from demo.train_clip import CONFIG, DENSE_METHOD, materialize
+from demo.train_clip import CONFIG
 from model.calibration import task_score
 from model.metrics import ConfusionMatrix
-from tests.conftest import png_bytes
+from tests.conftest import png_bytes, tasks_on
 
 JSON = {"Accept": "application/json"}
 LABEL_CONFIG = (Path(__file__).parents[1] / "labeling_config" / "demo-world.xml").read_text()
 POLYGON_CONFIG = LABEL_CONFIG.replace("BrushLabels", "PolygonLabels")
-
-
-@pytest.fixture(scope="module")
-def loaded_model(tmp_path_factory):
-    settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()), inference_size=128,
-                        dense_method=DENSE_METHOD, model_dir=tmp_path_factory.mktemp("model_dir"))
-    return load_model(settings)
-
-
-@pytest.fixture()
-def make_client(loaded_model, file_server, tmp_path):
-    def make(**overrides):
-        settings = Settings(label_studio_url=file_server.url, label_studio_api_key="good-token",
-                            model_dir=tmp_path, **overrides)
-        service = SegmentationService(settings, model_loader=lambda _: loaded_model)
-        service.start()
-        return create_app(settings, service).test_client(), service
-    return make
-
-
-def _tasks(file_server, scenes):
-    return [{"id": i, "data": {"image": file_server.add(f"scene-{i}.png", png_bytes(image))}}
-            for i, (image, _) in enumerate(scenes)]
 
 
 def test_health_setup_versions_metrics(make_client):
@@ -75,7 +50,7 @@ def _scrape(client) -> dict:
 
 def test_predict_matches_the_model_and_caches_text(make_client, file_server, scenes, loaded_model):
     client, _ = make_client()
-    tasks = _tasks(file_server, scenes)
+    tasks = tasks_on(file_server, scenes)
     response = client.post("/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG, "project": "1.1"})
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
@@ -99,7 +74,7 @@ def test_predict_matches_the_model_and_caches_text(make_client, file_server, sce
 
 def test_review_options_report_unsure_pixels(make_client, file_server, scenes, loaded_model):
     client, _ = make_client(unsure_below=0.6, task_score="sure_pixels")
-    body = client.post("/predict", json={"tasks": _tasks(file_server, scenes[:3]),
+    body = client.post("/predict", json={"tasks": tasks_on(file_server, scenes[:3]),
                                          "label_config": LABEL_CONFIG}).get_json()
     vocabulary = parse_targets(LABEL_CONFIG)[0].vocabulary
     direct = loaded_model.predictor().predict([image for image, _ in scenes[:3]], vocabulary, Settings().region_rules())
@@ -114,7 +89,7 @@ def test_review_options_report_unsure_pixels(make_client, file_server, scenes, l
 
 def test_polygon_predictions(make_client, file_server, scenes):
     client, _ = make_client()
-    body = client.post("/predict", json={"tasks": _tasks(file_server, scenes[:2]),
+    body = client.post("/predict", json={"tasks": tasks_on(file_server, scenes[:2]),
                                          "label_config": POLYGON_CONFIG}).get_json()
     regions = [r for entry in body["results"] for r in entry["result"]]
     assert regions and all(r["type"] == "polygonlabels" and len(r["value"]["points"]) >= 3 for r in regions)
@@ -150,7 +125,7 @@ def test_bad_tasks_fail_alone(make_client, file_server, scenes):
 def test_wrong_token_is_reported_per_task(make_client, file_server, scenes):
     client, service = make_client()
     service.fetcher.configure(file_server.url, "wrong-token")
-    body = client.post("/predict", json={"tasks": _tasks(file_server, scenes[:1]),
+    body = client.post("/predict", json={"tasks": tasks_on(file_server, scenes[:1]),
                                          "label_config": LABEL_CONFIG}).get_json()
     assert "HTTP 401" in body["results"][0]["error"] and "LABEL_STUDIO_API_KEY" in body["results"][0]["error"]
 
@@ -207,7 +182,7 @@ def test_two_targets_with_different_vocabularies_fetch_each_image_once(make_clie
     config = (f'<View><Image name="image" value="$image"/><BrushLabels name="stuff" toName="image">{stuff}'
               f'</BrushLabels><PolygonLabels name="things" toName="image">{things}</PolygonLabels></View>')
     client, _ = make_client()
-    tasks = _tasks(file_server, scenes[:3])
+    tasks = tasks_on(file_server, scenes[:3])
     body = client.post("/predict", json={"tasks": tasks, "label_config": config}).get_json()
     assert len(file_server.requests) == 3
     for entry in body["results"]:

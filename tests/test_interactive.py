@@ -1,0 +1,294 @@
+"""Interactive refinement: clicks and boxes → one label's mask (model.interactive), and Label Studio's
+smart-tool protocol around it (backend.interactive, /predict with a context)."""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from backend.control_tags import BrushLabels
+from backend.label_config import parse_targets
+from backend.settings import Settings
+from bench.interactive import iou, next_click, states_for
+from demo import world
+from demo.train_clip import DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE
+from model.build import ModelConfig, SegmentationModel
+from model.interactive import ImageState, Prompt, PromptError, refine
+from model.predictor import Predictor
+from tests.conftest import png_bytes, tasks_on
+
+LABEL_CONFIG = (Path(__file__).parents[1] / "labeling_config" / "demo-world.xml").read_text()
+SMART_CONFIG = LABEL_CONFIG.replace("</View>", """  <KeyPointLabels name="click" toName="image" smart="true">
+    <Label value="car"/><Label value="grass"/><Label value="sky"/><Label value="unicorn"/>
+  </KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true">
+    <Label value="car"/><Label value="grass"/>
+  </RectangleLabels>
+</View>""")
+RULES = Settings().region_rules()
+NAMES = world.NAMES
+
+
+@pytest.fixture(scope="module")
+def predictor(demo_clip):
+    return SegmentationModel(demo_clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
+                                                    temperature=ZERO_SHOT_TEMPERATURE,
+                                                    refine_boundaries=True)).predictor()
+
+
+@pytest.fixture(scope="module")
+def states(predictor, scenes):
+    return states_for(predictor, scenes)
+
+
+def _missed_things(states, scenes):
+    """(state, truth mask, label) of each thing the zero-shot pre-label has none of."""
+    for state, (_, truth) in zip(states, scenes, strict=True):
+        for label in np.unique(truth):
+            target = truth == label
+            prelabel = state.prelabel(RULES).numpy()
+            if label in world.THINGS and target.mean() > 0.02 and not (prelabel == label).any():
+                yield state, target, int(label)
+
+
+def test_embeddings_come_from_the_same_pass_as_the_logits(predictor, scenes):
+    images = [image for image, _ in scenes[:2]]
+    vocabulary = parse_targets(LABEL_CONFIG)[0].vocabulary
+    for logits, (same, embeddings) in zip(predictor.logits(images, vocabulary),
+                                          predictor.logits_and_embeddings(images, vocabulary), strict=True):
+        assert torch.equal(logits, same)
+        assert embeddings.shape[1:] == logits.shape[1:]
+        assert torch.allclose(embeddings.norm(dim=0), torch.ones(logits.shape[1:]), atol=1e-4)
+
+
+def test_a_positive_click_adds_what_the_prelabel_missed(states, scenes):
+    gains = []
+    for state, target, label in _missed_things(states, scenes):
+        x, y, positive = next_click(target, np.zeros_like(target))
+        mask, probability = refine(state, Prompt(label, ((x, y, True),)), RULES)
+        assert positive and mask[int(y), int(x)] and probability[int(y), int(x)] == 1.0
+        assert mask.shape == target.shape and probability.dtype == np.float32
+        gains.append(iou(mask, target))
+    assert len(gains) >= 3 and np.mean(gains) > 0.5, gains
+
+
+def test_a_negative_click_removes_the_wrong_part_and_keeps_the_rest(states, scenes):
+    tried = 0
+    for state, (_, truth) in zip(states, scenes, strict=True):
+        prelabel = state.prelabel(RULES).numpy()
+        for label in np.unique(prelabel[prelabel >= 0]):
+            wrong = (prelabel == label) & (truth != label)
+            right = (prelabel == label) & (truth == label)
+            if wrong.mean() < 0.01 or right.mean() < 0.01:
+                continue
+            x, y, positive = next_click(truth == label, prelabel == label)
+            if positive:
+                continue
+            mask, _ = refine(state, Prompt(int(label), ((x, y, False),)), RULES)
+            assert not mask[int(y), int(x)]
+            assert (mask & wrong).sum() < wrong.sum()  # some of the wrong part went
+            assert (mask & right).sum() >= 0.9 * right.sum()  # what was right stays
+            tried += 1
+    assert tried >= 3
+
+
+def test_later_clicks_win_and_clicks_converge(states, scenes):
+    state, target, label = next((state, truth == label, int(label))
+                                for state, (_, truth) in zip(states, scenes, strict=True)
+                                for label in np.unique(truth) if (truth == label).mean() > 0.05
+                                and iou(state.prelabel(RULES).numpy() == label, truth == label) < 0.6)
+    mask, clicks = state.prelabel(RULES).numpy() == label, []
+    curve = [iou(mask, target)]
+    for _ in range(5):
+        clicks.append(next_click(target, mask))
+        mask, _ = refine(state, Prompt(label, tuple(clicks)), RULES)
+        curve.append(iou(mask, target))
+    assert curve[-1] > 0.85, curve
+    x, y, _ = clicks[0]
+    on, _ = refine(state, Prompt(label, ((x, y, False), (x, y, True))), RULES)
+    off, _ = refine(state, Prompt(label, ((x, y, True), (x, y, False))), RULES)
+    assert on[int(y), int(x)] and not off[int(y), int(x)]
+
+
+def test_a_box_keeps_the_label_inside_it(states, scenes):
+    for state, (_, truth) in zip(states, scenes, strict=True):
+        things = [c for c in np.unique(truth) if c in world.THINGS and (truth == c).mean() > 0.02]
+        if not things:
+            continue
+        target = truth == things[0]
+        ys, xs = np.nonzero(target)
+        box = (xs.min() - 2.0, ys.min() - 2.0, xs.max() + 3.0, ys.max() + 3.0)
+        mask, _ = refine(state, Prompt(int(things[0]), boxes=(box,)), RULES)
+        inside = np.zeros_like(target)
+        inside[max(0, int(box[1])):int(box[3]) + 1, max(0, int(box[0])):int(box[2]) + 1] = True
+        assert mask.any() and not (mask & ~inside).any()
+        assert iou(mask, target) > 0.3
+        return
+    pytest.fail("no scene with a thing")
+
+
+def test_one_example_finds_the_other_copies(predictor):
+    scenes = world.repeated_scenes(12)
+    found = {True: [], False: []}
+    for state, (_, truth) in zip(states_for(predictor, scenes), scenes, strict=True):
+        label = int(next(c for c in np.unique(truth) if c in world.THINGS))
+        target = truth == label
+        if (state.prelabel(RULES).numpy() == label).any():
+            continue
+        x, y, _ = next_click(target, np.zeros_like(target))
+        _, copies = cv2.connectedComponents(target.astype(np.uint8))
+        others = target & (copies != copies[int(y), int(x)])
+        for find_all in found:
+            mask, _ = refine(state, Prompt(label, ((x, y, True),)), RULES, find_all=find_all)
+            found[find_all].append((mask & others).sum() / others.sum())
+    assert len(found[True]) >= 5
+    assert np.mean(found[True]) > np.mean(found[False]) + 0.1, found
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (Prompt(1, ((200.0, 5.0, True),)), "positive click at (200.0, 5.0) px is outside the 128x128 image"),
+    (Prompt(1, ((5.0, -1.0, False),)), "negative click"),
+    (Prompt(1, boxes=((10.0, 10.0, 10.0, 40.0),)), "has no area"),
+    (Prompt(1, boxes=((130.0, 0.0, 150.0, 40.0),)), "has no area"),
+    (Prompt(1), "no click or box"),
+])
+def test_bad_prompts_are_refused(states, prompt, message):
+    with pytest.raises(PromptError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        refine(states[0], prompt, RULES)
+
+
+def test_the_served_prelabel_is_kept_exactly(predictor, scenes):
+    image = np.asarray(cv2.resize(scenes[0][0], (700, 450)))  # larger than the working resolution
+    vocabulary = parse_targets(LABEL_CONFIG)[0].vocabulary
+    (logits, embeddings), = predictor.logits_and_embeddings([image], vocabulary)
+    made = ImageState.from_image(logits, embeddings, image, predictor)
+    kept = ImageState.from_image(logits, embeddings, image, predictor)
+    served = predictor.semantic([image], [logits], RULES)[0].label_map
+    kept.keep_prelabel(RULES, served)
+    assert made.image.shape[:2] != image.shape[:2]
+    assert torch.equal(kept.prelabel(RULES), made.prelabel(RULES))
+
+
+def test_image_state_work_is_kept(states):
+    state = ImageState(states[0].logits, states[0].embeddings, np.zeros((states[0].height, states[0].width, 3),
+                                                                          np.uint8), states[0].height, states[0].width)
+    before = state.nbytes
+    refine(state, Prompt(0, ((3.0, 3.0, True),)), RULES)
+    assert state.nbytes > before and "superpixels" in state.__dict__
+    superpixels = state.superpixels
+    refine(state, Prompt(0, ((9.0, 9.0, True),)), RULES)
+    assert state.superpixels is superpixels
+
+
+# ---------------------------------------------------------------------- the protocol, as Label Studio sends it
+def keypoint(x: float, y: float, label: str, positive: bool = True, image: str = "image") -> dict:
+    """A smart keypoint as Label Studio 1.23's editor serialises it into the context."""
+    return {"id": "kp" + str(int(x * 100 + y)), "from_name": "click", "to_name": image, "type": "keypointlabels",
+            "origin": "manual", "original_width": 128, "original_height": 128, "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": [label], "labels": [label]},
+            "is_positive": positive}
+
+
+def rectangle(x: float, y: float, width: float, height: float, label: str) -> dict:
+    return {"id": "box1", "from_name": "box", "to_name": "image", "type": "rectanglelabels", "origin": "manual",
+            "original_width": 128, "original_height": 128, "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": width, "height": height, "rotation": 0,
+                      "rectanglelabels": [label], "labels": [label]}, "is_positive": True}
+
+
+def _interactive(client, tasks, context, config=SMART_CONFIG):
+    response = client.post("/predict", json={"tasks": tasks, "label_config": config, "project": "1.1",
+                                             "params": {"login": None, "password": None, "context": context}})
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def _count_passes(monkeypatch) -> list:
+    calls = []
+    original = Predictor.logits_and_embeddings
+    monkeypatch.setattr(Predictor, "logits_and_embeddings",
+                        lambda self, images, vocabulary: calls.append(len(images)) or original(self, images, vocabulary))
+    return calls
+
+
+def test_a_click_answers_with_the_labels_refined_mask(make_client, file_server, scenes, loaded_model, monkeypatch):
+    client, service = make_client()
+    passes = _count_passes(monkeypatch)
+    image, truth = scenes[0]
+    label = NAMES[np.bincount(truth.ravel()).argmax()]
+    y, x = np.argwhere(truth == NAMES.index(label))[len(np.argwhere(truth == NAMES.index(label))) // 2]
+    context = {"result": [keypoint(100 * (x + 0.5) / 128, 100 * (y + 0.5) / 128, label)]}
+    body = _interactive(client, tasks_on(file_server, scenes[:1]), context)
+    assert passes == [1]
+    entry = body["results"][0]
+    assert "error" not in entry and entry["model_version"] == body["model_version"]
+    assert entry["result"] and {r["value"]["brushlabels"][0] for r in entry["result"]} == {label}
+    assert all(r["from_name"] == "mask" and r["type"] == "brushlabels" for r in entry["result"])
+    served = BrushLabels.mask(entry["result"][0], 128, 128)
+    target = parse_targets(SMART_CONFIG)[0]
+    predictor = loaded_model.predictor()
+    state = ImageState.from_image(*predictor.logits_and_embeddings([image], target.vocabulary)[0], image, predictor)
+    direct, _ = refine(state, Prompt(target.vocabulary.labels.index(label), ((x + 0.5, y + 0.5, True),)), RULES)
+    assert iou(served, direct) > 0.99 and served[y, x]
+    assert 0.5 <= entry["score"] <= 1
+    # the next click reuses the image's pass
+    passes.clear()
+    context["result"].append(keypoint(1.0, 1.0, label, positive=False))
+    assert "error" not in _interactive(client, tasks_on(file_server, scenes[:1]), context)["results"][0]
+    assert passes == [] and len(service.states) == 1
+
+
+def test_opening_a_task_keeps_its_pass_for_the_clicks(make_client, file_server, scenes, monkeypatch):
+    client, service = make_client()
+    tasks = tasks_on(file_server, scenes[:2])
+    client.post("/predict", json={"tasks": tasks, "label_config": SMART_CONFIG})
+    assert len(service.states) == 0  # a batch keeps nothing
+    client.post("/predict", json={"tasks": tasks[:1], "label_config": SMART_CONFIG})
+    assert len(service.states) == 1
+    passes = _count_passes(monkeypatch)
+    remade = []
+    monkeypatch.setattr("model.interactive.regions", lambda *args: remade.append(1))
+    monkeypatch.setattr("model.interactive.Superpixels.of", lambda state: remade.append(2))
+    assert "error" not in _interactive(client, tasks[:1], {"result": [keypoint(50, 50, "grass")]})["results"][0]
+    assert passes == [] and remade == []  # the pre-label and superpixels were made with the /predict
+
+
+def test_boxes_and_polygons(make_client, file_server, scenes):
+    client, _ = make_client()
+    config = SMART_CONFIG.replace("BrushLabels", "PolygonLabels")
+    entry = _interactive(client, tasks_on(file_server, scenes[:1]), {"result": [rectangle(10, 10, 50, 40, "grass")]},
+                         config)["results"][0]
+    points = np.array([p for r in entry["result"] for p in r["value"]["points"]])
+    assert entry["result"] and all(r["type"] == "polygonlabels" for r in entry["result"])
+    assert points[:, 0].min() >= 9.5 and points[:, 0].max() <= 60.5 and points[:, 1].max() <= 50.5
+
+
+@pytest.mark.parametrize("context, message", [
+    ({"result": [keypoint(120.0, 50.0, "car")]}, "(120%, 50%) is outside the image"),
+    ({"result": [keypoint(50.0, 50.0, "unicorn")]}, "the label 'unicorn' is not a label of any segmentation tag"),
+    ({"result": [keypoint(50.0, 50.0, "car", image="other")]}, "on the image 'other'"),
+    ({"result": [rectangle(10, 10, 0, 30, "car")]}, "the box has zero area"),
+    ({"result": [{**keypoint(5, 5, "car"), "type": "polygonlabels"}]}, "smart regions are KeyPointLabels"),
+    ({"result": [{**keypoint(5, 5, "car"), "value": {"x": "left", "y": 3, "keypointlabels": ["car"]}}]},
+     "needs numbers x, y"),
+    ({"result": "click"}, "'result' must be a list"),
+    ("click", "the context must be an object"),
+])
+def test_bad_smart_regions_fail_per_task(make_client, file_server, scenes, context, message):
+    client, _ = make_client()
+    body = _interactive(client, tasks_on(file_server, scenes[:2]), context)
+    assert len(body["results"]) == 2
+    for task, entry in zip((0, 1), body["results"], strict=True):
+        assert "result" not in entry and entry["error"].startswith(f"task {task}: ") and message in entry["error"]
+
+
+def test_a_task_whose_image_fails_fails_alone(make_client, file_server, scenes):
+    client, _ = make_client()
+    tasks = tasks_on(file_server, scenes[:1]) + [{"id": 7, "data": {"image": file_server.add("bad.png", b"no")}},
+                                                 {"id": 8, "data": {"image": file_server.add(
+                                                     "big.png", png_bytes(np.zeros((64, 64, 3), np.uint8)))}}]
+    body = _interactive(client, tasks, {"result": [keypoint(50, 50, "grass")]})
+    assert "error" not in body["results"][0] and "error" not in body["results"][2]
+    assert body["results"][1]["error"].startswith("task 7: ") and "not a readable image" in body["results"][1]["error"]
+    assert body["results"][2]["result"][0]["original_width"] == 64  # percent of each task's own image
