@@ -146,8 +146,10 @@ class LabelStudio:
                 files[f"file{k}"] = (name, buffer.getvalue(), "image/png")
             self.api("POST", f"/api/projects/{project}/import", files=files)
 
-    def connect_backend(self, project: int, url: str, title: str = "GKC open-vocabulary segmenter") -> int:
-        return self.client.sdk.ml.create(url=url, project=project, title=title, is_interactive=False).id
+    def connect_backend(self, project: int, url: str, title: str = "GKC open-vocabulary segmenter",
+                        interactive: bool = False) -> int:
+        """Connect the backend to the project; ``interactive``: it also answers the annotators' smart tools."""
+        return self.client.sdk.ml.create(url=url, project=project, title=title, is_interactive=interactive).id
 
     def retrieve_predictions(self, project: int) -> None:
         self.client.sdk.actions.create(id="retrieve_tasks_predictions", project=project,

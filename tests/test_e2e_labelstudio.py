@@ -89,6 +89,56 @@ def test_label_studio_stores_our_predictions(servers):
             assert len(region["value"]["points"]) >= 3 and region_mask(region, 128, 128).any()
 
 
+SMART_CONFIG = CONFIG.replace("</View>", f'<KeyPointLabels name="click" toName="image" smart="true">{LABELS}'
+                                          f'</KeyPointLabels><RectangleLabels name="box" toName="image" smart="true">'
+                                          f'{LABELS}</RectangleLabels></View>')
+
+
+def smart_region(kind: str, label: str, value: dict, positive: bool = True) -> dict:
+    """A smart region as Label Studio 1.23's editor puts it in the context (its ``regionFinishedDrawing``
+    handler sends the annotation's smart regions of that tool and label, serialised)."""
+    return {"id": f"{kind[:3]}{len(str(value))}", "from_name": "click" if kind == "keypointlabels" else "box",
+            "to_name": "image", "type": kind, "origin": "manual", "original_width": 128, "original_height": 128,
+            "image_rotation": 0, "value": {**value, kind: [label], "labels": [label]}, "is_positive": positive}
+
+
+def test_smart_clicks_and_boxes_through_label_studio(servers):
+    label_studio, backend_url, _ = servers
+    image, truth = world.test_scenes(1, seed=31)[0]
+    project = label_studio.create_project("interactive", SMART_CONFIG)
+    label_studio.import_images(project, {"scene.png": image})
+    ml = label_studio.connect_backend(project, backend_url, interactive=True)
+    task = label_studio.tasks(project)[0]["id"]
+
+    def suggest(*regions: dict) -> dict:
+        answer = label_studio.api("POST", f"/api/ml/{ml}/interactive-annotating",
+                                  json={"task": task, "context": {"result": list(regions)}})
+        assert "errors" not in answer, answer
+        return answer["data"]
+
+    label = world.NAMES[int(np.bincount(truth.ravel()).argmax())]
+    rows, cols = np.nonzero(truth == world.NAMES.index(label))
+    y, x = int(rows[len(rows) // 2]), int(cols[len(cols) // 2])
+    click = smart_region("keypointlabels", label, {"x": 100 * (x + 0.5) / 128, "y": 100 * (y + 0.5) / 128, "width": 0.6})
+    suggestion = suggest(click)
+    brushes = [r for r in suggestion["result"] if r["type"] == "brushlabels"]
+    outlines = [r for r in suggestion["result"] if r["type"] == "polygonlabels"]
+    assert brushes and outlines and {r["value"][r["type"]][0] for r in suggestion["result"]} == {label}
+    mask = region_mask(brushes[0], 128, 128)
+    assert mask[y, x] and (mask & (truth == world.NAMES.index(label))).sum() > 0.8 * mask.sum()
+    assert suggestion["model_version"].startswith("demo-clip")
+
+    # a box on the same label keeps it inside
+    box = smart_region("rectanglelabels", label, {"x": 10, "y": 10, "width": 40, "height": 40, "rotation": 0})
+    boxed = region_mask([r for r in suggest(box)["result"] if r["type"] == "brushlabels"][0], 128, 128)
+    assert boxed.any() and not boxed[:12].any() and not boxed[:, 65:].any()
+
+    # a click outside the image gets an error for that task, and Label Studio stores nothing
+    refused = suggest(smart_region("keypointlabels", label, {"x": 140, "y": 5, "width": 0.6}))
+    assert "result" not in refused and "outside the image" in refused["error"]
+    assert not label_studio.tasks(project)[0]["predictions"]
+
+
 def _miou(label_studio, project, scenes, ids, config, classes=None):
     from backend.annotations import results_to_label_map
     from backend.label_config import parse_targets
