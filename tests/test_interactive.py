@@ -292,3 +292,13 @@ def test_a_task_whose_image_fails_fails_alone(make_client, file_server, scenes):
     assert "error" not in body["results"][0] and "error" not in body["results"][2]
     assert body["results"][1]["error"].startswith("task 7: ") and "not a readable image" in body["results"][1]["error"]
     assert body["results"][2]["result"][0]["original_width"] == 64  # percent of each task's own image
+
+
+def test_the_shipped_interactive_config_serves_its_smart_labels():
+    from backend.interactive import label_groups, parse_context
+
+    config = (Path(__file__).parents[1] / "labeling_config" / "interactive-brush.xml").read_text()
+    (target,) = parse_targets(config)
+    smart = parse_context({"result": [keypoint(10, 20, label) for label in target.vocabulary.labels]})
+    groups = label_groups(smart, (target,))
+    assert [(group, index) for group, index, _ in groups] == [([target], i) for i in range(len(target.vocabulary.labels))]
