@@ -18,7 +18,6 @@ setup: $(VENV)/.installed $(CACHE)/.demo-model $(NLTK_DATA)/corpora/wordnet/lexn
 
 $(VENV)/.installed: requirements.txt requirements-serve.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip uninstall -y -q opencv-python-headless  # both are cv2: the contrib build replaces it
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 

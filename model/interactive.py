@@ -1,8 +1,8 @@
 """Interactive refinement: an annotator's clicks and boxes → one label's mask, from per-image work kept
 between clicks (no tower pass after the first).
 
-The working-resolution image (:func:`model.regions.working_shape`) is cut into SLICO superpixels
-(Achanta et al., TPAMI 2012) about half a logit cell wide. Each has the pixel embedding of the one
+The working-resolution image (:func:`model.regions.working_shape`) is cut into SLIC superpixels
+(Achanta et al., TPAMI 2012; :mod:`model.superpixels`) about half a logit cell wide. Each has the pixel embedding of the one
 forward pass at its centroid, a point in CLIP's joint space, and its mean Lab colour. A click is the
 prototype of its superpixel: similarity to it is the embedding cosine less :data:`COLOUR_WEIGHT` ×
 the colour distance, the embedding saying what a region is, the colour where it ends. A superpixel
@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from model.regions import NO_PRUNING, RegionRules, regions, working_shape
+from model.superpixels import slic
 
 SUPERPIXEL_CELL_SHARE = 0.5  # a superpixel's width, in logit cells
-SUPERPIXEL_ITERATIONS = 5
+SUPERPIXEL_ITERATIONS = 3
 COLOUR_WEIGHT = 4.0  # cosine given up per unit of Lab distance (channels in [0, 1])
 MIN_SIMILARITY = 0.2  # the least similarity to a positive prototype of a superpixel that joins the label
 TEXT_SUPPORT = 0.1  # "all of this class": the least text probability of the label far from the click
@@ -142,7 +143,7 @@ class ImageState:
 
 @dataclass
 class Superpixels:
-    """SLICO superpixels (Achanta et al., TPAMI 2012) of the working-resolution image, about
+    """SLIC superpixels (:func:`model.superpixels.slic`) of the working-resolution image, about
     :data:`SUPERPIXEL_CELL_SHARE` of a logit cell wide, and what each one looks like.
 
     Attributes:
@@ -164,20 +165,16 @@ class Superpixels:
         image = state.image
         lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
         width = max(3, round(SUPERPIXEL_CELL_SHARE * image.shape[0] / state.logits.shape[1]))
-        slic = cv2.ximgproc.createSuperpixelSLIC(lab, cv2.ximgproc.SLICO, width)
-        slic.iterate(SUPERPIXEL_ITERATIONS)
-        labels = torch.from_numpy(slic.getLabels().astype(np.int64)).to(state.logits.device)
+        labels = torch.unique(slic(image, width, iterations=SUPERPIXEL_ITERATIONS), return_inverse=True)[1]
+        labels = labels.to(state.logits.device)
         flat, count = labels.flatten(), int(labels.max()) + 1
         size = torch.bincount(flat, minlength=count).clamp(min=1).float()
         mean = lambda values: torch.bincount(flat, values.flatten().float(), count) / size  # noqa: E731
         rows, cols = torch.meshgrid(torch.arange(labels.shape[0]), torch.arange(labels.shape[1]), indexing="ij")
         centre = torch.stack([mean(rows), mean(cols)], 1)
         colour = torch.stack([mean(torch.from_numpy(lab[..., k])) for k in range(3)], 1) / 255
-        # grid_sample's (x, y) in [-1, 1] over the cells' centres, as bilinear upsampling places them
-        grid = torch.stack([(centre[:, 1] + 0.5) / labels.shape[1], (centre[:, 0] + 0.5) / labels.shape[0]], 1) * 2 - 1
-        sampled = F.grid_sample(state.embeddings[None].float(), grid[None, None].to(state.embeddings.device),
-                                align_corners=False)[0, :, 0]
-        return cls(labels, F.normalize(sampled.T, dim=1), colour, centre, size)
+        embedding = F.normalize(_sample(state.embeddings, centre, labels.shape), dim=1)
+        return cls(labels, embedding, colour, centre, size)
 
     def at(self, where: tuple[int, int]) -> int:
         return int(self.labels[where])
@@ -187,6 +184,13 @@ class Superpixels:
         weight = (self.size * members)[:, None]
         total = weight.sum().clamp(min=1)
         return F.normalize((self.embedding * weight).sum(0), dim=0), (self.colour * weight).sum(0) / total
+
+
+def _sample(maps: torch.Tensor, points: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """maps (C, h, w) read bilinearly, as upsampling to ``shape`` places them, at (row, column) ``points``
+    (N, 2) of that shape → (N, C)."""
+    grid = torch.stack([(points[:, 1] + 0.5) / shape[1], (points[:, 0] + 0.5) / shape[0]], 1) * 2 - 1
+    return F.grid_sample(maps[None].float(), grid[None, None].to(maps.device), align_corners=False)[0, :, 0].T
 
 
 def _prototypes(state: ImageState, prompt: Prompt) -> tuple[list, list]:
@@ -281,12 +285,9 @@ def _superpixel_chance(state: ImageState, prompt: Prompt, start: torch.Tensor) -
 
 def _text_chance(state: ImageState, label: int) -> torch.Tensor:
     """(N,) the label's calibrated text probability at each superpixel's centroid."""
-    pixels = state.superpixels
     probability = (state.logits.float() / state.temperature).softmax(0)[label]
-    rows, cols = probability.shape
-    height, width = pixels.labels.shape
-    grid = torch.stack([(pixels.centre[:, 1] + 0.5) / width, (pixels.centre[:, 0] + 0.5) / height], 1) * 2 - 1
-    return F.grid_sample(probability[None, None], grid[None, None].to(probability.device), align_corners=False)[0, 0, 0]
+    pixels = state.superpixels
+    return _sample(probability[None], pixels.centre, pixels.labels.shape)[:, 0]
 
 
 def _part(region: torch.Tensor, where: tuple[int, int]) -> torch.Tensor:

@@ -74,7 +74,7 @@ def test_a_positive_click_adds_what_the_prelabel_missed(states, scenes):
 
 
 def test_a_negative_click_removes_the_wrong_part_and_keeps_the_rest(states, scenes):
-    tried = 0
+    kept, removed, gains = [], [], []
     for state, (_, truth) in zip(states, scenes, strict=True):
         prelabel = state.prelabel(RULES).numpy()
         for label in np.unique(prelabel[prelabel >= 0]):
@@ -87,10 +87,11 @@ def test_a_negative_click_removes_the_wrong_part_and_keeps_the_rest(states, scen
                 continue
             mask, _ = refine(state, Prompt(int(label), ((x, y, False),)), RULES)
             assert not mask[int(y), int(x)]
-            assert (mask & wrong).sum() < wrong.sum()  # some of the wrong part went
-            assert (mask & right).sum() >= 0.9 * right.sum()  # what was right stays
-            tried += 1
-    assert tried >= 3
+            kept.append((mask & right).sum() / right.sum())
+            removed.append(1 - (mask & wrong).sum() / wrong.sum())
+            gains.append(iou(mask, truth == label) - iou(prelabel == label, truth == label))
+    assert len(kept) >= 3
+    assert np.mean(kept) > 0.85 and np.mean(removed) > 0.5 and np.mean(gains) > 0.02, (kept, removed, gains)
 
 
 def test_later_clicks_win_and_clicks_converge(states, scenes):
@@ -100,11 +101,11 @@ def test_later_clicks_win_and_clicks_converge(states, scenes):
                                 and iou(state.prelabel(RULES).numpy() == label, truth == label) < 0.6)
     mask, clicks = state.prelabel(RULES).numpy() == label, []
     curve = [iou(mask, target)]
-    for _ in range(5):
+    while curve[-1] < 0.9 and len(clicks) < 5:  # the simulator's protocol: no clicks past the target
         clicks.append(next_click(target, mask))
         mask, _ = refine(state, Prompt(label, tuple(clicks)), RULES)
         curve.append(iou(mask, target))
-    assert curve[-1] > 0.85, curve
+    assert curve[-1] >= 0.9 and clicks, curve
     x, y, _ = clicks[0]
     on, _ = refine(state, Prompt(label, ((x, y, False), (x, y, True))), RULES)
     off, _ = refine(state, Prompt(label, ((x, y, True), (x, y, False))), RULES)
