@@ -28,6 +28,11 @@ $(CACHE)/.demo-model: demo/assets/demo-clip-weights.pt $(VENV)/.installed
 	$(PY) -c "from demo.train_clip import materialize; print(materialize())"
 	touch $@
 
+# The job queue's tests start their own redis-server (Debian's) by PID.
+/usr/bin/redis-server:
+	@echo "installing Redis (Debian redis-server), for the job queue's tests"
+	(apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) >/dev/null
+
 # Label Studio lives in its own environment: its pins must not meet the model's.
 setup-ls: $(VENV_LS)/.installed
 $(VENV_LS)/.installed:
@@ -39,7 +44,7 @@ $(VENV_LS)/.installed:
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: lint setup-ls
+test: lint setup-ls /usr/bin/redis-server
 	$(PY) -m pytest -q tests
 
 test-fast: lint

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from backend.errors import ServiceError
 from backend.labelstudio import LabelStudioClient, LabelStudioError
+from backend.queue import JobQueue
 from backend.service import SegmentationService
 from backend.settings import Settings
 
@@ -101,18 +102,66 @@ class Prelabeler:
         retrying(send, f"uploading {len(predictions)} predictions", self.retries, delay=2.0)
         return len(predictions)
 
-    def run(self, progress: bool = True) -> dict:
+    def _start(self) -> tuple[str, str]:
+        """The project's label config and the model version that serves it (as /setup answers)."""
         project = retrying(lambda: self.client.projects.get(id=self.project), "reading the project", self.retries)
-        label_config = project.label_config
-        setup = self.service.setup({"project": self.project, "schema": label_config})
-        version = setup["model_version"]
+        self._project_version = project.model_version
+        setup = self.service.setup({"project": self.project, "schema": project.label_config})
+        return project.label_config, setup["model_version"]
+
+    def run(self, progress: bool = True) -> dict:
+        label_config, version = self._start()
         tasks = self._tasks()
         todo = [t for t in tasks if version not in _versions(t)]
         log.info("project %s: %d tasks, %d already have %s, %d to predict", self.project, len(tasks),
                  len(tasks) - len(todo), version, len(todo))
-        counts = {"model_version": version, "tasks": len(tasks), "skipped": len(tasks) - len(todo),
-                  "predicted": 0, "failed": 0}
+        counts = {**self._predict(todo, label_config, version, progress), "tasks": len(tasks),
+                  "skipped": len(tasks) - len(todo)}
+        self._select(version)
+        return counts
+
+    def run_tasks(self, task_ids: list[int]) -> dict:
+        """Pre-label these tasks of the project (a queue's chunk); those already predicted by the model
+        version are skipped, so running a chunk twice predicts nothing twice."""
+        label_config, version = self._start()
+        began = time.time()
+        tasks = self._tasks(task_ids)
+        listing = time.time() - began
+        todo = [t for t in tasks if version not in _versions(t)]
+        return {**self._predict(todo, label_config, version, progress=False), "tasks": len(task_ids),
+                "skipped": len(tasks) - len(todo), "missing": len(task_ids) - len(tasks),
+                "list_seconds": round(listing, 2)}
+
+    def enqueue(self, queue: JobQueue, progress: bool = True, poll: float = 1.0) -> dict:
+        """Enqueue the project's tasks that lack this model version's prediction, in chunks for the
+        workers, and follow the chunks to their end (a progress bar fed from the queue)."""
+        label_config, version = self._start()
+        tasks = self._tasks()
+        todo = [t.id for t in tasks if version not in _versions(t)]
+        job_ids = queue.enqueue_tasks(self.project, todo)
+        log.info("project %s: %d tasks, %d already have %s, %d enqueued in %d chunks", self.project, len(tasks),
+                 len(tasks) - len(todo), version, len(todo), len(job_ids))
         started = time.time()
+        with tqdm(total=len(todo), unit=" images", desc=f"project {self.project} (queued)", disable=not progress,
+                  file=sys.stderr, smoothing=0.1) as bar:
+            while True:
+                state = queue.progress(job_ids)
+                bar.update(state["predicted"] + state["skipped"] + state["failed"] - bar.n)
+                if not state["chunks_waiting"]:
+                    break
+                time.sleep(poll)
+        seconds = time.time() - started
+        counts = {"model_version": version, "tasks": len(tasks), "skipped": len(tasks) - len(todo) + state["skipped"],
+                  "predicted": state["predicted"], "failed": state["failed"], "chunks": len(job_ids),
+                  "chunks_failed": state["chunks_failed"], "seconds": round(seconds, 1),
+                  "images_per_second": round(len(todo) / seconds, 2) if todo else 0.0}
+        self._select(version)
+        return counts
+
+    def _predict(self, todo: list, label_config: str, version: str, progress: bool) -> dict:
+        """Predict ``todo`` in batches and upload each batch while the next is predicted."""
+        counts = {"model_version": version, "skipped": 0, "predicted": 0, "failed": 0}
+        started, predicting, waiting = time.time(), 0.0, 0.0
         bar = tqdm(total=len(todo), unit=" images", desc=f"project {self.project}", disable=not progress,
                    file=sys.stderr, smoothing=0.1)
         uploader = ThreadPoolExecutor(max_workers=1)  # uploads overlap the next batch's prediction
@@ -121,8 +170,10 @@ class Prelabeler:
             for start in range(0, len(todo), self.batch_size):
                 batch = [{"id": t.id, "data": t.data, "project": self.project}
                          for t in todo[start:start + self.batch_size]]
+                began = time.time()
                 answer = self.service.predict({"tasks": batch, "label_config": label_config,
                                                "project": self.project})
+                predicting += time.time() - began
                 predictions = []
                 for task, entry in zip(batch, answer["results"], strict=True):
                     if "result" in entry:
@@ -132,23 +183,30 @@ class Prelabeler:
                         counts["failed"] += 1
                         log.warning("task %s: %s", task["id"], entry.get("error"))
                 if uploading is not None:
+                    began = time.time()
                     counts["predicted"] += uploading.result()
+                    waiting += time.time() - began
                 uploading = uploader.submit(self._upload, predictions, version) if predictions else None
                 bar.update(len(batch))
             if uploading is not None:
+                began = time.time()
                 counts["predicted"] += uploading.result()
+                waiting += time.time() - began
         finally:
             uploader.shutdown(wait=True)
             bar.close()
         seconds = time.time() - started
-        counts.update(seconds=round(seconds, 1), images_per_second=round(len(todo) / seconds, 2) if todo else 0.0)
-        if self.activate and project.model_version != version:
+        counts.update(seconds=round(seconds, 1), images_per_second=round(len(todo) / seconds, 2) if todo else 0.0,
+                      predict_seconds=round(predicting, 2), upload_wait_seconds=round(waiting, 2))
+        return counts
+
+    def _select(self, version: str) -> None:
+        if self.activate and self._project_version != version:
             # The data manager's "Prediction score" column (and its sorting) and the pre-annotations
             # shown to annotators follow the project's selected model version.
             retrying(lambda: self.client.projects.update(id=self.project, model_version=version),
                      "selecting the model version", self.retries)
             log.info("project %s now shows %s", self.project, version)
-        return counts
 
 
 def main(argv=None) -> None:
@@ -161,6 +219,9 @@ def main(argv=None) -> None:
     parser.add_argument("--page-size", type=int, default=100, help="tasks per page when listing")
     parser.add_argument("--retries", type=int, default=5, help="retries of transient HTTP errors")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--queue", action="store_true",
+                        help="enqueue the project in chunks for workers (python -m backend.worker, REDIS_URL) and "
+                             "follow them instead of predicting here")
     parser.add_argument("--keep-project-version", action="store_true",
                         help="don't make this model version the project's selected one at the end")
     args = parser.parse_args(argv)
@@ -168,23 +229,29 @@ def main(argv=None) -> None:
     settings = dataclasses.replace(Settings(), label_studio_url=args.url, label_studio_api_key=args.token)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bar
+    queue = JobQueue.from_settings(settings) if args.queue else None
+    if args.queue and queue is None:
+        sys.exit("prelabel: --queue needs REDIS_URL, the queue the workers take jobs from")
     service = SegmentationService(settings)
-    service.start()
-    try:
-        service.runtime.model(wait=3600)  # fail now, clearly, if the weights are missing
-    except ServiceError as error:
-        sys.exit(f"prelabel: {error}")
+    if queue is None:  # the model runs here; with --queue the workers have it
+        service.start()
+        try:
+            service.runtime.model(wait=3600)  # fail now, clearly, if the weights are missing
+        except ServiceError as error:
+            sys.exit(f"prelabel: {error}")
     try:
         client = LabelStudioClient(args.url, args.token).sdk
     except LabelStudioError as error:
         sys.exit(f"prelabel: {error}")
+    prelabeler = Prelabeler(client, service, args.project, args.batch_size, args.page_size, args.retries,
+                            activate=not args.keep_project_version)
     try:
-        counts = Prelabeler(client, service, args.project, args.batch_size, args.page_size, args.retries,
-                            activate=not args.keep_project_version).run(progress=not args.no_progress)
+        counts = (prelabeler.enqueue(queue, progress=not args.no_progress) if queue is not None
+                  else prelabeler.run(progress=not args.no_progress))
     except ServiceError as error:  # e.g. a label config without a segmentation tag
         sys.exit(f"prelabel: project {args.project}: {error}")
     print(json.dumps(counts))
-    if counts["failed"]:
+    if counts["failed"] or counts.get("chunks_failed"):
         sys.exit(2)
 
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import numpy as np
+import redis
 
 from backend.annotations import AnnotationError, validate_results
 from backend.control_tags import ControlTag
@@ -21,6 +22,7 @@ from backend.jobs import TrainingJobs
 from backend.label_config import LabelConfigError, parse_targets
 from backend.labelstudio import LabelStudioError
 from backend.metrics import Metrics
+from backend.queue import JobQueue, QueuedTrainingJobs
 from backend.runtime import ModelRuntime, load_model
 from backend.settings import Settings
 from backend.store import ProjectIdError, Store, project_key
@@ -48,8 +50,9 @@ class SegmentationService:
         self.store = Store(settings.model_dir)
         self.runtime = ModelRuntime(settings, self.store, model_loader)
         self.states = ImageStates(settings.interactive_cache_bytes)
-        self.jobs = TrainingJobs(settings, self.store,
-                                 on_end=lambda outcome: self.metrics.training_jobs.labels(outcome=outcome).inc())
+        self.queue = JobQueue.from_settings(settings)
+        self.jobs = QueuedTrainingJobs(self.queue) if self.queue is not None else TrainingJobs(
+            settings, self.store, on_end=lambda outcome: self.metrics.training_jobs.labels(outcome=outcome).inc())
         self._configs: dict[str, str] = {}
         if settings.label_studio_api_key and not settings.label_studio_url:
             log.warning("LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: the key is not used; images "
@@ -213,12 +216,22 @@ class SegmentationService:
             return self._predict_interactive(tasks, targets, serving, version, smart)
         results: list[dict] = []
         failures = 0
+        batch = self.settings.predict_batch_size
+        handover, handed = self._handover(payload, tasks), 0
         # A pool per request: one request's slow image servers never delay another request's images.
         with ThreadPoolExecutor(max_workers=min(self.settings.fetch_threads, len(tasks)),
                                 thread_name_prefix="fetch") as pool:
             # Chunk by chunk (fetch, predict, encode): memory holds one chunk's images however many tasks come.
-            for start in range(0, len(tasks), self.settings.predict_batch_size):
-                chunk = tasks[start:start + self.settings.predict_batch_size]
+            for start in range(0, len(tasks), batch):
+                elapsed = time.time() - started
+                if handover is not None and start and elapsed + elapsed / start * batch > handover[0]:
+                    queued = self._enqueue_rest(handover[1], tasks[start:], version)
+                    if queued is not None:
+                        handed = len(queued)
+                        results += queued
+                        break
+                    handover = None  # the queue is away: the rest is predicted here
+                chunk = tasks[start:start + batch]
                 images, errors = self._fetch_images(pool, chunk, targets, serving.predictor)
                 parts = [{"result": [], "scores": [], "unsure": []} for _ in chunk]
                 for (data_key, _), group in _group_targets(targets).items():
@@ -226,9 +239,38 @@ class SegmentationService:
                 results += [self._answer(task, parts[i], errors.get(i), version) for i, task in enumerate(chunk)]
                 failures += len(errors)
                 del images
-        self.metrics.predicted(len(tasks), failures, time.time() - started)
+        self.metrics.predicted(len(tasks) - handed, failures, time.time() - started)
         release_freed_memory()
         return {"results": results, "model_version": version}
+
+    def _handover(self, payload: dict, tasks: list[dict]) -> tuple[float, int] | None:
+        """(seconds, Label Studio project id) when this /predict may hand tasks over to the queue's workers:
+        a queue, a project id and integer task ids (None: every task is predicted here)."""
+        if self.queue is None:
+            return None
+        try:
+            project = int(str(payload.get("project") or tasks[0].get("project")).split(".")[0])
+            if not all(isinstance(t.get("id"), int) for t in tasks):
+                raise ValueError("task ids")
+        except ValueError:
+            return None
+        return self.settings.predict_budget_seconds, project
+
+    def _enqueue_rest(self, project: int, tasks: list[dict], version: str) -> list[dict] | None:
+        """Hand ``tasks`` over to the workers; their answers say so (Label Studio stores nothing for them,
+        and the workers post their predictions through its API). None when Redis does not answer."""
+        try:
+            jobs = self.queue.enqueue_tasks(project, [t["id"] for t in tasks])
+        except redis.RedisError as error:
+            log.error("/predict: the job queue is not answering (%s); predicting every task here", error)
+            return None
+        size = self.queue.chunk_size
+        log.info("/predict: %d tasks of project %d handed to the queue in %d chunks (PREDICT_BUDGET_SECONDS=%g)",
+                 len(tasks), project, len(jobs), self.settings.predict_budget_seconds)
+        return [{"model_version": version,
+                 "error": f"queued for a worker (job {jobs[i // size]}): the prediction will be posted to Label "
+                          "Studio shortly; not predicted within this request's time budget"}
+                for i in range(len(tasks))]
 
     def _fetch_images(self, pool: ThreadPoolExecutor, tasks: list[dict], targets: tuple[ControlTag, ...],
                       predictor) -> tuple[dict[str, dict[int, np.ndarray]], dict[int, str]]:

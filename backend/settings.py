@@ -92,6 +92,14 @@ class Settings:
     pinned_versions: dict = field(default_factory=lambda: _pins(_env("PINNED_VERSIONS")))
     max_training_jobs: int = field(default_factory=lambda: int(_env("MAX_TRAINING_JOBS", "1")))
 
+    # The job queue (see README: "Past one machine"); without REDIS_URL everything runs in this process
+    redis_url: str = field(default_factory=lambda: _env("REDIS_URL"))
+    predict_budget_seconds: float = field(default_factory=lambda: float(_env("PREDICT_BUDGET_SECONDS", "60")))
+    queue_chunk_size: int = field(default_factory=lambda: int(_env("QUEUE_CHUNK_SIZE", "16")))
+    queue_chunk_timeout: int = field(default_factory=lambda: int(_env("QUEUE_CHUNK_TIMEOUT", "1800")))
+    queue_retries: int = field(default_factory=lambda: int(_env("QUEUE_RETRIES", "3")))
+    worker_heartbeat_seconds: int = field(default_factory=lambda: int(_env("WORKER_HEARTBEAT_SECONDS", "30")))
+
     def __post_init__(self):
         if self.task_score not in TASK_SCORES:
             raise ValueError(f"TASK_SCORE must be one of {', '.join(TASK_SCORES)}, not {self.task_score!r}")
@@ -112,8 +120,16 @@ class Settings:
             raise ValueError(f"MAX_TRAINING_JOBS must be at least 1, not {self.max_training_jobs}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        self._check_queue()
         if self.max_inference_area < 1:
             raise ValueError(f"MAX_INFERENCE_AREA must be at least 1, not {self.max_inference_area}")
+
+    def _check_queue(self) -> None:
+        for name in ("predict_budget_seconds", "queue_chunk_size", "queue_chunk_timeout", "worker_heartbeat_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.upper()} must be positive, not {getattr(self, name)}")
+        if self.queue_retries < 0:
+            raise ValueError(f"QUEUE_RETRIES must be 0 or more, not {self.queue_retries}")
 
     def to_env(self) -> dict[str, str]:
         """These settings as the environment variables that reproduce them (for child processes)."""

@@ -188,3 +188,14 @@ def test_two_targets_with_different_vocabularies_fetch_each_image_once(make_clie
     for entry in body["results"]:
         assert {r["from_name"] for r in entry["result"]} == {"stuff", "things"}
         assert all(r["value"][r["type"]][0] in world.NAMES for r in entry["result"])
+
+
+def test_without_its_queue_a_predict_answers_every_task_itself(make_client, file_server, scenes):
+    """REDIS_URL set but Redis away: past the time budget nothing can be handed over, so nothing is."""
+    client, service = make_client(redis_url="redis://127.0.0.1:9/0", predict_budget_seconds=0.001,
+                                  predict_batch_size=2)
+    tasks = [{**task, "project": 3} for task in tasks_on(file_server, scenes[:5])]
+    body = client.post("/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG, "project": "3.17"}).get_json()
+    assert [("result" in entry, entry.get("error")) for entry in body["results"]] == [(True, None)] * 5
+    assert service.jobs.request("3").startswith("refused: the job queue")
+    assert service.status()["training"] == {}

@@ -6,9 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-COMMANDS = ["backend", "backend check", "backend.training", "backend.prelabel", "demo", "demo.train_clip", "bench.postprocess",
+COMMANDS = ["backend", "backend check", "backend.training", "backend.prelabel", "backend.worker", "demo", "demo.train_clip", "bench.postprocess",
             "bench.speed", "bench.prelabel_quality", "bench.interactive", "bench.accuracy", "bench.calibration", "bench.active_learning",
-            "bench.attack"]
+            "bench.queue", "bench.attack"]
 
 
 def test_every_command_answers_help_without_side_effects(tmp_path):

@@ -1,0 +1,180 @@
+"""Pre-labeling and training on a job queue (RQ on Redis), taken by workers (``python -m backend.worker``).
+
+Without ``REDIS_URL`` nothing here runs: the backend predicts in its requests and trains in its
+own child processes, as on one machine. With it:
+
+* a /predict that can't finish within ``PREDICT_BUDGET_SECONDS`` answers what it has done and
+  enqueues the rest in chunks (the service, :meth:`JobQueue.enqueue_tasks`);
+* ``backend.prelabel --queue`` enqueues a whole project in chunks and follows them;
+* training requests become jobs (:class:`QueuedTrainingJobs`).
+
+A chunk is a list of task ids of one Label Studio project. Its worker predicts the tasks that have
+no prediction of its model version yet and posts them to Label Studio, so a chunk may run twice
+(a worker killed mid-chunk: RQ retries it once the worker's heartbeat has lapsed) and no task is
+predicted twice. Job ids are made from the project and the task ids: enqueueing a chunk that is
+still waiting or running adds nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+
+from redis import Redis, RedisError
+from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PRELABEL_QUEUE = "gkc-prelabel"
+TRAINING_QUEUE = "gkc-training"
+WAITING = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+
+
+class JobQueue:
+    """The queues of one Redis, as the service and the ``prelabel`` command use them."""
+
+    def __init__(self, redis_url: str, chunk_size: int = 16, chunk_timeout: int = 1800, retries: int = 3,
+                 training_timeout: int = 6 * 3600):
+        self.connection = Redis.from_url(redis_url, health_check_interval=30, socket_timeout=30,
+                                         socket_connect_timeout=10, retry_on_timeout=True)
+        self.prelabel = Queue(PRELABEL_QUEUE, connection=self.connection)
+        self.training = Queue(TRAINING_QUEUE, connection=self.connection)
+        self.chunk_size = chunk_size
+        self.chunk_timeout = chunk_timeout
+        self.retries = retries
+        self.training_timeout = training_timeout
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "JobQueue | None":
+        """The queue ``REDIS_URL`` names, or None without one (everything runs in this process)."""
+        if not settings.redis_url:
+            return None
+        return cls(settings.redis_url, settings.queue_chunk_size, settings.queue_chunk_timeout,
+                   settings.queue_retries)
+
+    # ------------------------------------------------------------------ pre-labeling
+    def enqueue_tasks(self, project: int, task_ids: list[int]) -> list[str]:
+        """Enqueue ``task_ids`` of Label Studio project ``project`` in chunks; the chunks' job ids (a chunk
+        already waiting or running under the same id is not enqueued again)."""
+        ids = []
+        for start in range(0, len(task_ids), self.chunk_size):
+            chunk = [int(t) for t in task_ids[start:start + self.chunk_size]]
+            digest = hashlib.sha1(",".join(map(str, chunk)).encode()).hexdigest()[:16]
+            job_id = f"prelabel-{project}-{digest}"
+            if self._status(job_id) not in WAITING:
+                self.prelabel.enqueue("backend.worker.predict_chunk", project, chunk, job_id=job_id,
+                                      job_timeout=self.chunk_timeout, retry=Retry(max=self.retries),
+                                      result_ttl=7 * 24 * 3600, failure_ttl=7 * 24 * 3600,
+                                      description=f"pre-label {len(chunk)} tasks of project {project}")
+            ids.append(job_id)
+        return ids
+
+    def progress(self, job_ids: list[str]) -> dict[str, int]:
+        """How many of the chunks are done (their counts summed), failed for good, or still waiting."""
+        counts = {"chunks_done": 0, "chunks_failed": 0, "chunks_waiting": 0, "predicted": 0, "skipped": 0,
+                  "failed": 0}
+        for job in Job.fetch_many(job_ids, connection=self.connection):
+            status = job.get_status(refresh=False) if job is not None else None
+            if status == JobStatus.FINISHED:
+                counts["chunks_done"] += 1
+                for key, value in (job.return_value() or {}).items():
+                    if key in ("predicted", "skipped", "failed"):
+                        counts[key] += value
+            elif status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, None):
+                counts["chunks_failed"] += 1
+            else:
+                counts["chunks_waiting"] += 1
+        return counts
+
+    def _status(self, job_id: str):
+        try:
+            return Job.fetch(job_id, connection=self.connection).get_status(refresh=False)
+        except NoSuchJobError:
+            return None
+
+    # ------------------------------------------------------------------ training
+    def enqueue_training(self, project: str, pull: bool) -> str:
+        """A training job for ``project``: "queued", or "already queued" when one still waits to start
+        (it will see every annotation stored meanwhile)."""
+        latest = self.connection.get(_training_key(project))
+        if latest and self._status(latest.decode()) == JobStatus.QUEUED:
+            return "already queued"
+        job_id = f"training-{project}-{uuid.uuid4().hex[:8]}"
+        # No retry: a job whose worker dies is reported failed and registers nothing.
+        self.training.enqueue("backend.worker.train_project", project, pull, job_id=job_id,
+                              job_timeout=self.training_timeout, result_ttl=30 * 24 * 3600,
+                              failure_ttl=30 * 24 * 3600, description=f"train project {project}")
+        self.connection.set(_training_key(project), job_id)
+        return "queued"
+
+    def training_status(self) -> dict[str, dict]:
+        """Each project's latest training job: its state, and its result or error."""
+        out = {}
+        for key in self.connection.scan_iter("gkc:training:*"):
+            project = key.decode().split(":", 2)[2]
+            try:
+                job = Job.fetch(self.connection.get(key).decode(), connection=self.connection)
+            except (NoSuchJobError, AttributeError):
+                continue
+            status = job.get_status(refresh=False)
+            state = {JobStatus.STARTED: "running", JobStatus.FINISHED: "finished"}.get(status)
+            entry = {"state": state or (status.value if status else "unknown"),
+                     "job": job.id, "queued": status == JobStatus.QUEUED}
+            if status == JobStatus.FINISHED:
+                entry.update(job.return_value() or {})
+            elif status == JobStatus.FAILED:
+                result = job.latest_result()
+                error = (result.exc_string or "").strip().splitlines()[-1][:500] if result else "failed"
+                entry["error"] = ("its worker stopped before it finished; nothing was registered"
+                                  if "AbandonedJobError" in error else error.removeprefix("backend.worker.TrainingFailed: "))
+            out[project] = entry
+        return out
+
+
+def _training_key(project: str) -> str:
+    return f"gkc:training:{project}"
+
+
+class QueuedTrainingJobs:
+    """:class:`backend.jobs.TrainingJobs`' interface over the queue: training runs on a worker."""
+
+    def __init__(self, queue: JobQueue):
+        self.queue = queue
+        self.env: dict[str, str] = {}
+
+    def configure(self, **env: str) -> None:
+        if env.get("LABEL_STUDIO_URL"):
+            log.warning("workers take Label Studio's address and token from their own environment "
+                        "(LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY), not from /setup")
+
+    def request(self, project: str, pull: bool = False) -> str:
+        try:
+            return self.queue.enqueue_training(project, pull)
+        except RedisError as error:
+            log.error("project %s: training not queued: %s", project, error)
+            return "refused: the job queue (REDIS_URL) is not answering"
+
+    def status(self) -> dict:
+        try:
+            return self.queue.training_status()
+        except RedisError as error:
+            log.warning("training status unknown: %s", error)
+            return {}
+
+    def running(self, project: str):
+        return None  # on a worker, not here
+
+    def shutdown(self) -> None:
+        pass  # jobs belong to the workers
+
+    def wait(self, project: str, timeout: float = 600) -> None:
+        deadline = time.time() + timeout
+        while self.status().get(project, {}).get("state") in ("queued", "running"):
+            if time.time() > deadline:
+                raise TimeoutError(f"training for project {project} still running after {timeout}s")
+            time.sleep(0.5)
