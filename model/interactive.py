@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.regions import NO_PRUNING, RegionRules, regions, working_shape
+from model.regions import NO_PRUNING, RegionRules, nearest_upsample, regions, working_shape
 from model.superpixels import slic
 
 SUPERPIXEL_CELL_SHARE = 0.5  # a superpixel's width, in logit cells
@@ -162,10 +162,9 @@ class Superpixels:
 
     @classmethod
     def of(cls, state: ImageState) -> "Superpixels":
-        image = state.image
-        lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
-        width = max(3, round(SUPERPIXEL_CELL_SHARE * image.shape[0] / state.logits.shape[1]))
-        labels = torch.unique(slic(image, width, iterations=SUPERPIXEL_ITERATIONS), return_inverse=True)[1]
+        lab = cv2.cvtColor(state.image, cv2.COLOR_RGB2LAB)
+        width = max(3, round(SUPERPIXEL_CELL_SHARE * lab.shape[0] / state.logits.shape[1]))
+        labels = torch.unique(slic(lab, width, iterations=SUPERPIXEL_ITERATIONS), return_inverse=True)[1]
         labels = labels.to(state.logits.device)
         flat, count = labels.flatten(), int(labels.max()) + 1
         size = torch.bincount(flat, minlength=count).clamp(min=1).float()
@@ -249,20 +248,20 @@ def refine(state: ImageState, prompt: Prompt, rules: RegionRules = NO_PRUNING,
     chance = _superpixel_chance(state, prompt, start)
     ours = (chance > 0.5)[superpixels]
     mask = ours & _inside(state, prompt.boxes) if prompt.boxes else start.clone()
-    anywhere = find_all and from_prelabel and not bool(mask.any())
+    # A label the start missed: the label's superpixels elsewhere that its text supports join with the example.
+    elsewhere = (ours & (_text_chance(state, prompt.label) >= TEXT_SUPPORT)[superpixels]
+                 if find_all and from_prelabel and not bool(mask.any()) else None)
     for x, y, positive in prompt.clicks:
         where = state.working_pixel(x, y)
         if positive:
             mask |= _part(ours, where)
-            if anywhere:
-                mask |= ours & (_text_chance(state, prompt.label) >= TEXT_SUPPORT)[superpixels]
+            if elsewhere is not None:
+                mask |= elsewhere
         else:
             mask &= ~_part(mask & ~ours, where)
     probability = torch.where(mask, chance[superpixels].clamp(min=0.5), chance[superpixels].clamp(max=0.5))
-    height, width = mask.shape
-    rows = (torch.arange(state.height, device=mask.device) * height // state.height)[:, None]
-    cols = (torch.arange(state.width, device=mask.device) * width // state.width)[None]
-    return mask[rows, cols].cpu().numpy(), probability[rows, cols].cpu().numpy().astype(np.float32)
+    mask, probability = nearest_upsample((mask, probability), state.height, state.width)
+    return mask.cpu().numpy(), probability.cpu().numpy().astype(np.float32)
 
 
 def _superpixel_chance(state: ImageState, prompt: Prompt, start: torch.Tensor) -> torch.Tensor:

@@ -164,7 +164,12 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
         unlikely = (counts > 0) & (scores < rules.min_score)
         label_map = torch.where(unlikely[label_map.long()], torch.full_like(label_map, UNLABELED), label_map)
     if shape != (height, width):  # nearest: the working resolution's boundaries, undisturbed
-        rows = (torch.arange(height, device=label_map.device) * shape[0] // height)[:, None]
-        cols = (torch.arange(width, device=label_map.device) * shape[1] // width)[None]
-        label_map, confidence = label_map[rows, cols], confidence[rows, cols]
+        label_map, confidence = nearest_upsample((label_map, confidence), height, width)
     return label_map.cpu().numpy(), confidence.cpu().numpy(), found
+
+
+def nearest_upsample(maps: tuple[torch.Tensor, ...], height: int, width: int) -> tuple[torch.Tensor, ...]:
+    """(h, w) maps of the working resolution at (height, width), each pixel taking its source pixel's value."""
+    rows = (torch.arange(height, device=maps[0].device) * maps[0].shape[0] // height)[:, None]
+    cols = (torch.arange(width, device=maps[0].device) * maps[0].shape[1] // width)[None]
+    return tuple(m[rows, cols] for m in maps)

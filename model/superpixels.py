@@ -7,15 +7,14 @@ search window is the one SLIC uses (2 × size); superpixels are not forced to be
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
 
 
-def slic(image: np.ndarray, size: int, compactness: float = 10.0, iterations: int = 5) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB → (H, W) int64: each pixel's superpixel, numbered 0.. (grid cells that end
-    up empty leave gaps)."""
-    lab = torch.from_numpy(cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2LAB)).float()
+def slic(lab: np.ndarray, size: int, compactness: float = 10.0, iterations: int = 5) -> torch.Tensor:
+    """(H, W, 3) uint8 CIE Lab (OpenCV's ``COLOR_RGB2LAB``) → (H, W) int64: each pixel's superpixel,
+    numbered 0.. (grid cells that end up empty leave gaps)."""
+    lab = torch.from_numpy(np.ascontiguousarray(lab)).float()
     height, width = lab.shape[:2]
     rows, cols = max(1, round(height / size)), max(1, round(width / size))
     grid_y = torch.arange(height) * rows // height
