@@ -141,11 +141,11 @@ class Prelabeler:
         job_ids = queue.enqueue_tasks(self.project, todo)
         log.info("project %s: %d tasks, %d already have %s, %d enqueued in %d chunks", self.project, len(tasks),
                  len(tasks) - len(todo), version, len(todo), len(job_ids))
-        started = time.time()
+        started, finished = time.time(), {}
         with tqdm(total=len(todo), unit=" images", desc=f"project {self.project} (queued)", disable=not progress,
                   file=sys.stderr, smoothing=0.1) as bar:
             while True:
-                state = queue.progress(job_ids)
+                state = queue.progress(job_ids, finished)
                 bar.update(state["predicted"] + state["skipped"] + state["failed"] - bar.n)
                 if not state["chunks_waiting"]:
                     break

@@ -74,21 +74,27 @@ class JobQueue:
             ids.append(job_id)
         return ids
 
-    def progress(self, job_ids: list[str]) -> dict[str, int]:
-        """How many of the chunks are done (their counts summed), failed for good, or still waiting."""
+    def progress(self, job_ids: list[str], finished: dict[str, dict] | None = None) -> dict[str, int]:
+        """How many of the chunks are done (their counts summed), failed for good, or still waiting.
+        ``finished``: the results of chunks already seen done, kept there so that a caller polling the
+        same chunks fetches each result once."""
+        finished = {} if finished is None else finished
         counts = {"chunks_done": 0, "chunks_failed": 0, "chunks_waiting": 0, "predicted": 0, "skipped": 0,
                   "failed": 0}
-        for job in Job.fetch_many(job_ids, connection=self.connection):
+        pending = [job_id for job_id in job_ids if job_id not in finished]
+        for job_id, job in zip(pending, Job.fetch_many(pending, connection=self.connection), strict=True):
             status = job.get_status(refresh=False) if job is not None else None
             if status == JobStatus.FINISHED:
-                counts["chunks_done"] += 1
-                for key, value in (job.return_value() or {}).items():
-                    if key in ("predicted", "skipped", "failed"):
-                        counts[key] += value
+                finished[job_id] = job.return_value() or {}
             elif status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, None):
                 counts["chunks_failed"] += 1
             else:
                 counts["chunks_waiting"] += 1
+        for job_id in job_ids:
+            if job_id in finished:
+                counts["chunks_done"] += 1
+                for key in ("predicted", "skipped", "failed"):
+                    counts[key] += finished[job_id].get(key, 0)
         return counts
 
     def _status(self, job_id: str):

@@ -217,7 +217,7 @@ class SegmentationService:
         results: list[dict] = []
         failures = 0
         batch = self.settings.predict_batch_size
-        handover, handed = self._handover(payload, tasks), 0
+        handover, handed = self._handover(project, tasks), 0
         # A pool per request: one request's slow image servers never delay another request's images.
         with ThreadPoolExecutor(max_workers=min(self.settings.fetch_threads, len(tasks)),
                                 thread_name_prefix="fetch") as pool:
@@ -243,18 +243,12 @@ class SegmentationService:
         release_freed_memory()
         return {"results": results, "model_version": version}
 
-    def _handover(self, payload: dict, tasks: list[dict]) -> tuple[float, int] | None:
+    def _handover(self, project: str, tasks: list[dict]) -> tuple[float, int] | None:
         """(seconds, Label Studio project id) when this /predict may hand tasks over to the queue's workers:
-        a queue, a project id and integer task ids (None: every task is predicted here)."""
-        if self.queue is None:
+        a queue, a project (its :func:`project_key`) and integer task ids (None: every task is predicted here)."""
+        if self.queue is None or not project or not all(isinstance(t.get("id"), int) for t in tasks):
             return None
-        try:
-            project = int(str(payload.get("project") or tasks[0].get("project")).split(".")[0])
-            if not all(isinstance(t.get("id"), int) for t in tasks):
-                raise ValueError("task ids")
-        except ValueError:
-            return None
-        return self.settings.predict_budget_seconds, project
+        return self.settings.predict_budget_seconds, int(project)
 
     def _enqueue_rest(self, project: int, tasks: list[dict], version: str) -> list[dict] | None:
         """Hand ``tasks`` over to the workers; their answers say so (Label Studio stores nothing for them,
@@ -350,7 +344,7 @@ class SegmentationService:
             try:
                 results.append(self._refine_task(task, targets, serving, version, smart))
             except (ContextError, PromptError, ImageError) as error:
-                results.append(self._answer(task, {}, f"task {str(task.get('id'))[:20]}: {error}", version))
+                results.append(self._failed(task, str(error), version))
         self.metrics.predicted(len(tasks), sum("error" in r for r in results), time.time() - started)
         return {"results": results, "model_version": version}
 
@@ -382,8 +376,11 @@ class SegmentationService:
         return state
 
     def _refused(self, tasks: list[dict], version: str, error: str) -> dict:
-        return {"results": [self._answer(task, {}, f"task {str(task.get('id'))[:20]}: {error}", version)
-                            for task in tasks], "model_version": version}
+        return {"results": [self._failed(task, error, version) for task in tasks], "model_version": version}
+
+    def _failed(self, task: dict, error: str, version: str) -> dict:
+        """A task's answer saying why it has no result, naming the task."""
+        return self._answer(task, {}, f"task {str(task.get('id'))[:20]}: {error}", version)
 
     def _answer(self, task: dict, parts: dict, error: str | None, version: str) -> dict:
         """One task's entry in the /predict answer."""

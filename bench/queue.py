@@ -122,9 +122,9 @@ def load(setup: Setup, tasks: int) -> None:
     jobs = queue.enqueue_tasks(project, ids)
     threads = max(1, os.cpu_count() // 2)
     live = [setup.worker(threads), setup.worker(threads)]
-    started, kills = time.time(), 0
-    while queue.progress(jobs)["chunks_waiting"]:
-        done = queue.progress(jobs)["chunks_done"]
+    started, kills, finished = time.time(), 0, {}
+    while (state := queue.progress(jobs, finished))["chunks_waiting"]:
+        done = state["chunks_done"]
         if kills < 4 and done >= (kills // 2 + 1) * len(jobs) // 3:  # both workers, at a third and two thirds
             for index in range(len(live)):
                 os.kill(live[index].pid, signal.SIGKILL)
@@ -134,7 +134,6 @@ def load(setup: Setup, tasks: int) -> None:
         time.sleep(1)
     seconds = time.time() - started
     per_task = setup.predictions(project)
-    state = queue.progress(jobs)
     print(f"\nload: {tasks} tasks in {len(jobs)} chunks, 2 workers, {kills} killed with SIGKILL mid-run and "
           f"replaced: {seconds:.0f} s ({tasks / seconds:.1f} images/s); chunks done {state['chunks_done']}, "
           f"failed {state['chunks_failed']}; tasks by number of predictions: {dict(sorted(per_task.items()))}; "
