@@ -420,7 +420,8 @@ def wrong_types(lab: Lab) -> str:
 def bounded_growth(lab: Lab) -> str:
     """10. 400 new label sets: memory plateaus, the disk cache stays under its cap, /predict adds no project."""
     cap = 64 * 1024
-    backend = lab.backend("growth", TEXT_CACHE_VOCABULARIES="16", TEXT_CACHE_DISK_BYTES=str(cap))
+    backend = lab.backend("growth", TEXT_CACHE_VOCABULARIES="16", TEXT_CACHE_DISK_BYTES=str(cap),
+                          INTERACTIVE_CACHE_BYTES=str(8 * 2**20))  # its bound is its own setting
     image = "data:image/png;base64," + base64.b64encode(png(32, 32)).decode()
     rss = {}
     for number in range(400):
