@@ -6,6 +6,7 @@ Endpoints: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``, ``POST
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -15,7 +16,7 @@ from flask import Flask, Response, g, jsonify, request
 from backend.errors import ServiceError
 from backend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from backend.metrics import Metrics
-from backend.service import SegmentationService
+from backend.service import SegmentationService, release_freed_memory
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,14 @@ def _measure(app: Flask, metrics: Metrics) -> None:
     @app.after_request
     def _observe(response: Response):
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        if endpoint != "/predict" and (request.content_length or 0) > TRIM_AFTER_BYTES:  # /predict trims itself
+            release_freed_memory()
         metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
         metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         return response
+
+
+TRIM_AFTER_BYTES = 2**20  # a request body past this leaves freed heap behind worth giving back
 
 
 def _guard_and_report(app: Flask, settings: Settings) -> None:
@@ -112,10 +118,25 @@ def _guard_and_report(app: Flask, settings: Settings) -> None:
 
 
 def _json_body() -> dict:
-    payload = request.get_json(silent=True)
+    """The body as a JSON object; NaN, Infinity and nesting past Python's recursion limit are 400s."""
+    try:
+        payload = json.loads(request.get_data(cache=False), parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ServiceError("the request body is nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError and NaN/Infinity
+        reason = str(error) if isinstance(error, NonStandardNumber) else "not valid JSON"
+        raise ServiceError(f"the request body must be a JSON object ({reason})") from None
     if not isinstance(payload, dict):
         raise ServiceError("the request body must be a JSON object")
     return payload
+
+
+class NonStandardNumber(ValueError):
+    """NaN or Infinity: Python's json reads them, JSON does not have them."""
+
+
+def _refuse_constant(name: str):
+    raise NonStandardNumber(f"{name} is not a JSON number")
 
 
 def _authenticated(settings: Settings) -> bool:

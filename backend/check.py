@@ -1,7 +1,10 @@
 """``python -m backend check``: can Label Studio and this backend reach each other? Says what is wrong.
 
-    python -m backend check --url http://localhost:8080 --token <token> \\
+    LABEL_STUDIO_API_KEY=<token> python -m backend check --url http://localhost:8080 \\
         [--project 12] [--backend-url http://<address Label Studio uses>:9090]
+
+The token is read from ``LABEL_STUDIO_API_KEY`` (``--token`` also takes it, but a command line is
+visible to every local user).
 
 Run it where the backend runs, with the backend's environment. One line per step, ``ok`` or
 ``FAIL`` with the cause and what to change:
@@ -19,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 
 import httpx
 import requests
+from label_studio_sdk.core.api_error import ApiError
 
 from backend.images import ImageError, ImageFetcher
 from backend.label_config import LabelConfigError, parse_targets
@@ -70,6 +75,9 @@ class ConnectionCheck:
             except CheckFailed as error:
                 passed = False
                 print(f"FAIL  {name}: {error}", file=out)
+            except (LabelStudioError, ApiError, httpx.HTTPError) as error:  # any other refusal is a line too
+                passed = False
+                print(f"FAIL  {name}: Label Studio answered {_said(error)}", file=out)
         return passed
 
     # ------------------------------------------------------------------ steps
@@ -95,8 +103,9 @@ class ConnectionCheck:
         try:
             config = self.client.label_config(self.project)
             tasks = self.client.request("GET", f"/api/tasks?project={self.project}&page_size=1").json()
-        except (LabelStudioError, httpx.HTTPError) as error:
-            raise CheckFailed(f"can't read project {self.project}: {error}") from None
+        except (LabelStudioError, ApiError, httpx.HTTPError, ValueError) as error:
+            raise CheckFailed(f"can't read project {self.project} ({_said(error)}): does it exist, and may this "
+                              "token's user see it?") from None
         try:
             target = parse_targets(config)[0]
         except LabelConfigError as error:
@@ -140,11 +149,25 @@ class ConnectionCheck:
                 if self._webhooks_received() > before:
                     return f"Label Studio's PROJECT_UPDATED reached {self.backend_url}/webhook"
                 time.sleep(0.5)
+        except LabelStudioError as error:
+            raise CheckFailed(f"can't save project {self.project} to fire the webhook ({_said(error)})") from None
         finally:
-            self.client.request("DELETE", f"/api/webhooks/{created['id']}/")
+            self._remove_webhook(created["id"])
         raise CheckFailed(f"Label Studio sent its event, but {self.backend_url} never received it: can Label "
                           "Studio's host reach that address (firewall, docker network)? Label Studio's log says "
                           "why its webhook failed")
+
+    def _remove_webhook(self, webhook: int, tries: int = 3) -> None:
+        """Remove the check's webhook, trying again on a failure; say so when it stays behind."""
+        for attempt in range(tries):
+            try:
+                self.client.request("DELETE", f"/api/webhooks/{webhook}/")
+                return
+            except (LabelStudioError, httpx.HTTPError) as error:
+                failure = _said(error)
+                time.sleep(0.5 * (attempt + 1))
+        raise CheckFailed(f"the check's webhook {webhook} could not be removed ({failure}): remove it in the "
+                          "project's Settings → Webhooks")
 
     def _webhooks_received(self) -> int:
         auth = (self.settings.basic_auth_user, self.settings.basic_auth_pass) if self.settings.basic_auth_user else None
@@ -162,14 +185,26 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m backend check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True, help="Label Studio's address, e.g. http://localhost:8080")
-    parser.add_argument("--token", required=True, help="a Label Studio access token (legacy or personal)")
+    parser.add_argument("--token", default=os.environ.get("LABEL_STUDIO_API_KEY", ""),
+                        help="a Label Studio access token (legacy or personal); default: $LABEL_STUDIO_API_KEY, "
+                             "which other local users can't read, as they can a command line")
     parser.add_argument("--project", type=int, help="a project id: also check its images and a webhook round trip")
     parser.add_argument("--backend-url", help="the backend's address as Label Studio reaches it, e.g. "
                                               "http://gkc-backend:9090")
     args = parser.parse_args(argv)
+    if not args.token:
+        sys.exit("check: set LABEL_STUDIO_API_KEY (or --token) to a Label Studio access token")
     try:
         settings = Settings()
     except ValueError as error:
         sys.exit(f"check: {error}")
     if not ConnectionCheck(args.url, args.token, args.project, args.backend_url, settings).run():
         sys.exit(1)
+
+
+def _said(error: Exception) -> str:
+    """An HTTP refusal in a few words: its status where there is one."""
+    status = getattr(error, "status_code", None)
+    if status is None and " → " in str(error):
+        status = str(error).split(" → ", 1)[1].split(":", 1)[0]
+    return f"HTTP {status}" if status else error.__class__.__name__

@@ -36,8 +36,8 @@ def _describe(error: Exception) -> str:
 
 
 def _sniff(data: bytes) -> str:
-    """What a byte string looks like, for error messages: its size and first bytes."""
-    return f"{len(data)} bytes starting {data[:8]!r}"
+    """What a byte string is, for error messages: its size alone (its bytes are the remote server's)."""
+    return f"{len(data)} bytes"
 
 
 class ImageFetcher:
@@ -86,36 +86,37 @@ class ImageFetcher:
         self.label_studio = LabelStudioClient(self.label_studio_url, api_key or "", self.timeout) \
             if self.label_studio_url else None
 
-    def _credentials(self, refresh: bool = False) -> dict[str, str]:
-        if self.label_studio is None:
-            return {}
-        try:
-            return self.label_studio.auth_header(refresh)
-        except LabelStudioError as error:
-            raise ImageError(str(error)) from None
-
     # ------------------------------------------------------------------ URL resolution
-    def _label_studio_host(self) -> str | None:
-        return urlsplit(self.label_studio_url).netloc.lower() or None
+    def resolve(self, uri: str, task_id=None, label_studio: LabelStudioClient | None = None
+                ) -> tuple[str, LabelStudioClient | None]:
+        """The absolute URL to download, and the Label Studio client whose token it gets (None: no token).
 
-    def resolve(self, uri: str, task_id=None) -> tuple[str, bool]:
-        """The absolute URL to download and whether it is Label Studio's (gets credentials)."""
+        ``label_studio``: the project's Label Studio (its address and token); default: ``LABEL_STUDIO_URL``'s.
+        Only Label Studio's data paths (:func:`is_data_path`) get its token; a relative path that is not one
+        (``/api/…``) is refused.
+        """
+        label_studio = label_studio or self.label_studio
         if not isinstance(uri, str) or not uri:
             raise ImageError("the task has no image URL in the field the label config names")
+        base = label_studio.url if label_studio is not None else ""
         scheme = urlsplit(uri).scheme.lower()
         if scheme in CLOUD_SCHEMES:
-            if task_id is None or not self.label_studio_url:
+            if task_id is None or not base:
                 raise ImageError(f"{scheme}:// images need LABEL_STUDIO_URL and a task id to be resolved")
             encoded = base64.urlsafe_b64encode(uri.encode()).decode()
-            return f"{self.label_studio_url}/tasks/{task_id}/presign/?fileuri={quote(encoded)}", True
+            return f"{base}/tasks/{task_id}/presign/?fileuri={quote(encoded)}", label_studio
         if scheme in ("http", "https"):
-            return uri, urlsplit(uri).netloc.lower() == self._label_studio_host()
+            return uri, label_studio if _is_label_studio_data(uri, base) else None
         if uri.startswith("/"):
-            if not self.label_studio_url:
+            if not base:
                 raise ImageError(
-                    f"{uri} is a Label Studio path but the backend doesn't know Label Studio's URL: "
+                    f"{uri[:80]} is a Label Studio path but the backend doesn't know Label Studio's URL: "
                     "set LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY)")
-            return urljoin(self.label_studio_url + "/", uri.lstrip("/")), True
+            url = urljoin(base + "/", uri.lstrip("/"))
+            if not _is_label_studio_data(url, base):
+                raise ImageError(f"{uri[:80]!r} is not one of Label Studio's data paths ({', '.join(DATA_PATHS)}, "
+                                 "/tasks/<id>/presign/): Label Studio's token is sent to those alone")
+            return url, label_studio
         raise ImageError(f"unsupported image reference {uri[:80]!r}")
 
     def is_allowed_host(self, url: str) -> bool:
@@ -123,9 +124,9 @@ class ImageFetcher:
         parts = urlsplit(url)
         return (parts.hostname or "").lower() in self.allowed_hosts or parts.netloc.lower() in self.allowed_hosts
 
-    def _check_host(self, url: str) -> None:
+    def _check_host(self, url: str, label_studio: LabelStudioClient | None) -> None:
         host = (urlsplit(url).hostname or "").lower()
-        if urlsplit(url).netloc.lower() == self._label_studio_host() or self.is_allowed_host(url):
+        if (label_studio is not None and _same_host(url, label_studio.url)) or self.is_allowed_host(url):
             return
         try:
             addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
@@ -139,51 +140,53 @@ class ImageFetcher:
                     "(add the host to ALLOWED_IMAGE_HOSTS if it is trusted)")
 
     # ------------------------------------------------------------------ download + decode
-    def _download(self, url: str, with_credentials: bool) -> bytes:
+    def _download(self, url: str, label_studio: LabelStudioClient | None, host_client=None) -> bytes:
+        """The body at ``url``; ``label_studio``: the client whose token it gets (a data path of its host)."""
         started = time.monotonic()
+        host_client = host_client or label_studio
         for _ in range(5):  # redirects are followed by hand so each hop is checked
-            self._check_host(url)
-            headers = self._credentials() if with_credentials else {}
+            self._check_host(url, host_client)
+            headers = _credentials(label_studio) if label_studio is not None else {}
             try:
                 response = self.session.get(url, headers=headers, timeout=self.timeout, stream=True,
                                             allow_redirects=False)
-                if response.status_code == 401 and with_credentials and self.label_studio.uses_access_tokens:
-                    response = self.session.get(url, headers=self._credentials(refresh=True),
+                if response.status_code == 401 and label_studio is not None and label_studio.uses_access_tokens:
+                    response = self.session.get(url, headers=_credentials(label_studio, refresh=True),
                                                 timeout=self.timeout, stream=True, allow_redirects=False)
             except requests.RequestException as error:
-                raise ImageError(f"can't download {url}: {_describe(error)}") from None
+                raise ImageError(f"can't download {_shown(url)}: {_describe(error)}") from None
             if response.is_redirect:
-                next_url = urljoin(url, response.headers["Location"])
-                with_credentials = with_credentials and urlsplit(next_url).netloc == urlsplit(url).netloc
-                url = next_url
+                url = urljoin(url, response.headers["Location"])
+                if label_studio is not None and not _is_label_studio_data(url, label_studio.url):
+                    label_studio = None  # another host, or not a data path: no token follows
                 continue
             if response.status_code != 200:
                 hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) else ""
-                raise ImageError(f"downloading {url} answered HTTP {response.status_code}{hint}")
+                raise ImageError(f"downloading {_shown(url)} answered HTTP {response.status_code}{hint}")
             with response:
                 return self._read_body(response, url, started)
-        raise ImageError(f"too many redirects fetching {url}")
+        raise ImageError(f"too many redirects fetching {_shown(url)}")
 
     def _read_body(self, response: requests.Response, url: str, started: float) -> bytes:
         """The body, within ``max_bytes`` and the download deadline however slowly the server sends it."""
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            raise ImageError(f"image at {url} is {declared} bytes, over the limit of {self.max_bytes}")
+            raise ImageError(f"image at {_shown(url)} is {declared} bytes, over the limit of {self.max_bytes}")
         data = bytearray()
         while True:
             if time.monotonic() - started > self.deadline:
-                raise ImageError(f"downloading {url} took over {self.deadline:g} s (FETCH_DEADLINE); "
+                raise ImageError(f"downloading {_shown(url)} took over {self.deadline:g} s (FETCH_DEADLINE); "
                                  f"{len(data)} bytes had arrived")
             try:
                 # read1 returns what one read brings, so the deadline is checked between reads.
                 chunk = response.raw.read1(1 << 16, decode_content=True)
             except Exception as error:
-                raise ImageError(f"can't download {url}: {error.__class__.__name__}") from None
+                raise ImageError(f"can't download {_shown(url)}: {error.__class__.__name__}") from None
             if not chunk:
                 return bytes(data)
             data += chunk
             if len(data) > self.max_bytes:
-                raise ImageError(f"image at {url} is over the limit of {self.max_bytes} bytes")
+                raise ImageError(f"image at {_shown(url)} is over the limit of {self.max_bytes} bytes")
 
     def decode(self, data: bytes) -> np.ndarray:
         """Bytes → RGB uint8 (H, W, 3): EXIF orientation applied, grey/alpha/16-bit handled."""
@@ -215,7 +218,8 @@ class ImageFetcher:
             image = Image.alpha_composite(background, image.convert("RGBA"))
         return np.asarray(image.convert("RGB"))
 
-    def fetch(self, uri: str, task_id=None) -> np.ndarray:
+    def download(self, uri: str, task_id=None, label_studio: LabelStudioClient | None = None) -> bytes:
+        """The image file's bytes (see :meth:`resolve` for ``label_studio``), within ``max_bytes``."""
         if isinstance(uri, str) and uri.startswith("data:"):
             try:
                 header, payload = uri.split(",", 1)
@@ -224,6 +228,43 @@ class ImageFetcher:
                 raise ImageError("malformed data: URI") from None
             if len(data) > self.max_bytes:
                 raise ImageError(f"data: URI image is over the limit of {self.max_bytes} bytes")
-            return self.decode(data)
-        url, with_credentials = self.resolve(uri, task_id)
-        return self.decode(self._download(url, with_credentials))
+            return data
+        url, client = self.resolve(uri, task_id, label_studio)
+        return self._download(url, client, label_studio or self.label_studio)
+
+    def fetch(self, uri: str, task_id=None, label_studio: LabelStudioClient | None = None) -> np.ndarray:
+        """The image as RGB uint8 (H, W, 3)."""
+        return self.decode(self.download(uri, task_id, label_studio))
+
+
+# Label Studio's paths that serve task files (label_studio/*/urls.py); its token goes to these alone.
+DATA_PATHS = ("/data/upload/", "/data/local-files/", "/storage-data/uploaded/")
+_RESOLVER = re.compile(r"/(tasks|projects)/[0-9]+/(presign|resolve)/")
+
+
+def is_data_path(path: str) -> bool:
+    """Whether a URL path is one of Label Studio's file-serving paths (no dot segments, which could leave it)."""
+    if "/." in path or "%2e" in path.lower() or "\\" in path:
+        return False
+    return path.startswith(DATA_PATHS) or _RESOLVER.fullmatch(path) is not None
+
+
+def _same_host(url: str, base: str) -> bool:
+    return bool(base) and urlsplit(url).netloc.lower() == urlsplit(base).netloc.lower()
+
+
+def _is_label_studio_data(url: str, base: str) -> bool:
+    return _same_host(url, base) and is_data_path(urlsplit(url).path)
+
+
+def _credentials(label_studio: LabelStudioClient, refresh: bool = False) -> dict[str, str]:
+    try:
+        return label_studio.auth_header(refresh)
+    except LabelStudioError as error:
+        raise ImageError(str(error)) from None
+
+
+def _shown(url: str) -> str:
+    """A URL for an error message: without its query (presigned signatures, tokens)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"[:200]

@@ -14,6 +14,7 @@ it) fills it too.
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -45,12 +46,18 @@ class SmartRegion:
     box: tuple[float, float, float, float] | None = None
 
 
+# Bounds before work: an annotator's context holds one label's few regions (Label Studio sends the
+# regions of the tool and label just used); past these a request costs seconds of CPU for nothing.
+MAX_SMART_REGIONS = 100
+MAX_SMART_LABELS = 4
+
+
 def parse_context(context) -> tuple[SmartRegion, ...]:
     """The smart regions of a /predict's ``params.context`` (none for a plain /predict).
 
     Raises:
-        ContextError: not Label Studio's shape, an unknown region type, a click outside the image or a box
-            without area.
+        ContextError: not Label Studio's shape, an unknown region type, a click outside the image, a box
+            without area, a number that is not finite, or more regions or labels than one request may hold.
     """
     if context is None:
         return ()
@@ -59,7 +66,14 @@ def parse_context(context) -> tuple[SmartRegion, ...]:
     results = context.get("result") or []
     if not isinstance(results, list):
         raise ContextError("the context's 'result' must be a list of regions")
-    return tuple(_region(index, item) for index, item in enumerate(results))
+    if len(results) > MAX_SMART_REGIONS:
+        raise ContextError(f"the context holds {len(results)} regions; at most {MAX_SMART_REGIONS} are answered")
+    regions = tuple(_region(index, item) for index, item in enumerate(results))
+    labels = {(r.image, r.label) for r in regions}
+    if len(labels) > MAX_SMART_LABELS:
+        raise ContextError(f"the context's regions carry {len(labels)} labels; at most {MAX_SMART_LABELS} are "
+                           "refined in one request")
+    return regions
 
 
 def _region(index: int, item) -> SmartRegion:
@@ -77,17 +91,28 @@ def _region(index: int, item) -> SmartRegion:
         raise ContextError(f"{where} has no 'to_name' (the Image tag it was drawn on)")
     numbers = ("x", "y") if kind == "keypointlabels" else ("x", "y", "width", "height")
     try:
-        x, y, *size = (float(value[name]) for name in numbers)
-    except (KeyError, TypeError, ValueError):
-        raise ContextError(f"{where}: 'value' needs numbers {', '.join(numbers)} (percent of the image)") from None
+        x, y, *size = (_percent(value[name]) for name in numbers)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise ContextError(f"{where}: 'value' needs finite numbers {', '.join(numbers)} (percent of the image)"
+                           ) from None
     if not (0 <= x <= 100 and 0 <= y <= 100):
         raise ContextError(f"{where} ({labels[0]!r}) at ({x:g}%, {y:g}%) is outside the image")
     if kind == "keypointlabels":
         return SmartRegion(item["to_name"], labels[0], click=(x, y, item.get("is_positive", True) is not False))
-    if size[0] <= 0 or size[1] <= 0 or value.get("rotation", 0) not in (0, None):
+    if not (0 < size[0] <= 100 and 0 < size[1] <= 100) or value.get("rotation", 0) not in (0, None):
         raise ContextError(f"{where} ({labels[0]!r}): the box has zero area or is rotated "
                            f"({size[0]:g}% x {size[1]:g}%, rotation {value.get('rotation', 0)})")
     return SmartRegion(item["to_name"], labels[0], box=(x, y, *size))
+
+
+def _percent(raw) -> float:
+    """A coordinate in percent: a JSON number or its text, finite ("nan", "inf" and 1e308 are not)."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise TypeError(raw)
+    number = float(raw)
+    if not math.isfinite(number) or abs(number) > 1e6:
+        raise ValueError(raw)
+    return number
 
 
 def label_groups(regions: tuple[SmartRegion, ...],
@@ -136,11 +161,16 @@ class ImageStates:
             return self._states.get(key)
 
     def put(self, key: tuple, state: ImageState) -> None:
+        """Keep ``state`` (again, after a click made it grow) within ``max_bytes``, the oldest evicted first;
+        a state larger than the whole bound is not kept at all."""
         with self._lock:
+            if state.nbytes > self.max_bytes:  # it would evict everything else, and still not fit
+                self._states.pop(key, None)
+                return
             self._states[key] = state
             self._states.move_to_end(key)
             # Sizes are read now: a state grows (superpixels, pre-labels) as clicks use it.
-            while len(self._states) > 1 and sum(s.nbytes for s in self._states.values()) > self.max_bytes:
+            while sum(s.nbytes for s in self._states.values()) > self.max_bytes:
                 self._states.popitem(last=False)
 
     def __len__(self) -> int:

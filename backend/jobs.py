@@ -39,24 +39,24 @@ class TrainingJobs:
         self._on_end = on_end
         self._lock = threading.Lock()
         self._running: dict[str, subprocess.Popen] = {}
-        self._queue: dict[str, bool] = {}  # project → pull annotations first; insertion order = turn
+        self._queue: dict[str, tuple[bool, dict]] = {}  # project → (pull annotations first, env); order = turn
         self._last: dict[str, dict] = {}
         self._stopping = False
 
-    def configure(self, **env: str) -> None:
-        """Environment for later jobs (e.g. the Label Studio URL and token learnt from /setup)."""
-        self.env.update({k: v for k, v in env.items() if v})
+    def request(self, project: str, pull: bool = False, env: dict | None = None) -> str:
+        """Start a job for ``project`` now, or queue one (after its running job, or for a free slot).
 
-    def request(self, project: str, pull: bool = False) -> str:
-        """Start a job for ``project`` now, or queue one (after its running job, or for a free slot)."""
+        ``env``: the project's own environment for its job (its Label Studio address and token).
+        """
         with self._lock:
             if self._stopping:
                 return "refused: the service is stopping"
             if project in self._running or project in self._queue or \
                     len(self._running) >= self.settings.max_training_jobs:
-                self._queue[project] = self._queue.get(project, False) or pull
+                earlier_pull, earlier_env = self._queue.get(project, (False, {}))
+                self._queue[project] = (earlier_pull or pull, env or earlier_env)
                 return "queued"
-            self._start(project, pull)
+            self._start(project, pull, env or {})
             return "started"
 
     def _start_queued(self) -> None:
@@ -65,13 +65,13 @@ class TrainingJobs:
             if self._stopping or len(self._running) >= self.settings.max_training_jobs:
                 return
             if project not in self._running:
-                self._start(project, self._queue.pop(project))
+                self._start(project, *self._queue.pop(project))
 
-    def _start(self, project: str, pull: bool) -> None:
+    def _start(self, project: str, pull: bool, env: dict) -> None:
         args = [sys.executable, "-m", "backend.training", "--project", project] + (["--pull"] if pull else [])
         directory = self.store.project_dir(project)
         directory.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.settings.to_env(), **self.env, "GKC_JOB_OF_SERVICE": str(os.getpid())}
+        env = {**os.environ, **self.settings.to_env(), **self.env, **env, "GKC_JOB_OF_SERVICE": str(os.getpid())}
         process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
         self._running[project] = process

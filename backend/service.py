@@ -8,24 +8,22 @@ import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 
 import numpy as np
-import redis
 
 from backend.annotations import AnnotationError, validate_results
 from backend.control_tags import ControlTag
+from backend.credentials import Credentials
 from backend.errors import ServiceError
 from backend.images import ImageError, ImageFetcher
 from backend.interactive import ContextError, ImageStates, SmartRegion, as_prompt, label_groups, parse_context
 from backend.jobs import TrainingJobs
 from backend.label_config import LabelConfigError, parse_targets
-from backend.labelstudio import LabelStudioError
 from backend.metrics import Metrics
-from backend.queue import JobQueue, QueuedTrainingJobs
+from backend.queue import JobQueue, QueuedTrainingJobs, QueueUnavailable
 from backend.runtime import ModelRuntime, load_model
 from backend.settings import Settings
-from backend.store import ProjectIdError, Store, project_key
+from backend.store import MAX_ID, ProjectIdError, Store, integer_id, project_key
 from model.calibration import task_score, unsure_fraction
 from model.interactive import ImageState, PromptError, refine
 from model.predictor import SemanticPrediction
@@ -53,19 +51,18 @@ class SegmentationService:
         self.queue = JobQueue.from_settings(settings)
         self.jobs = QueuedTrainingJobs(self.queue) if self.queue is not None else TrainingJobs(
             settings, self.store, on_end=lambda outcome: self.metrics.training_jobs.labels(outcome=outcome).inc())
-        self._configs: dict[str, str] = {}
-        if settings.label_studio_api_key and not settings.label_studio_url:
-            log.warning("LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: the key is not used; images "
-                        "are fetched with the token Label Studio sends to /setup")
-        trusted = self.store.get_meta(TRUSTED_LABEL_STUDIO)
-        if trusted and not settings.label_studio_url:
-            self.fetcher.configure(trusted, "")  # its token comes with Label Studio's next /setup
+        self.credentials = Credentials(settings, self.store, settings.fetch_timeout)
+        self._configs: dict[str, str] = {}  # project → digest of the label config last stored (bounded)
 
     def start(self) -> None:
         self.runtime.start()
 
     def status(self) -> dict:
-        return {**self.runtime.status(), "training": self.jobs.status()}
+        """/health's answer; never waits on the job queue (its training status is the last one read)."""
+        status = {**self.runtime.status(), "training": self.jobs.status()}
+        if self.queue is not None:
+            status["queue"] = "answering" if self.jobs.answering else f"not answering ({self.jobs.error})"
+        return status
 
     def metrics_summary(self) -> dict:
         """The JSON of ``/metrics``; also brings the Prometheus gauges up to date."""
@@ -81,9 +78,23 @@ class SegmentationService:
         self.jobs.shutdown()
 
     def _remember_config(self, project: str, label_config: str) -> None:
-        if project and label_config and self._configs.get(project) != label_config:
+        """Store a project's label config once it has been parsed (:func:`_targets`: bounded and valid)."""
+        digest = hashlib.sha256(label_config.encode()).hexdigest()
+        if project and label_config and self._configs.get(project) != digest:
             self.store.set_label_config(project, label_config)
-            self._configs[project] = label_config
+            self._configs.pop(project, None)
+            self._configs[project] = digest
+            while len(self._configs) > MAX_REMEMBERED_CONFIGS:
+                del self._configs[next(iter(self._configs))]
+
+    def _train(self, project: str, pull: bool) -> str:
+        """Ask for a training job for ``project``, which must have been set up (Label Studio's /setup);
+        ``pull``: its annotations come from Label Studio's API when the project's token is known."""
+        if not self.store.is_set_up(project):
+            return (f"refused: project {project} was never set up (Label Studio's /setup, when the model is "
+                    "connected, comes first)")
+        env = self.credentials.training_env(project)
+        return self.jobs.request(project, pull=pull and bool(env or self.settings.label_studio_url), env=env)
 
     # ------------------------------------------------------------------ /setup
     def setup(self, payload: dict, authenticated: bool = False) -> dict:
@@ -91,41 +102,15 @@ class SegmentationService:
         schema = _label_config(payload)
         targets = _targets(schema)
         project = _project(payload.get("project"))
+        self.credentials.learn(project, payload.get("hostname"), payload.get("access_token"), authenticated,
+                               self.fetcher.is_allowed_host)
         self._remember_config(project, schema)
-        self._learn_label_studio(payload.get("hostname"), payload.get("access_token"), authenticated)
+        if project:
+            self.store.mark_set_up(project)
         if self.runtime.state == "error":
             raise ServiceError(f"the model could not be loaded: {self.runtime.error}", 500)
         # Answer at once (Label Studio waits ~3 s); the model may still be loading.
         return {"model_version": self.runtime.naming(project).model_version(targets)}
-
-    def _learn_label_studio(self, hostname, token, authenticated: bool) -> None:
-        """Take Label Studio's address and token from /setup, unless the environment names them.
-
-        The first address learned is trusted (stored in MODEL_DIR): it gets the token that came
-        with it and may be a private address. Moving to another address takes a /setup that
-        passed basic auth, or an address in ALLOWED_IMAGE_HOSTS; anyone else is refused.
-        """
-        if self.settings.label_studio_url or not hostname or not token:
-            return
-        if not isinstance(hostname, str) or not isinstance(token, str):
-            raise ServiceError("/setup's 'hostname' and 'access_token' must be strings")
-        parts = urlsplit(hostname.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
-            raise ServiceError(f"/setup's hostname {hostname[:80]!r} is not an http(s) address without credentials")
-        origin = f"{parts.scheme}://{parts.netloc.lower()}"
-        trusted = self.store.get_meta(TRUSTED_LABEL_STUDIO)
-        if trusted and trusted != origin and not (authenticated or self.fetcher.is_allowed_host(origin)):
-            raise ServiceError(
-                f"this backend trusts the Label Studio at {trusted}; a /setup naming {origin} needs basic auth "
-                "(BASIC_AUTH_USER/BASIC_AUTH_PASS) or the host in ALLOWED_IMAGE_HOSTS", 403)
-        try:
-            self.fetcher.configure(origin, token)
-        except LabelStudioError as error:
-            raise ServiceError(f"/setup: {error}") from None
-        if trusted != origin:
-            self.store.set_meta(TRUSTED_LABEL_STUDIO, origin)
-            log.warning("trusting the Label Studio at %s (learnt from /setup)", origin)
-        self.jobs.configure(LABEL_STUDIO_URL=origin, LABEL_STUDIO_API_KEY=token)
 
     # ------------------------------------------------------------------ /webhook
     def webhook(self, payload: dict) -> dict:
@@ -137,8 +122,18 @@ class SegmentationService:
         annotation = _object(payload, "annotation")
         task = _object(payload, "task")
         project = _project(project_info or task.get("project") or annotation.get("project"))
-        self._remember_config(project, _label_config(project_info) if project_info else "")
+        label_config = _label_config(project_info) if project_info else ""
+        if label_config:
+            try:
+                parse_targets(label_config)
+            except LabelConfigError as error:  # the event is still answered; the config is not kept
+                answer_config = f"not stored: {error}"
+            else:
+                self._remember_config(project, label_config)
+                answer_config = "stored"
         answer = {"status": "ok", "action": action, "project": project}
+        if label_config:
+            answer["label_config"] = answer_config
         self.metrics.webhook(action, known=action in WEBHOOK_ACTIONS)
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
             self._store_annotation(action, project, annotation, task, answer)
@@ -146,15 +141,16 @@ class SegmentationService:
             deleted = payload.get("annotations") or [annotation]
             if not isinstance(deleted, list) or not all(isinstance(a, dict) for a in deleted):
                 raise ServiceError(f"{action}: 'annotations' must be a list of objects")
+            if len(deleted) > MAX_DELETED_ANNOTATIONS:
+                raise ServiceError(f"{action} names {len(deleted)} annotations; at most {MAX_DELETED_ANNOTATIONS} "
+                                   "in one event")
             ids = [_annotation_id(a) for a in deleted if "id" in a]  # all checked before any is deleted
-            for annotation_id in ids:
-                self.store.delete_annotation(project, annotation_id)
+            self.store.delete_annotations(project, ids)
         elif action == "START_TRAINING":
             if not project:
                 raise ServiceError("START_TRAINING without a project")
             # The event carries no annotations: the job pulls them from Label Studio's API.
-            answer["training"] = self.jobs.request(project, pull=bool(self.settings.label_studio_url
-                                                                      or self.jobs.env.get("LABEL_STUDIO_URL")))
+            answer["training"] = self._train(project, pull=True)
         else:
             answer["status"] = "ignored"
         log.info("webhook %s for project %s: %s", action, project or "?", answer["status"])
@@ -177,7 +173,7 @@ class SegmentationService:
         self.store.upsert_annotation(project, annotation, task)
         threshold = self.settings.train_after_annotations
         if threshold and self.store.changes_since_training(project) >= threshold:
-            answer["training"] = self.jobs.request(project)
+            answer["training"] = self._train(project, pull=False)
 
     # ------------------------------------------------------------------ /versions
     def versions(self) -> dict:
@@ -204,7 +200,7 @@ class SegmentationService:
         label_config = _label_config(payload)
         targets = _targets(label_config)
         project = _project(payload.get("project") or tasks[0].get("project"))
-        if project and self.store.has_project(project):  # /predict alone never adds a project
+        if project and self.store.is_set_up(project):  # /predict alone never adds a project
             self._remember_config(project, label_config)
         serving = self.runtime.serving(project)
         version = serving.model_version(targets)
@@ -213,7 +209,7 @@ class SegmentationService:
         except ContextError as error:
             return self._refused(tasks, version, f"the smart regions can't be used: {error}")
         if smart:
-            return self._predict_interactive(tasks, targets, serving, version, smart)
+            return self._predict_interactive(project, tasks, targets, serving, version, smart)
         results: list[dict] = []
         failures = 0
         batch = self.settings.predict_batch_size
@@ -232,10 +228,12 @@ class SegmentationService:
                         break
                     handover = None  # the queue is away: the rest is predicted here
                 chunk = tasks[start:start + batch]
-                images, errors = self._fetch_images(pool, chunk, targets, serving.predictor)
+                images, digests, errors = self._fetch_images(pool, project, chunk, targets, serving.predictor)
                 parts = [{"result": [], "scores": [], "unsure": []} for _ in chunk]
                 for (data_key, _), group in _group_targets(targets).items():
-                    self._predict_group(serving, images[data_key], group, parts, chunk if len(tasks) == 1 else None)
+                    # A task opened alone (an annotator's) keeps its pass for clicks, under its image's digest.
+                    keep = (project, digests[data_key].get(0)) if len(tasks) == 1 else None
+                    self._predict_group(serving, images[data_key], group, parts, keep)
                 results += [self._answer(task, parts[i], errors.get(i), version) for i, task in enumerate(chunk)]
                 failures += len(errors)
                 del images
@@ -245,8 +243,11 @@ class SegmentationService:
 
     def _handover(self, project: str, tasks: list[dict]) -> tuple[float, int] | None:
         """(seconds, Label Studio project id) when this /predict may hand tasks over to the queue's workers:
-        a queue, a project (its :func:`project_key`) and integer task ids (None: every task is predicted here)."""
-        if self.queue is None or not project or not all(isinstance(t.get("id"), int) for t in tasks):
+        a queue that answered its last status read, a project Label Studio's /setup named (work for unknown
+        projects is never queued) and integer task ids (None: every task is predicted here)."""
+        if self.queue is None or not project or not self.jobs.answering or not self.store.is_set_up(project):
+            return None
+        if not all(isinstance(t.get("id"), int) and 0 <= t["id"] <= MAX_ID for t in tasks):
             return None
         return self.settings.predict_budget_seconds, int(project)
 
@@ -255,7 +256,7 @@ class SegmentationService:
         and the workers post their predictions through its API). None when Redis does not answer."""
         try:
             jobs = self.queue.enqueue_tasks(project, [t["id"] for t in tasks])
-        except redis.RedisError as error:
+        except QueueUnavailable as error:
             log.error("/predict: the job queue is not answering (%s); predicting every task here", error)
             return None
         size = self.queue.chunk_size
@@ -266,48 +267,61 @@ class SegmentationService:
                           "Studio shortly; not predicted within this request's time budget"}
                 for i in range(len(tasks))]
 
-    def _fetch_images(self, pool: ThreadPoolExecutor, tasks: list[dict], targets: tuple[ControlTag, ...],
-                      predictor) -> tuple[dict[str, dict[int, np.ndarray]], dict[int, str]]:
-        """Each task's image per data key (fetched once however many targets read it), and the
-        error of each task whose image can't be used; keyed by the task's position in ``tasks``."""
+    def _fetch_images(self, pool: ThreadPoolExecutor, project: str, tasks: list[dict],
+                      targets: tuple[ControlTag, ...], predictor
+                      ) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, dict[int, str]], dict[int, str]]:
+        """Each task's image per data key (fetched once however many targets read it), its digest, and
+        the error of each task whose image can't be used; keyed by the task's position in ``tasks``."""
         images: dict[str, dict[int, np.ndarray]] = {}
+        digests: dict[str, dict[int, str]] = {}
         errors: dict[int, str] = {}
         for data_key in {t.data_key for t in targets}:
-            futures = [pool.submit(self._load_image, task, data_key, predictor) for task in tasks]
-            images[data_key] = {}
+            futures = [pool.submit(self._load_image, project, task, data_key, predictor) for task in tasks]
+            images[data_key], digests[data_key] = {}, {}
             for index, future in enumerate(futures):
                 try:
-                    images[data_key][index] = future.result()
+                    images[data_key][index], digests[data_key][index] = future.result()
                 except ImageError as error:
                     errors.setdefault(index, str(error))
                 except Exception as error:  # never let one task break the batch
                     log.exception("unexpected error loading task %s", str(tasks[index].get("id"))[:20])
                     errors.setdefault(index, f"unexpected {error.__class__.__name__} (see the backend's log)")
-        return images, errors
+        return images, digests, errors
 
-    def _load_image(self, task: dict, data_key: str, predictor) -> np.ndarray:
+    def _download(self, project: str, task: dict, data_key: str) -> tuple[bytes, str]:
+        """The task's image file, fetched with its project's Label Studio token, and the digest that names a
+        kept pass of it: its source, its project and its bytes."""
         data = task.get("data") or {}
         if not isinstance(data, dict):
             raise ImageError("the task's 'data' is not an object")
         if data_key not in data:
             raise ImageError(f"task data has no {data_key!r} field (the Image tag reads ${data_key})")
-        image = self.fetcher.fetch(data[data_key], task.get("id"))
+        content = self.fetcher.download(data[data_key], task.get("id"), self.credentials.for_project(project))
+        source = hashlib.sha256(f"{project}\n{data[data_key]}".encode()).digest()
+        return content, hashlib.sha256(source + content).hexdigest()
+
+    def _decode(self, content: bytes, predictor) -> np.ndarray:
+        image = self.fetcher.decode(content)
         try:
             predictor.inference_shape(*image.shape[:2])  # refuse before any model work
         except ValueError as error:
             raise ImageError(str(error)) from None
         return image
 
+    def _load_image(self, project: str, task: dict, data_key: str, predictor) -> tuple[np.ndarray, str]:
+        content, digest = self._download(project, task, data_key)
+        return self._decode(content, predictor), digest
+
     def _predict_group(self, serving, loaded: dict[int, np.ndarray], group: list[ControlTag],
-                       answers: list[dict], keep_for: list[dict] | None = None) -> None:
+                       answers: list[dict], keep: tuple[str, str | None] | None = None) -> None:
         """One forward pass per image for targets sharing an image and a vocabulary; each target's results,
-        pruned by its own rules (the task score reads the first target's prediction). ``keep_for``: the
-        one task whose pass is kept for the annotator's clicks (a task they opened)."""
+        pruned by its own rules (the task score reads the first target's prediction). ``keep``: (project,
+        image digest) of the one task whose pass is kept for the annotator's clicks (a task they opened)."""
         if not loaded:
             return
         predictor, images = serving.predictor, list(loaded.values())
         state = None
-        if keep_for:
+        if keep:
             (logits, embeddings), = predictor.logits_and_embeddings(images, group[0].vocabulary)
             state = ImageState.from_image(logits, embeddings, images[0], predictor)
             logits = [logits]
@@ -321,7 +335,7 @@ class SegmentationService:
             for index, prediction in zip(loaded, by_rules[rules], strict=True):
                 answers[index]["result"].extend(target.build(prediction))
         if state is not None:
-            self._keep(_state_key(serving, keep_for[0], group[0]), state, by_rules)
+            self._keep(_state_key(serving, keep[0], group[0], keep[1]), state, by_rules)
         unsure_below = self.settings.unsure_below
         for index, prediction in zip(loaded, next(iter(by_rules.values())), strict=True):
             answers[index]["scores"].append(task_score(prediction, self.settings.task_score, unsure_below or 0.5))
@@ -336,23 +350,24 @@ class SegmentationService:
         self.states.put(key, state)
 
     # ------------------------------------------------------------------ /predict with smart regions
-    def _predict_interactive(self, tasks: list[dict], targets: tuple[ControlTag, ...], serving, version: str,
-                             smart: tuple[SmartRegion, ...]) -> dict:
+    def _predict_interactive(self, project: str, tasks: list[dict], targets: tuple[ControlTag, ...], serving,
+                             version: str, smart: tuple[SmartRegion, ...]) -> dict:
         """Each task's answer to the annotator's smart regions: the label's refined mask, per target."""
         started, results = time.time(), []
         for task in tasks:
             try:
-                results.append(self._refine_task(task, targets, serving, version, smart))
+                results.append(self._refine_task(project, task, targets, serving, version, smart))
             except (ContextError, PromptError, ImageError) as error:
                 results.append(self._failed(task, str(error), version))
         self.metrics.predicted(len(tasks), sum("error" in r for r in results), time.time() - started)
+        release_freed_memory()
         return {"results": results, "model_version": version}
 
-    def _refine_task(self, task: dict, targets: tuple[ControlTag, ...], serving, version: str,
+    def _refine_task(self, project: str, task: dict, targets: tuple[ControlTag, ...], serving, version: str,
                      smart: tuple[SmartRegion, ...]) -> dict:
         results, scores = [], []
         for group, label, regions in label_groups(smart, targets):
-            state = self._image_state(task, group[0], serving)
+            key, state = self._image_state(project, task, group[0], serving)
             prompt = as_prompt(label, regions, state.height, state.width)
             by_rules: dict[RegionRules, SemanticPrediction] = {}
             for target in group:
@@ -362,18 +377,24 @@ class SegmentationService:
                     by_rules[rules] = SemanticPrediction(np.where(mask, label, UNLABELED).astype(np.int16), probability)
                 results += target.build(by_rules[rules])
             scores += [p.region_scores.get(label, 0.0) for p in by_rules.values()]
+            self.states.put(key, state)  # measured again: the click may have grown it
         return {"result": results, "score": round(float(np.mean(scores)), 4), "model_version": version}
 
-    def _image_state(self, task: dict, target: ControlTag, serving) -> ImageState:
-        """The task's image's kept forward pass for ``target``'s vocabulary, made on a miss."""
-        key = _state_key(serving, task, target)
+    def _image_state(self, project: str, task: dict, target: ControlTag, serving) -> tuple[tuple, ImageState]:
+        """The task's image's kept forward pass for ``target``'s vocabulary (made on a miss), and its key.
+
+        The image is downloaded on every click, with the project's own token: a project that may not see
+        it gets Label Studio's refusal, and an image changed behind its URL gets a new pass (its digest).
+        """
+        content, digest = self._download(project, task, target.data_key)
+        key = _state_key(serving, project, target, digest)
         state = self.states.get(key)
         if state is None:
-            image = self._load_image(task, target.data_key, serving.predictor)
+            image = self._decode(content, serving.predictor)
             (logits, embeddings), = serving.predictor.logits_and_embeddings([image], target.vocabulary)
             state = ImageState.from_image(logits, embeddings, image, serving.predictor)
             self.states.put(key, state)
-        return state
+        return key, state
 
     def _refused(self, tasks: list[dict], version: str, error: str) -> dict:
         return {"results": [self._failed(task, error, version) for task in tasks], "model_version": version}
@@ -403,7 +424,8 @@ WEBHOOK_ACTIONS = {"PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED", "TAS
                    "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED",
                    "ANNOTATIONS_DELETED", "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED",
                    "START_TRAINING"}
-TRUSTED_LABEL_STUDIO = "trusted_label_studio_url"
+MAX_REMEMBERED_CONFIGS = 4096  # projects whose label config's digest is kept, to skip rewriting it
+MAX_DELETED_ANNOTATIONS = 100_000  # ids in one deletion event (deleted in one transaction)
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if sys.platform.startswith("linux") else None
 
 
@@ -442,9 +464,10 @@ def _project(value) -> str:
 
 
 def _integer_id(value, what: str) -> int:
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
-        raise ServiceError(f"{what} id {str(value)[:20]!r} is not an integer")
-    return int(value)
+    try:
+        return integer_id(value, what)
+    except ValueError as error:
+        raise ServiceError(str(error)) from None
 
 
 def _annotation_id(annotation: dict) -> int:
@@ -458,10 +481,10 @@ def _targets(label_config: str) -> tuple[ControlTag, ...]:
         raise ServiceError(str(error), 400) from None
 
 
-def _state_key(serving, task: dict, target: ControlTag) -> tuple:
-    """What identifies a kept forward pass: the model, the vocabulary and the image."""
-    image = (task.get("data") or {}).get(target.data_key) if isinstance(task.get("data"), dict) else None
-    return serving.name, target.vocabulary.key, hashlib.sha256(str(image).encode()).hexdigest()
+def _state_key(serving, project: str, target: ControlTag, digest: str | None) -> tuple:
+    """What identifies a kept forward pass: the model, the project, the vocabulary and the image (the digest of
+    its source, project and bytes, :meth:`SegmentationService._download`)."""
+    return serving.name, project, target.vocabulary.key, digest
 
 
 def _group_targets(targets: tuple[ControlTag, ...]) -> dict[tuple[str, str], list[ControlTag]]:

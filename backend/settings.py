@@ -94,6 +94,8 @@ class Settings:
 
     # The job queue (see README: "Past one machine"); without REDIS_URL everything runs in this process
     redis_url: str = field(default_factory=lambda: _env("REDIS_URL"))
+    # The longest the service waits on Redis for one call (it never retries); workers wait longer themselves.
+    redis_timeout_seconds: float = field(default_factory=lambda: float(_env("REDIS_TIMEOUT_SECONDS", "2")))
     predict_budget_seconds: float = field(default_factory=lambda: float(_env("PREDICT_BUDGET_SECONDS", "60")))
     queue_chunk_size: int = field(default_factory=lambda: int(_env("QUEUE_CHUNK_SIZE", "16")))
     queue_chunk_timeout: int = field(default_factory=lambda: int(_env("QUEUE_CHUNK_TIMEOUT", "1800")))
@@ -125,7 +127,7 @@ class Settings:
             raise ValueError(f"MAX_INFERENCE_AREA must be at least 1, not {self.max_inference_area}")
 
     def _check_queue(self) -> None:
-        for name in ("predict_budget_seconds", "queue_chunk_size", "queue_chunk_timeout", "worker_heartbeat_seconds"):
+        for name in ("redis_timeout_seconds", "predict_budget_seconds", "queue_chunk_size", "queue_chunk_timeout", "worker_heartbeat_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()} must be positive, not {getattr(self, name)}")
         if self.queue_retries < 0:

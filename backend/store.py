@@ -26,11 +26,26 @@ CREATE TABLE IF NOT EXISTS versions (
     summary TEXT NOT NULL, PRIMARY KEY (project, version));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_PROJECT_ID = re.compile(r"(\d{1,18})(\.\d{1,30})?")
+_PROJECT_ID = re.compile(r"([0-9]{1,18})(\.[0-9]{1,30})?")  # ASCII digits: "²" is a digit to \d
+_SET_UP = "set_up:"  # meta key prefix of the projects Label Studio's /setup has named
+MAX_ID = 2**63 - 1  # SQLite's INTEGER; Label Studio's ids are 64-bit too
 
 
 class ProjectIdError(ValueError):
     """A project id that is not Label Studio's (an integer); it never reaches the filesystem."""
+
+
+def integer_id(value, what: str) -> int:
+    """A task or annotation id as Label Studio sends it (an integer, or its ASCII digits), within 64 bits.
+
+    Raises:
+        ValueError: anything else, naming ``what`` and the value.
+    """
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
+        raise ValueError(f"{what} id {str(value)[:20]!r} is not an integer id (0 to 2**63-1)")
+    return value
 
 
 def project_key(project) -> str:
@@ -43,7 +58,7 @@ def project_key(project) -> str:
         project = project.get("id")
     if project is None or project == "":
         return ""
-    if isinstance(project, int) and not isinstance(project, bool) and project >= 0:
+    if isinstance(project, int) and not isinstance(project, bool) and 0 <= project < 10**18:
         return str(project)
     match = _PROJECT_ID.fullmatch(project) if isinstance(project, str) else None
     if match is None:
@@ -98,10 +113,14 @@ class Store:
                  json.dumps(annotation.get("result") or []), time.time()))
             self._count_change(db, project)
 
-    def delete_annotation(self, project: str, annotation_id: int) -> None:
+    def delete_annotations(self, project: str, annotation_ids: list[int]) -> None:
+        """Delete these annotations in one transaction (each counts as a change)."""
         with self._db() as db:
-            db.execute("DELETE FROM annotations WHERE project=? AND annotation_id=?", (project, int(annotation_id)))
-            self._count_change(db, project)
+            db.executemany("DELETE FROM annotations WHERE project=? AND annotation_id=?",
+                           [(project, int(annotation_id)) for annotation_id in annotation_ids])
+            db.execute("INSERT INTO projects (project, changes_since_training) VALUES (?, ?) ON CONFLICT(project) "
+                       "DO UPDATE SET changes_since_training = changes_since_training + excluded.changes_since_training",
+                       (project, len(annotation_ids)))
 
     def replace_annotations(self, project: str, tasks: list[dict]) -> int:
         """Make the stored annotations exactly those in ``tasks`` (Label Studio's JSON export)."""
@@ -150,8 +169,13 @@ class Store:
         row = self._db().execute("SELECT label_config FROM projects WHERE project=?", (project,)).fetchone()
         return row[0] if row else None
 
-    def has_project(self, project: str) -> bool:
-        return self._db().execute("SELECT 1 FROM projects WHERE project=?", (project,)).fetchone() is not None
+    def mark_set_up(self, project: str) -> None:
+        """Label Studio's /setup named this project: it may be trained and handed to the queue's workers."""
+        if not self.is_set_up(project):
+            self.set_meta(_SET_UP + project, "1")
+
+    def is_set_up(self, project: str) -> bool:
+        return self.get_meta(_SET_UP + project) is not None
 
     # ------------------------------------------------------------------ service-wide facts
     def get_meta(self, key: str) -> str | None:

@@ -14,12 +14,16 @@ While a job runs the worker renews its heartbeat every ``WORKER_HEARTBEAT_SECOND
 dies, its job's heartbeat lapses within twice that, and another worker's maintenance retries the
 chunk (``QUEUE_RETRIES`` times) or marks the training job failed. Losing Redis, the worker waits
 for it and goes on.
+
+A worker runs its own two job functions and nothing else (:class:`OwnJob`): jobs are JSON, a job naming
+any other function, an instance or callbacks fails without importing anything, and a job that is not
+JSON (RQ's pickle, say) is never read. Redis access still lets anyone enqueue those two jobs and read
+their results: keep Redis on a private network, with a password (README: Security).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import sys
 import threading
@@ -27,13 +31,14 @@ import time
 
 import redis
 from rq import SimpleWorker
+from rq.exceptions import DeserializationError
 from rq.job import Job
 
 from backend.errors import ServiceError
 from backend.jobs import TrainingJobs
 from backend.labelstudio import LabelStudioClient, LabelStudioError
 from backend.prelabel import Prelabeler
-from backend.queue import PRELABEL_QUEUE, TRAINING_QUEUE, JobQueue
+from backend.queue import PREDICT_CHUNK, PRELABEL_QUEUE, SERIALIZER, TRAIN_PROJECT, TRAINING_QUEUE, JobQueue
 from backend.service import SegmentationService
 from backend.settings import Settings
 from backend.store import Store
@@ -76,6 +81,41 @@ def train_project(project: str, pull: bool) -> dict:
     return {k: v for k, v in status.items() if k not in ("state", "queued")}
 
 
+JOBS = {PREDICT_CHUNK: predict_chunk, TRAIN_PROJECT: train_project}
+
+
+class ForeignJob(RuntimeError):
+    """A job this worker does not run: another function, an instance method or callbacks."""
+
+
+class OwnJob(Job):
+    """An RQ job that can only be one of :data:`JOBS`: the function is looked up in that table, never
+    imported by name, and callbacks named in Redis are never imported."""
+
+    @property
+    def func(self):
+        if self.func_name not in JOBS or self.instance is not None:
+            raise ForeignJob(f"job {self.id} names {str(self.func_name)[:80]!r}; this worker runs only "
+                             f"{', '.join(JOBS)}")
+        return JOBS[self.func_name]
+
+    @property
+    def success_callback(self):
+        return self._refuse_callback(self._success_callback_name)
+
+    @property
+    def failure_callback(self):
+        return self._refuse_callback(self._failure_callback_name)
+
+    @property
+    def stopped_callback(self):
+        return self._refuse_callback(self._stopped_callback_name)
+
+    def _refuse_callback(self, name: str | None) -> None:
+        if name:
+            log.error("job %s names the callback %r; callbacks are never run", self.id, str(name)[:80])
+
+
 class HeartbeatWorker(SimpleWorker):
     """An RQ worker that runs jobs in its own process (the model stays loaded) and keeps each job's
     heartbeat while it runs, so that a dead worker's job is found within :attr:`heartbeat_ttl`."""
@@ -89,7 +129,15 @@ class HeartbeatWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job) -> int:
         return self.heartbeat_ttl
 
+    job_class = OwnJob
+
     def perform_job(self, job: Job, queue) -> bool:
+        try:
+            job.func_name  # noqa: B018 (reads the job's data: a job that is not JSON is refused here)
+        except DeserializationError:
+            log.error("job %s is not a JSON job of this backend; it is not run", job.id)
+            self.handle_job_failure(job, queue, exc_string="not a JSON job of this backend; refused")
+            return False
         done = threading.Event()
 
         def beat():
@@ -118,7 +166,7 @@ def work(settings: Settings, queues: list[str], burst: bool = False) -> None:
             # Idle, a worker waits on Redis for at most worker_ttl - 15 s before its maintenance (which
             # finds dead workers' jobs) may run again: as often as a heartbeat may lapse.
             worker = HeartbeatWorker(queues, connection=connection, maintenance_interval=2 * beat,
-                                     worker_ttl=2 * beat + 15)
+                                     worker_ttl=2 * beat + 15, serializer=SERIALIZER, job_class=OwnJob)
             worker.heartbeat_interval = beat
             worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
             return
@@ -150,8 +198,8 @@ def main(argv=None) -> None:
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key).sdk
     except (ServiceError, LabelStudioError) as error:
         sys.exit(f"worker: {error}")
-    # Run as __main__, this module is imported again under its name when a job's function is looked up.
-    importlib.import_module("backend.worker")._context = Context(settings, service, client)
+    global _context  # the jobs are this module's own functions (JOBS), never looked up by import
+    _context = Context(settings, service, client)
     work(settings, [q.strip() for q in args.queues.split(",") if q.strip()], args.burst)
 
 

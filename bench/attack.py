@@ -15,179 +15,20 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import requests
 from PIL import Image
 
-from demo.labelstudio import ManagedProcess, free_port, start_backend
-
-ROOT = Path(__file__).resolve().parents[1]
-LABEL_CONFIG = (ROOT / "labeling_config" / "demo-world.xml").read_text()
-LS_TOKEN = "label-studio-token"
-ENV_KEY = "environment-api-key-K"
-
-
-def png(width: int, height: int, seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-class LoopbackServer:
-    """A small HTTP server on 127.0.0.1 that records every request's path and Authorization header.
-
-    ``files`` maps paths to bodies; with ``token`` set, they are served only to ``Token <token>``.
-    ``/drip`` sends its headers, then one byte every ``drip_interval`` seconds.
-    """
-
-    def __init__(self, token: str | None = None, drip_interval: float = 0.5):
-        self.token = token
-        self.drip_interval = drip_interval
-        self.files: dict[str, bytes] = {}
-        self.seen: list[tuple[str, str]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.seen.append((self.path, self.headers.get("Authorization", "")))
-                if self.path.startswith("/drip"):
-                    return self._drip()
-                if server.token and self.headers.get("Authorization") != f"Token {server.token}":
-                    return self._answer(401, b"")
-                body = server.files.get(self.path)
-                self._answer(200 if body is not None else 404, body or b"")
-
-            def _answer(self, status: int, body: bytes):
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _drip(self):
-                self.send_response(200)
-                self.send_header("Content-Length", "100000")
-                self.end_headers()
-                with contextlib.suppress(OSError):
-                    for _ in range(200):
-                        self.wfile.write(b"\0")
-                        self.wfile.flush()
-                        time.sleep(server.drip_interval)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def add(self, name: str, body: bytes) -> str:
-        self.files[f"/data/upload/1/{name}"] = body
-        return f"/data/upload/1/{name}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@dataclass
-class Backend:
-    url: str
-    model_dir: Path
-    process: ManagedProcess
-
-    def post(self, path: str, payload, **kwargs) -> requests.Response:
-        return requests.post(self.url + path, json=payload, timeout=kwargs.pop("timeout", 60), **kwargs)
-
-    def get(self, path: str) -> dict:
-        return requests.get(self.url + path, headers={"Accept": "application/json"}, timeout=10).json()
-
-    def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def log(self) -> str:
-        return self.process.log.read_text(errors="replace")
-
-
-@dataclass
-class Lab:
-    """What the items share: a work folder, the fake Label Studio and processes to stop at the end."""
-
-    work: Path
-    label_studio: LoopbackServer = field(default_factory=lambda: LoopbackServer(LS_TOKEN))
-    attacker: LoopbackServer = field(default_factory=LoopbackServer)
-    _backends: list = field(default_factory=list)
-    _mounts: list = field(default_factory=list)
-
-    def backend(self, name: str, **env: str) -> Backend:
-        """A fresh ``python -m backend`` (demo model) with its own MODEL_DIR and these settings."""
-        model_dir = self.work / name
-        base = {"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ENV_KEY, "FETCH_TIMEOUT": "2",
-                "FETCH_DEADLINE": "3", "IDLE_CONNECTION_TIMEOUT": "4", "TRAIN_STEPS": "2", "TRAIN_BATCH_SIZE": "2",
-                "THREADS": "4", "LOG_LEVEL": "INFO"}
-        port = free_port()
-        process = start_backend(port, model_dir, None, {**base, **env})
-        backend = Backend(f"http://127.0.0.1:{port}", model_dir, process)
-        self._backends.append(backend)
-        return backend
-
-    def connect(self, backend: Backend) -> None:
-        """Label Studio's own /setup: the backend learns where its images live, and the token."""
-        answer = backend.post("/setup", {"project": "1.1700000000", "schema": LABEL_CONFIG,
-                                         "hostname": self.label_studio.url, "access_token": LS_TOKEN})
-        assert answer.status_code == 200, answer.text
-
-    def full_disk(self, path: Path) -> bool:
-        """Mount a 1 MiB tmpfs at ``path`` and fill it; False where mounting is not allowed."""
-        path.mkdir(parents=True, exist_ok=True)
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
-                          capture_output=True).returncode != 0:
-            return False
-        self._mounts.append(path)
-        with contextlib.suppress(OSError), open(path / "filler", "wb") as filler:
-            filler.write(b"\0" * (2 << 20))
-        return True
-
-    def close(self) -> None:
-        for backend in self._backends:
-            backend.process.stop()
-        for path in self._mounts:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
-        self.label_studio.close()
-        self.attacker.close()
-
-
-def _predict(backend: Backend, images: list[str], project: str = "1.1700000000", **kwargs) -> list[dict]:
-    tasks = [{"id": i + 1, "data": {"image": image}} for i, image in enumerate(images)]
-    answer = backend.post("/predict", {"tasks": tasks, "label_config": LABEL_CONFIG, "project": project}, **kwargs)
-    assert answer.status_code == 200, answer.text
-    return answer.json()["results"]
-
-
-def _grass_region(rows: int) -> dict:
-    """A brush annotation of the demo config: the top ``rows`` of a 64x48 image are grass."""
-    from label_studio_sdk.converter.brush import mask2rle
-
-    mask = np.zeros((48, 64), np.uint8)
-    mask[:rows] = 255
-    return {"type": "brushlabels", "from_name": "mask", "to_name": "image", "original_width": 64,
-            "original_height": 48, "value": {"format": "rle", "rle": mask2rle(mask), "brushlabels": ["grass"]}}
+from bench.attack_lab import DRIP, ENV_KEY, LABEL_CONFIG, ROOT, Lab, grass_region, lab_session, png, predict
+from bench.attack_surfaces import SURFACE_ATTACKS
+from demo.labelstudio import free_port
 
 
 # ---------------------------------------------------------------------------------------------- the items
@@ -199,18 +40,19 @@ def key_leak_and_setup_ssrf(lab: Lab) -> str:
     assert hijack.status_code == 403, f"/setup to another host answered {hijack.status_code}"
     lab.attacker.files["/img.png"] = png(64, 48)
     good = lab.label_studio.add("a.png", png(64, 48))
-    results = _predict(backend, [good, lab.attacker.url + "/img.png"])
+    results = predict(backend, [good, lab.attacker.url + "/img.png"])
     assert results[0].get("result") is not None, results[0]
     assert "non-public address" in (results[1].get("error") or ""), results[1]
     # The other side: a backend whose first /setup comes from the attacker gives it only its own token.
     fresh = lab.backend("setup-first")
-    assert fresh.post("/setup", {"schema": LABEL_CONFIG, "hostname": lab.attacker.url,
+    assert fresh.post("/setup", {"schema": LABEL_CONFIG, "hostname": lab.attacker.url, "project": "1.1700000000",
                                  "access_token": "x"}).status_code == 200
-    _predict(fresh, [lab.attacker.url + "/img.png"])
+    lab.attacker.files["/data/upload/1/img.png"] = png(64, 48)
+    predict(fresh, [lab.attacker.url + "/data/upload/1/img.png"])
     for server in (lab.attacker, lab.label_studio):
         leaked = [path for path, auth in server.seen if ENV_KEY in auth]
         assert not leaked, f"the environment's key reached {server.url}: {leaked}"
-    assert ("/img.png", "Token x") in lab.attacker.seen
+    assert ("/data/upload/1/img.png", "Token x") in lab.attacker.seen
     return "K sent nowhere; 2nd host refused with 403; its images refused as non-public"
 
 
@@ -267,14 +109,14 @@ def extreme_shapes(lab: Lab) -> str:
     lab.connect(backend)
     good = lab.label_studio.add("good.png", png(96, 64))
     line = lab.label_studio.add("line.png", png(100000, 1))
-    results = _predict(backend, [good, line])
+    results = predict(backend, [good, line])
     assert results[0].get("result") is not None and "too elongated" in (results[1].get("error") or ""), results
     started = time.monotonic()
-    _predict(backend, [good])
+    predict(backend, [good])
     normal = time.monotonic() - started
     thin = lab.label_studio.add("thin.png", png(1000, 1))
     started = time.monotonic()
-    results = _predict(backend, [thin])
+    results = predict(backend, [thin])
     elongated = time.monotonic() - started
     assert results[0].get("result") is not None, results
     assert elongated < 20 * max(normal, 0.05), f"1000x1 took {elongated:.1f} s against {normal:.2f} s"
@@ -284,7 +126,7 @@ def extreme_shapes(lab: Lab) -> str:
     large = lab.label_studio.add("large.png", buffer.getvalue())
     before = backend.rss_mib()
     started = time.monotonic()
-    assert _predict(backend, [large])[0].get("result") is not None
+    assert predict(backend, [large])[0].get("result") is not None
     large_seconds, kept = time.monotonic() - started, backend.rss_mib() - before
     assert kept < 100, f"a 4000x4000 image left {kept:.0f} MiB resident"
     return (f"100000x1 refused alone; 1000x1 took {elongated:.2f} s (a 96x64 image {normal:.2f} s); "
@@ -298,15 +140,15 @@ def request_bounds(lab: Lab) -> str:
     big = backend.post("/predict", {"tasks": [{"data": {"image": "x" * (2 << 20)}}], "label_config": LABEL_CONFIG})
     assert big.status_code == 413, f"a 2 MiB body answered {big.status_code}"
     started = time.monotonic()
-    results = _predict(backend, ["/drip"])
+    results = predict(backend, [DRIP])
     dripped = time.monotonic() - started
     assert "FETCH_DEADLINE" in (results[0].get("error") or "") and dripped < 3 + 2 + 2, (dripped, results)
     good = lab.label_studio.add("fair.png", png(64, 48))
-    slow = threading.Thread(target=_predict, args=(backend, [f"/drip?{i}" for i in range(16)]))
+    slow = threading.Thread(target=predict, args=(backend, [f"{DRIP}?{i}" for i in range(16)]))
     slow.start()
     time.sleep(0.5)
     started = time.monotonic()
-    fair = _predict(backend, [good])
+    fair = predict(backend, [good])
     fair_seconds = time.monotonic() - started
     overtaken = slow.is_alive()
     slow.join(120)
@@ -375,6 +217,8 @@ def bad_annotations(lab: Lab) -> str:
 def training_cap(lab: Lab) -> str:
     """8. START_TRAINING for 5 projects runs one job at a time (MAX_TRAINING_JOBS=1); the rest queue."""
     backend = lab.backend("cap")
+    for project in range(1, 6):
+        lab.connect(backend, project)
     answers = [backend.post("/webhook", {"action": "START_TRAINING", "project": {"id": p}}).json()["training"]
                for p in range(1, 6)]
     assert answers == ["started"] + ["queued"] * 4, answers
@@ -447,14 +291,16 @@ def disk_full(lab: Lab) -> str:
     """11. A full disk: /predict goes on without its text cache; a training job says "No space left"."""
     backend = lab.backend("disk", TRAIN_AFTER_ANNOTATIONS="2")
     lab.connect(backend)
+    lab.connect(backend, project=4)
     if not lab.full_disk(backend.model_dir / "cache" / "text"):
         return "skipped: mounting a tmpfs is not allowed here"
     image = lab.label_studio.add("d.png", png(64, 48, seed=3))
     config = LABEL_CONFIG.replace('<Label value="grass"', '<Label value="brand new label"/><Label value="grass"')
-    answer = backend.post("/predict", {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": config})
+    answer = backend.post("/predict", {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": config,
+                                       "project": "1.1700000000"})
     assert answer.status_code == 200 and answer.json()["results"][0].get("result") is not None, answer.text
     assert "text-embedding cache not written (No space left on device)" in backend.log()
-    region = _grass_region(rows=24)
+    region = grass_region(rows=24)
     project = {"id": 4, "label_config": LABEL_CONFIG}
     if not lab.full_disk(backend.model_dir / "projects" / "4"):
         return "skipped: mounting a tmpfs is not allowed here"
@@ -478,8 +324,9 @@ def sigterm_stops_training(lab: Lab) -> str:
 
     backend = lab.backend("sigterm", TRAIN_STEPS="100000", GRACEFUL_TIMEOUT="20", TRAIN_AFTER_ANNOTATIONS="1")
     lab.connect(backend)
+    lab.connect(backend, project=6)
     image = lab.label_studio.add("s.png", png(64, 48, seed=4))
-    region = _grass_region(rows=30)
+    region = grass_region(rows=30)
     project = {"id": 6, "label_config": LABEL_CONFIG}
     backend.post("/webhook", {"action": "ANNOTATION_CREATED", "project": project,  # starts training
                               "annotation": {"id": 1, "result": [region]}, "task": {"id": 1, "data": {"image": image}}})
@@ -489,7 +336,7 @@ def sigterm_stops_training(lab: Lab) -> str:
         time.sleep(0.5)
     child = job["pid"]
     in_flight = []
-    request = threading.Thread(target=lambda: in_flight.append(_predict(backend, ["/drip"])))
+    request = threading.Thread(target=lambda: in_flight.append(predict(backend, [DRIP])))
     request.start()
     time.sleep(0.5)
     os.kill(backend.process.pid, signal.SIGTERM)
@@ -509,7 +356,7 @@ def internal_details(lab: Lab) -> str:
     lab.connect(backend)
     broken = lab.label_studio.add("broken.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
     junk = lab.label_studio.add("junk.png", b"junk")
-    texts = [json.dumps(_predict(backend, [broken, junk, "http://127.0.0.1:9/x.png"])),
+    texts = [json.dumps(predict(backend, [broken, junk, "http://127.0.0.1:9/x.png"])),
              json.dumps(backend.get("/versions")), json.dumps(backend.get("/health")),
              backend.post("/predict", {"tasks": "nope"}).text]
     for text in texts:
@@ -532,26 +379,17 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 ATTACKS = [key_leak_and_setup_ssrf, project_id_paths, slow_clients, extreme_shapes, request_bounds,
            corrupt_checkpoint, bad_annotations, training_cap, wrong_types, bounded_growth, disk_full,
-           sigterm_stops_training, internal_details]
-
-
-@contextlib.contextmanager
-def lab_session():
-    work = Path(tempfile.mkdtemp(prefix="gkc-attack-"))
-    lab = Lab(work)
-    try:
-        yield lab
-    finally:
-        lab.close()
-        shutil.rmtree(work, ignore_errors=True)
+           sigterm_stops_training, internal_details, *SURFACE_ATTACKS]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.attack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("numbers", nargs="*", type=int, choices=range(1, len(ATTACKS) + 1), metavar="N",
+    parser.add_argument("numbers", nargs="*", type=int, metavar="N",
                         help=f"the items to run (1-{len(ATTACKS)}; default: all)")
     numbers = parser.parse_args(argv).numbers or range(1, len(ATTACKS) + 1)
+    if not set(numbers) <= set(range(1, len(ATTACKS) + 1)):  # argparse's choices refuse an empty list
+        parser.error(f"items are numbered 1 to {len(ATTACKS)}")
     failed = 0
     for number in numbers:
         attack = ATTACKS[number - 1]

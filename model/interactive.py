@@ -41,6 +41,7 @@ SUPERPIXEL_ITERATIONS = 3
 COLOUR_WEIGHT = 4.0  # cosine given up per unit of Lab distance (channels in [0, 1])
 MIN_SIMILARITY = 0.2  # the least similarity to a positive prototype of a superpixel that joins the label
 TEXT_SUPPORT = 0.1  # "all of this class": the least text probability of the label far from the click
+MAX_KEPT_PRELABELS = 4  # pre-labels kept per image, one per pruning rules (tags rarely differ)
 MARGIN_SHARPNESS = 20.0  # similarity margin → probability: a margin of 0.1 is 0.88
 
 
@@ -120,15 +121,23 @@ class ImageState:
         if rules not in self._prelabels:
             label_map, _, _ = regions(self.logits, *self.image.shape[:2], self.temperature, rules,
                                       self.image if self.refined else None)
-            self._prelabels[rules] = torch.from_numpy(label_map).to(self.logits.device)
+            self._keep(rules, torch.from_numpy(label_map).to(self.logits.device))
         return self._prelabels[rules]
+
+    def _keep(self, rules: RegionRules, label_map: torch.Tensor) -> None:
+        """Keep a pre-label, forgetting the oldest past :data:`MAX_KEPT_PRELABELS` (each tag's own
+        pruning rules make one; a request must not grow a state without bound)."""
+        self._prelabels.pop(rules, None)
+        self._prelabels[rules] = label_map
+        while len(self._prelabels) > MAX_KEPT_PRELABELS:
+            del self._prelabels[next(iter(self._prelabels))]
 
     def keep_prelabel(self, rules: RegionRules, label_map: np.ndarray) -> None:
         """Keep the pre-label just served under ``rules`` ((height, width), the working resolution's map
         upsampled by nearest neighbour) instead of making it again on the first click."""
         rows = -(-np.arange(self.image.shape[0]) * self.height // self.image.shape[0])  # ceil: back to the source
         cols = -(-np.arange(self.image.shape[1]) * self.width // self.image.shape[1])
-        self._prelabels[rules] = torch.from_numpy(label_map[rows[:, None], cols[None]]).to(self.logits.device)
+        self._keep(rules, torch.from_numpy(label_map[rows[:, None], cols[None]]).to(self.logits.device))
 
     @cached_property
     def superpixels(self) -> "Superpixels":

@@ -127,7 +127,8 @@ class TextEncoder:
         self.forward_count = 0
         self._memory = LRU(max_vocabularies * 256)  # text → (D,)
         self._classes = LRU(max_vocabularies)  # vocabulary key → (C, D)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the memory caches
+        self._disk_lock = threading.Lock()  # the disk cache's writes and trimming
         self._namespace = hashlib.sha1(json.dumps([clip.identity, self.templates]).encode()).hexdigest()[:10]
 
     @torch.no_grad()
@@ -148,28 +149,33 @@ class TextEncoder:
         return self.cache_dir / "text" / f"{self._namespace}-{key}.pt" if self.cache_dir else None
 
     def embed_texts(self, texts: list[str], cache_key: str | None = None) -> torch.Tensor:
-        """Embeddings of ``texts`` (N, D), from memory, then disk (``cache_key``), then the text tower."""
+        """Embeddings of ``texts`` (N, D), from memory, then disk (``cache_key``), then the text tower.
+
+        The lock guards the caches alone, never the text tower: a large new vocabulary being encoded does
+        not hold up requests whose vocabularies are cached.
+        """
         with self._lock:
-            missing = [t for t in dict.fromkeys(texts) if t not in self._memory]
-            path = self._disk_path(cache_key) if cache_key else None
             found = {t: self._memory.get(t) for t in dict.fromkeys(texts)}
+        missing = [t for t, embedding in found.items() if embedding is None]
+        path = self._disk_path(cache_key) if cache_key else None
+        if missing and path is not None and path.exists():
+            try:
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+                found.update({t: stored[t] for t in missing if t in stored})
+                os.utime(path)  # recently used: the disk cap deletes the least recently used first
+            except Exception as error:  # a corrupt cache file is rebuilt, never fatal
+                log.warning("ignoring unreadable text-embedding cache %s: %s", path.name, error)
             missing = [t for t, embedding in found.items() if embedding is None]
-            if missing and path is not None and path.exists():
-                try:
-                    stored = torch.load(path, map_location="cpu", weights_only=True)
-                    found.update({t: stored[t] for t in missing if t in stored})
-                    os.utime(path)  # recently used: the disk cap deletes the least recently used first
-                except Exception as error:  # a corrupt cache file is rebuilt, never fatal
-                    log.warning("ignoring unreadable text-embedding cache %s: %s", path.name, error)
-                missing = [t for t, embedding in found.items() if embedding is None]
-            if missing:
-                log.info("encoding %d texts with the CLIP text tower", len(missing))
-                found.update(zip(missing, self._encode(missing), strict=True))
-                if path is not None:
+        if missing:
+            log.info("encoding %d texts with the CLIP text tower", len(missing))
+            found.update(zip(missing, self._encode(missing), strict=True))
+            if path is not None:
+                with self._disk_lock:
                     self._write_cache(path, found)
+        with self._lock:
             for text, embedding in found.items():
                 self._memory.put(text, embedding)
-            return torch.stack([found[t] for t in texts])
+        return torch.stack([found[t] for t in texts])
 
     def _write_cache(self, path: Path, embeddings: dict[str, torch.Tensor]) -> None:
         """Write one vocabulary's file atomically, then trim the folder to ``max_disk_bytes``."""

@@ -23,18 +23,45 @@ def _client(tmp_path, **settings):
     return create_app(service.settings, service).test_client(), service
 
 
-def _setup(client, host, **kwargs):
-    return client.post("/setup", json={"schema": SCHEMA, "hostname": host, "access_token": "t"}, **kwargs)
+def _setup(client, host, project="1", token="t", **kwargs):
+    return client.post("/setup", json={"schema": SCHEMA, "hostname": host, "access_token": token,
+                                       "project": f"{project}.1700000000"}, **kwargs)
+
+
+def _served(service, project="1"):
+    client = service.credentials.for_project(project)
+    return (client.url, client.token) if client is not None else None
 
 
 def test_first_label_studio_is_trusted_and_remembered(tmp_path):
     client, service = _client(tmp_path, label_studio_api_key="K")
     assert _setup(client, "http://10.0.0.5:8080").status_code == 200
-    assert service.fetcher.label_studio_url == "http://10.0.0.5:8080" and service.fetcher.label_studio.token == "t"
+    assert _served(service) == ("http://10.0.0.5:8080", "t")
     assert _setup(client, "http://10.0.0.6:8080").status_code == 403
-    restarted, _ = _client(tmp_path)
+    restarted, service = _client(tmp_path)
+    assert _served(service) == ("http://10.0.0.5:8080", "")  # its token comes back with the next /setup
     assert _setup(restarted, "http://10.0.0.6:8080").status_code == 403  # the trust survives a restart
     assert _setup(restarted, "http://10.0.0.5:8080").status_code == 200
+    assert _served(service) == ("http://10.0.0.5:8080", "t")
+
+
+def test_a_token_serves_its_own_project_and_changing_it_takes_basic_auth(tmp_path):
+    client, service = _client(tmp_path)
+    assert _setup(client, "http://ls:8080", project="1", token="token-one").status_code == 200
+    assert _setup(client, "http://ls:8080", project="2", token="token-two").status_code == 200
+    assert _served(service, "1") == ("http://ls:8080", "token-one")
+    assert _served(service, "2") == ("http://ls:8080", "token-two")
+    assert _served(service, "3") == ("http://ls:8080", "")  # never set up: no one's token
+    stolen = _setup(client, "http://ls:8080", project="1", token="attacker")
+    assert stolen.status_code == 403 and "basic auth" in stolen.get_json()["error"]
+    assert _served(service, "1") == ("http://ls:8080", "token-one")
+    restarted, service = _client(tmp_path)  # the binding survives a restart; the token itself is not stored
+    assert _setup(restarted, "http://ls:8080", project="1", token="attacker").status_code == 403
+    assert "token-one" not in (tmp_path / "backend.sqlite").read_bytes().decode(errors="replace")
+    client, service = _client(tmp_path / "auth", basic_auth_user="u", basic_auth_pass="p")
+    assert _setup(client, "http://ls:8080", token="old", auth=("u", "p")).status_code == 200
+    assert _setup(client, "http://ls:8080", token="new", auth=("u", "p")).status_code == 200
+    assert _served(service) == ("http://ls:8080", "new")
 
 
 def test_moving_label_studio_takes_basic_auth_or_an_allowed_host(tmp_path):
@@ -42,7 +69,7 @@ def test_moving_label_studio_takes_basic_auth_or_an_allowed_host(tmp_path):
     assert _setup(client, "http://ls-one:8080", auth=("u", "p")).status_code == 200
     assert _setup(client, "http://ls-two:8080").status_code == 401
     assert _setup(client, "http://ls-two:8080", auth=("u", "p")).status_code == 200
-    assert service.fetcher.label_studio_url == "http://ls-two:8080"
+    assert _served(service) == ("http://ls-two:8080", "t")
     client, service = _client(tmp_path / "b", allowed_image_hosts=("ls-two",))
     assert _setup(client, "http://ls-one:8080").status_code == 200
     assert _setup(client, "http://ls-two:8080").status_code == 200
@@ -52,7 +79,8 @@ def test_moving_label_studio_takes_basic_auth_or_an_allowed_host(tmp_path):
 def test_environment_label_studio_wins_and_bad_hostnames_are_refused(tmp_path):
     client, service = _client(tmp_path, label_studio_url="http://ls:8080", label_studio_api_key="K")
     assert _setup(client, "http://elsewhere").status_code == 200
-    assert service.fetcher.label_studio_url == "http://ls:8080" and service.fetcher.label_studio.token == "K"
+    assert _served(service) is None  # the fetcher's own client, the environment's
+    assert service.fetcher.label_studio.url == "http://ls:8080" and service.fetcher.label_studio.token == "K"
     client, _ = _client(tmp_path / "b")
     for bad in ("file:///etc/passwd", "http://user:pw@ls:8080", "ls:8080"):
         assert _setup(client, bad).status_code == 400, bad

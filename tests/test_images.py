@@ -95,3 +95,24 @@ def test_cloud_uris_resolve_through_label_studio():
     assert url.startswith("http://ls.example:8080/tasks/7/presign/?fileuri=") and credentials
     with pytest.raises(ImageError, match="unsupported"):
         fetcher.resolve("ftp://x/y.png")
+
+
+@pytest.mark.parametrize("path, data", [
+    ("/data/upload/3/a.png", True), ("/data/local-files/?d=x/a.png", True), ("/tasks/12/presign/", True),
+    ("/projects/4/resolve/", True), ("/storage-data/uploaded/", True), ("/api/current-user/whoami", False),
+    ("/data/upload/../../api/x", False), ("/data/upload/%2E%2E/api/x", False), ("/tasks/x/presign/", False),
+    ("/user/login/", False),
+])
+def test_the_token_goes_to_label_studio_data_paths_alone(path, data):
+    from backend.images import is_data_path
+
+    assert is_data_path(path.split("?")[0]) is data
+
+
+def test_relative_paths_outside_the_data_paths_are_refused_and_absolute_ones_get_no_token():
+    fetcher = ImageFetcher("http://ls:8080", "secret")
+    with pytest.raises(ImageError, match="not one of Label Studio's data paths"):
+        fetcher.resolve("/api/current-user/whoami")
+    assert fetcher.resolve("http://ls:8080/api/projects/")[1] is None
+    assert fetcher.resolve("http://ls:8080/data/upload/1/a.png")[1] is fetcher.label_studio
+    assert fetcher.resolve("http://elsewhere/data/upload/1/a.png")[1] is None

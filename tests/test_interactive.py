@@ -243,9 +243,9 @@ def test_a_click_answers_with_the_labels_refined_mask(make_client, file_server, 
 def test_opening_a_task_keeps_its_pass_for_the_clicks(make_client, file_server, scenes, monkeypatch):
     client, service = make_client()
     tasks = tasks_on(file_server, scenes[:2])
-    client.post("/predict", json={"tasks": tasks, "label_config": SMART_CONFIG})
+    client.post("/predict", json={"tasks": tasks, "label_config": SMART_CONFIG, "project": "1.1"})
     assert len(service.states) == 0  # a batch keeps nothing
-    client.post("/predict", json={"tasks": tasks[:1], "label_config": SMART_CONFIG})
+    client.post("/predict", json={"tasks": tasks[:1], "label_config": SMART_CONFIG, "project": "1.1"})
     assert len(service.states) == 1
     passes = _count_passes(monkeypatch)
     remade = []
@@ -272,7 +272,7 @@ def test_boxes_and_polygons(make_client, file_server, scenes):
     ({"result": [rectangle(10, 10, 0, 30, "car")]}, "the box has zero area"),
     ({"result": [{**keypoint(5, 5, "car"), "type": "polygonlabels"}]}, "smart regions are KeyPointLabels"),
     ({"result": [{**keypoint(5, 5, "car"), "value": {"x": "left", "y": 3, "keypointlabels": ["car"]}}]},
-     "needs numbers x, y"),
+     "needs finite numbers x, y"),
     ({"result": "click"}, "'result' must be a list"),
     ("click", "the context must be an object"),
 ])
@@ -303,3 +303,34 @@ def test_the_shipped_interactive_config_serves_its_smart_labels():
     smart = parse_context({"result": [keypoint(10, 20, label) for label in target.vocabulary.labels]})
     groups = label_groups(smart, (target,))
     assert [(group, index) for group, index, _ in groups] == [([target], i) for i in range(len(target.vocabulary.labels))]
+
+
+def test_the_click_cache_holds_its_bound_newest_entry_included():
+    from backend.interactive import ImageStates
+
+    class State:
+        def __init__(self, nbytes):
+            self.nbytes = nbytes
+
+    states = ImageStates(max_bytes=100)
+    states.put("a", State(60))
+    grown = State(30)
+    states.put("b", grown)
+    assert len(states) == 2
+    grown.nbytes = 90  # a click made it grow: measured again when it is put back
+    states.put("b", grown)
+    assert states.get("a") is None and states.get("b") is grown
+    states.put("c", State(101))  # larger than the whole bound: not kept
+    assert states.get("c") is None and len(states) == 1
+
+
+@pytest.mark.parametrize("context, message", [
+    ({"result": [keypoint(50, 50, "car")] * 101}, "at most 100 are answered"),
+    ({"result": [keypoint(10 + n, 50, label) for n, label in enumerate(["car", "grass", "road", "sky", "tree"])]},
+     "at most 4 are refined"),
+])
+def test_contexts_are_bounded_before_any_work(context, message):
+    from backend.interactive import ContextError, parse_context
+
+    with pytest.raises(ContextError, match=message):
+        parse_context(context)

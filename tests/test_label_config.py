@@ -38,3 +38,20 @@ def test_brush_and_polygon_targets_with_prompts_and_thresholds():
 def test_unservable_configs_say_why(config, message):
     with pytest.raises(LabelConfigError, match=message):
         parse_targets(config)
+
+
+def _config(labels: int = 3, tags: int = 1, padding: int = 0) -> str:
+    body = "".join(f'<BrushLabels name="m{t}" toName="i">' + "".join(f'<Label value="l{t}-{n}"/>' for n in range(labels))
+                   + "</BrushLabels>" for t in range(tags))
+    return f'<View><Image name="i" value="$image"/>{body}<!-- {"x" * padding} --></View>'
+
+
+@pytest.mark.parametrize("config, message", [
+    (_config(labels=1001), "has 1001 labels; at most 1000"),
+    (_config(tags=17), "more than 16 segmentation tags"),
+    (_config(padding=600_000), "at most 524288 are served"),
+])
+def test_configs_are_bounded_before_their_work(config, message):
+    with pytest.raises(LabelConfigError, match=message):
+        parse_targets(config)
+    assert len(parse_targets(_config(labels=1000, tags=16))) == 16  # the bounds themselves are served
