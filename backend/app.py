@@ -14,8 +14,8 @@ import uuid
 from flask import Flask, Response, g, jsonify, request
 
 from backend.errors import ServiceError
-from backend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from backend.metrics import Metrics
+from backend.prometheus import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from backend.prometheus import Metrics
 from backend.service import SegmentationService, release_freed_memory
 from backend.settings import Settings
 

@@ -32,7 +32,7 @@ from label_studio_sdk.core.api_error import ApiError
 
 from backend.images import ImageError, ImageFetcher
 from backend.label_config import LabelConfigError, parse_targets
-from backend.labelstudio import LabelStudioClient, LabelStudioError
+from backend.label_studio_client import LabelStudioClient, LabelStudioError
 from backend.settings import Settings
 
 RESERVED = "reserved network address"  # the words of Label Studio's refusal of local addresses

@@ -21,7 +21,7 @@ import threading
 from urllib.parse import urlsplit
 
 from backend.errors import ServiceError
-from backend.labelstudio import LabelStudioClient, LabelStudioError
+from backend.label_studio_client import LabelStudioClient, LabelStudioError
 from backend.settings import Settings
 from backend.store import Store
 

@@ -20,7 +20,7 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps
 
-from backend.labelstudio import LabelStudioClient, LabelStudioError
+from backend.label_studio_client import LabelStudioClient, LabelStudioError
 
 log = logging.getLogger(__name__)
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")

@@ -27,10 +27,12 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 from tqdm import tqdm
 
+from backend.control_tags import ControlTag
 from backend.errors import ServiceError
-from backend.labelstudio import LabelStudioClient, LabelStudioError
-from backend.queue import JobQueue
-from backend.service import SegmentationService
+from backend.jobs import JobQueue, job_queue
+from backend.label_studio_client import LabelStudioClient, LabelStudioError
+from backend.payloads import targets_of
+from backend.service import SegmentationService, release_freed_memory
 from backend.settings import Settings
 
 log = logging.getLogger("backend.prelabel")
@@ -102,20 +104,22 @@ class Prelabeler:
         retrying(send, f"uploading {len(predictions)} predictions", self.retries, delay=2.0)
         return len(predictions)
 
-    def _start(self) -> tuple[str, str]:
-        """The project's label config and the model version that serves it (as /setup answers)."""
+    def _start(self) -> tuple[tuple[ControlTag, ...], str]:
+        """The project's segmentation targets and the model version that serves it (as /setup answers); the
+        project counts as set up, as Label Studio's /setup would make it."""
         project = retrying(lambda: self.client.projects.get(id=self.project), "reading the project", self.retries)
         self._project_version = project.model_version
-        setup = self.service.setup({"project": self.project, "schema": project.label_config})
-        return project.label_config, setup["model_version"]
+        targets = targets_of(project.label_config)
+        self.service.projects.set_up(str(self.project), project.label_config)
+        return targets, self.service.runtime.naming(str(self.project)).model_version(targets)
 
     def run(self, progress: bool = True) -> dict:
-        label_config, version = self._start()
+        targets, version = self._start()
         tasks = self._tasks()
         todo = [t for t in tasks if version not in _versions(t)]
         log.info("project %s: %d tasks, %d already have %s, %d to predict", self.project, len(tasks),
                  len(tasks) - len(todo), version, len(todo))
-        counts = {**self._predict(todo, label_config, version, progress), "tasks": len(tasks),
+        counts = {**self._predict(todo, targets, version, progress), "tasks": len(tasks),
                   "skipped": len(tasks) - len(todo)}
         self._select(version)
         return counts
@@ -123,19 +127,19 @@ class Prelabeler:
     def run_tasks(self, task_ids: list[int]) -> dict:
         """Pre-label these tasks of the project (a queue's chunk); those already predicted by the model
         version are skipped, so running a chunk twice predicts nothing twice."""
-        label_config, version = self._start()
+        targets, version = self._start()
         began = time.time()
         tasks = self._tasks(task_ids)
         listing = time.time() - began
         todo = [t for t in tasks if version not in _versions(t)]
-        return {**self._predict(todo, label_config, version, progress=False), "tasks": len(task_ids),
+        return {**self._predict(todo, targets, version, progress=False), "tasks": len(task_ids),
                 "skipped": len(tasks) - len(todo), "missing": len(task_ids) - len(tasks),
                 "list_seconds": round(listing, 2)}
 
     def enqueue(self, queue: JobQueue, progress: bool = True, poll: float = 1.0) -> dict:
         """Enqueue the project's tasks that lack this model version's prediction, in chunks for the
         workers, and follow the chunks to their end (a progress bar fed from the queue)."""
-        label_config, version = self._start()
+        _, version = self._start()
         tasks = self._tasks()
         todo = [t.id for t in tasks if version not in _versions(t)]
         job_ids = queue.enqueue_tasks(self.project, todo)
@@ -158,30 +162,31 @@ class Prelabeler:
         self._select(version)
         return counts
 
-    def _predict(self, todo: list, label_config: str, version: str, progress: bool) -> dict:
-        """Predict ``todo`` in batches and upload each batch while the next is predicted."""
+    def _predict(self, todo: list, targets: tuple[ControlTag, ...], version: str, progress: bool) -> dict:
+        """Predict ``todo`` in batches (:class:`backend.pipeline.PredictPipeline`, the service's own) and upload
+        each batch while the next is predicted."""
         counts = {"model_version": version, "skipped": 0, "predicted": 0, "failed": 0}
         started, predicting, waiting = time.time(), 0.0, 0.0
         bar = tqdm(total=len(todo), unit=" images", desc=f"project {self.project}", disable=not progress,
                    file=sys.stderr, smoothing=0.1)
         uploader = ThreadPoolExecutor(max_workers=1)  # uploads overlap the next batch's prediction
         uploading: Future | None = None
+        serving = self.service.runtime.serving(str(self.project))
         try:
             for start in range(0, len(todo), self.batch_size):
-                batch = [{"id": t.id, "data": t.data, "project": self.project}
-                         for t in todo[start:start + self.batch_size]]
+                batch = [{"id": t.id, "data": t.data} for t in todo[start:start + self.batch_size]]
                 began = time.time()
-                answer = self.service.predict({"tasks": batch, "label_config": label_config,
-                                               "project": self.project})
+                answers = self.service.pipeline.predict(str(self.project), batch, targets, serving)
+                release_freed_memory()
                 predicting += time.time() - began
                 predictions = []
-                for task, entry in zip(batch, answer["results"], strict=True):
-                    if "result" in entry:
-                        predictions.append({"task": task["id"], "result": entry["result"], "score": entry["score"],
-                                            "model_version": entry["model_version"]})
+                for task, answer in zip(batch, answers, strict=True):
+                    if answer.error is None:
+                        predictions.append({"task": task["id"], "result": answer.result, "score": answer.score,
+                                            "model_version": version})
                     else:
                         counts["failed"] += 1
-                        log.warning("task %s: %s", task["id"], entry.get("error"))
+                        log.warning("task %s: %s", task["id"], answer.error)
                 if uploading is not None:
                     began = time.time()
                     counts["predicted"] += uploading.result()
@@ -229,7 +234,7 @@ def main(argv=None) -> None:
     settings = dataclasses.replace(Settings(), label_studio_url=args.url, label_studio_api_key=args.token)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bar
-    queue = JobQueue.from_settings(settings) if args.queue else None
+    queue = job_queue(settings) if args.queue else None
     if args.queue and queue is None:
         sys.exit("prelabel: --queue needs REDIS_URL, the queue the workers take jobs from")
     service = SegmentationService(settings)

@@ -7,7 +7,7 @@ their predictors here:
     runtime.start()                                  # loads the CLIP in the background
     serving = runtime.serving("12")                  # the pinned or newest readable version
     serving.predictor.predict(images, vocabulary)
-    serving.model_version(targets)                   # e.g. "ViT-B-16/openai@p12-v3:vocab-1a2b3c4d"
+    serving.model_version(targets)                   # e.g. "ViT-B-16/openai+clearclip@p12-v3:vocab-1a2b3c4d"
 """
 from __future__ import annotations
 
@@ -24,23 +24,25 @@ from backend.errors import ServiceError
 from backend.label_config import LabelConfigError, parse_targets
 from backend.settings import Settings
 from backend.store import Store, Version
+from model.build import SegmentationModel
+from model.build import load_model as build_model
 from model.checkpoint import CheckpointError
+from model.config import model_identity
+from model.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
 
-def load_model(settings: Settings):
+def load_model(settings: Settings) -> SegmentationModel:
     """The :class:`model.build.SegmentationModel` the settings name (loads the CLIP)."""
-    from model.build import load_model as build
-
-    return build(settings.model_config())
+    return build_model(settings.model_config())
 
 
-def model_name(settings: Settings) -> str:
-    """Names the model and its weights; known before the model has loaded."""
+def identity_of(settings: Settings) -> str:
+    """The identity of the model the settings name (CLIP, weights, dense method); known before it has loaded."""
     from model.clip import clip_identity
 
-    return clip_identity(settings.clip_model, settings.clip_pretrained)
+    return model_identity(clip_identity(settings.clip_model, settings.clip_pretrained), settings.dense_method)
 
 
 def vocabulary_tag(targets: tuple[ControlTag, ...]) -> str:
@@ -52,9 +54,9 @@ def vocabulary_tag(targets: tuple[ControlTag, ...]) -> str:
 class Serving:
     """What serves a project now: a fine-tuned ``version`` (None: zero-shot) and its predictor."""
 
-    name: str  # ``<model>/<weights>@p<project>-v<n>`` or ``…@zero-shot``
+    name: str  # ``<model>/<weights>+<dense method>@p<project>-v<n>`` or ``…@zero-shot``
     version: Version | None
-    predictor: object = None
+    predictor: Predictor | None = None
 
     def model_version(self, targets: tuple[ControlTag, ...]) -> str:
         """The string Label Studio stores with each prediction: checkpoint and vocabulary."""
@@ -70,23 +72,24 @@ class ModelRuntime:
     unreadable, reported, and skipped from then on.
     """
 
-    def __init__(self, settings: Settings, store: Store, loader: Callable[[Settings], object] = load_model):
+    def __init__(self, settings: Settings, store: Store,
+                 loader: Callable[[Settings], SegmentationModel] = load_model):
         self.settings = settings
         self.store = store
         self._loader = loader
-        self._model = None
+        self._model: SegmentationModel | None = None
         self._error: str | None = None
         self._loaded = threading.Event()
         self._lock = threading.Lock()
-        self._tuned: dict[Path, object] = {}  # checkpoint → predictor
-        self._zero_shot = None
+        self._tuned: dict[Path, Predictor] = {}  # checkpoint → predictor
+        self._zero_shot: Predictor | None = None
         self.unreadable: dict[tuple[str, int], str] = {}  # (project, version) → why its checkpoint failed
 
     # ------------------------------------------------------------------ loading
     def start(self) -> None:
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
-    def load(self):
+    def load(self) -> SegmentationModel:
         """Load now (if not yet) and return the model; raises :class:`ServiceError` if it can't load."""
         if not self._loaded.is_set():
             self._load()
@@ -97,14 +100,14 @@ class ModelRuntime:
         try:
             self._model = self._loader(self.settings)
             self._zero_shot = self._model.predictor()
-            log.info("model %s ready in %.1fs", self._model.name, time.time() - started)
+            log.info("model %s ready in %.1fs", self._model.identity, time.time() - started)
         except Exception as error:
             self._error = str(error)
             log.error("model failed to load: %s", error)
         finally:
             self._loaded.set()
 
-    def model(self, wait: float = 300.0):
+    def model(self, wait: float = 300.0) -> SegmentationModel:
         """The loaded :class:`model.build.SegmentationModel`, waiting up to ``wait`` seconds."""
         if not self._loaded.wait(wait):
             raise ServiceError("the model is still loading; try again shortly", 503)
@@ -124,8 +127,8 @@ class ModelRuntime:
 
     @property
     def name(self) -> str:
-        """The base model's name, e.g. ``ViT-B-16/openai``."""
-        return self._model.name if self._model is not None else model_name(self.settings)
+        """The base model's identity, e.g. ``ViT-B-16/openai+clearclip``."""
+        return self._model.identity if self._model is not None else identity_of(self.settings)
 
     # ------------------------------------------------------------------ versions
     def current_version(self, project: str) -> Version | None:
@@ -164,7 +167,7 @@ class ModelRuntime:
                 log.error("project %s: checkpoint %s can't be read (%s); serving the newest readable version "
                           "instead", project, version.path, error)
 
-    def _predictor(self, model, checkpoint: Path):
+    def _predictor(self, model: SegmentationModel, checkpoint: Path) -> Predictor:
         with self._lock:
             if checkpoint not in self._tuned:
                 self._tuned[checkpoint] = model.load_predictor(checkpoint)

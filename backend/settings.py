@@ -1,14 +1,18 @@
-"""Settings from the environment (same names as Label Studio's official ML backends where they exist)."""
+"""Settings from the environment (same names as Label Studio's official ML backends where they exist).
+
+Importing this loads no torch (the container's health check imports it every 30 s); the model's
+defaults come from :data:`model.config.DEFAULTS`, and every setting with a fixed set of values is
+checked when the settings are made, before any model loads.
+"""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.build import ModelConfig
-from model.calibration import TASK_SCORES
-from model.predictor import PRECISIONS
-from model.regions import RegionRules
+from model.config import DEFAULTS, DENSE_METHODS, PRECISIONS, ModelConfig, RegionRules
+from model.task_scores import TASK_SCORES
 
 
 def _env(name: str, default: str = "") -> str:
@@ -16,6 +20,16 @@ def _env(name: str, default: str = "") -> str:
 
 
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?|mps")
+
+
+def _flag(name: str, default: bool) -> bool:
+    """A yes/no setting; anything but these words is refused (a typo must not silently mean "no")."""
+    raw = _env(name, "true" if default else "false").lower()
+    if raw not in _TRUE + _FALSE:
+        raise ValueError(f"{name} must be one of {', '.join(_TRUE + _FALSE)}, not {raw!r}")
+    return raw in _TRUE
 
 
 def _pins(raw: str) -> dict[str, int]:
@@ -43,13 +57,14 @@ class Settings:
     idle_connection_timeout: float = field(default_factory=lambda: float(_env("IDLE_CONNECTION_TIMEOUT", "30")))
     max_connections: int = field(default_factory=lambda: int(_env("MAX_CONNECTIONS", "200")))
     max_request_bytes: int = field(default_factory=lambda: int(_env("MAX_REQUEST_BYTES", str(32 * 2**20))))
-    clip_model: str = field(default_factory=lambda: _env("CLIP_MODEL", "ViT-B-16"))
-    clip_pretrained: str = field(default_factory=lambda: _env("CLIP_PRETRAINED", "openai"))
-    dense_method: str = field(default_factory=lambda: _env("DENSE_METHOD", "clearclip"))
-    device: str = field(default_factory=lambda: _env("DEVICE", "cpu"))
-    inference_size: int = field(default_factory=lambda: int(_env("INFERENCE_SIZE", "448")))
-    predict_batch_size: int = field(default_factory=lambda: int(_env("PREDICT_BATCH_SIZE", "8")))
-    precision: str = field(default_factory=lambda: _env("PRECISION", "auto").lower())
+    clip_model: str = field(default_factory=lambda: _env("CLIP_MODEL", DEFAULTS.clip_model))
+    clip_pretrained: str = field(default_factory=lambda: _env("CLIP_PRETRAINED", DEFAULTS.clip_pretrained))
+    dense_method: str = field(default_factory=lambda: _env("DENSE_METHOD", DEFAULTS.dense_method).lower())
+    device: str = field(default_factory=lambda: _env("DEVICE", DEFAULTS.device).lower())
+    inference_size: int = field(default_factory=lambda: int(_env("INFERENCE_SIZE", str(DEFAULTS.inference_size))))
+    predict_batch_size: int = field(default_factory=lambda: int(_env("PREDICT_BATCH_SIZE",
+                                                                     str(DEFAULTS.batch_size))))
+    precision: str = field(default_factory=lambda: _env("PRECISION", DEFAULTS.precision).lower())
     allowed_image_hosts: tuple[str, ...] = field(
         default_factory=lambda: tuple(h for h in _env("ALLOWED_IMAGE_HOSTS").split(",") if h.strip()))
     max_image_bytes: int = field(default_factory=lambda: int(_env("MAX_IMAGE_BYTES", str(50 * 2**20))))
@@ -58,19 +73,22 @@ class Settings:
     fetch_deadline: float = field(default_factory=lambda: float(_env("FETCH_DEADLINE", "60")))
     fetch_threads: int = field(default_factory=lambda: int(_env("FETCH_THREADS", "4")))
     # Pixels one image may cost the model after resizing, in units of INFERENCE_SIZE² (see Predictor).
-    max_inference_area: float = field(default_factory=lambda: float(_env("MAX_INFERENCE_AREA", "4")))
-    text_cache_vocabularies: int = field(default_factory=lambda: int(_env("TEXT_CACHE_VOCABULARIES", "64")))
-    text_cache_disk_bytes: int = field(default_factory=lambda: int(_env("TEXT_CACHE_DISK_BYTES", str(256 * 2**20))))
+    max_inference_area: float = field(default_factory=lambda: float(_env("MAX_INFERENCE_AREA",
+                                                                         str(DEFAULTS.max_area))))
+    text_cache_vocabularies: int = field(default_factory=lambda: int(_env("TEXT_CACHE_VOCABULARIES",
+                                                                          str(DEFAULTS.text_cache_vocabularies))))
+    text_cache_disk_bytes: int = field(default_factory=lambda: int(_env("TEXT_CACHE_DISK_BYTES",
+                                                                        str(DEFAULTS.text_cache_disk_bytes))))
 
     # Scores (see README: "Scores, review and active learning")
-    temperature: float = field(default_factory=lambda: float(_env("TEMPERATURE", "1.0")))
+    temperature: float = field(default_factory=lambda: float(_env("TEMPERATURE", str(DEFAULTS.temperature))))
     task_score: str = field(default_factory=lambda: _env("TASK_SCORE", "mean"))
     unsure_below: float = field(default_factory=lambda: float(_env("UNSURE_BELOW", "0")))
 
     # Pre-labels (see README: "Pre-labels"); a label config's control tag may override the first two
     min_region_score: float = field(default_factory=lambda: float(_env("MIN_REGION_SCORE", "0.25")))
     min_region_area: float = field(default_factory=lambda: float(_env("MIN_REGION_AREA", "0.01")))
-    refine_boundaries: bool = field(default_factory=lambda: _env("REFINE_BOUNDARIES", "true").lower() in _TRUE)
+    refine_boundaries: bool = field(default_factory=lambda: _flag("REFINE_BOUNDARIES", DEFAULTS.refine_boundaries))
     # Interactive refinement (see README: "Clicks and boxes"): memory for the images annotators click on
     interactive_cache_bytes: int = field(default_factory=lambda: int(_env("INTERACTIVE_CACHE_BYTES",
                                                                           str(512 * 2**20))))
@@ -80,14 +98,16 @@ class Settings:
     train_batch_size: int = field(default_factory=lambda: int(_env("TRAIN_BATCH_SIZE", "8")))
     train_lr: float = field(default_factory=lambda: float(_env("TRAIN_LR", "1e-3")))
     train_seed: int = field(default_factory=lambda: int(_env("TRAIN_SEED", "0")))
-    text_diversification: bool = field(default_factory=lambda: _env("TEXT_DIVERSIFICATION", "true").lower() in _TRUE)
-    distillation: bool = field(default_factory=lambda: _env("DISTILLATION", "true").lower() in _TRUE)
+    text_diversification: bool = field(default_factory=lambda: _flag("TEXT_DIVERSIFICATION", True))
+    distillation: bool = field(default_factory=lambda: _flag("DISTILLATION", True))
     synonym_threshold: float = field(default_factory=lambda: float(_env("SYNONYM_THRESHOLD", "0.1")))
     distill_weight: float = field(default_factory=lambda: float(_env("DISTILL_WEIGHT", "1.0")))
     # The frozen CLIP's share in a fine-tuned version's predictions (FC-CLIP's geometric ensemble):
     # for labels its training annotations showed, and for labels they never showed.
-    ensemble_seen_weight: float = field(default_factory=lambda: float(_env("ENSEMBLE_SEEN_WEIGHT", "0.35")))
-    ensemble_unseen_weight: float = field(default_factory=lambda: float(_env("ENSEMBLE_UNSEEN_WEIGHT", "0.8")))
+    ensemble_seen_weight: float = field(default_factory=lambda: float(_env("ENSEMBLE_SEEN_WEIGHT",
+                                                                           str(DEFAULTS.seen_weight))))
+    ensemble_unseen_weight: float = field(default_factory=lambda: float(_env("ENSEMBLE_UNSEEN_WEIGHT",
+                                                                             str(DEFAULTS.unseen_weight))))
     train_after_annotations: int = field(default_factory=lambda: int(_env("TRAIN_AFTER_ANNOTATIONS", "0")))
     pinned_versions: dict = field(default_factory=lambda: _pins(_env("PINNED_VERSIONS")))
     max_training_jobs: int = field(default_factory=lambda: int(_env("MAX_TRAINING_JOBS", "1")))
@@ -103,8 +123,7 @@ class Settings:
     worker_heartbeat_seconds: int = field(default_factory=lambda: int(_env("WORKER_HEARTBEAT_SECONDS", "30")))
 
     def __post_init__(self):
-        if self.task_score not in TASK_SCORES:
-            raise ValueError(f"TASK_SCORE must be one of {', '.join(TASK_SCORES)}, not {self.task_score!r}")
+        self._check_choices()
         if not 0 <= self.unsure_below < 1:
             raise ValueError(f"UNSURE_BELOW must be a probability in [0, 1), not {self.unsure_below}")
         for name in ("min_region_score", "min_region_area"):
@@ -120,14 +139,21 @@ class Settings:
                 raise ValueError(f"{name.upper()} must be between 0 and 1, not {getattr(self, name)}")
         if self.max_training_jobs < 1:
             raise ValueError(f"MAX_TRAINING_JOBS must be at least 1, not {self.max_training_jobs}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         self._check_queue()
         if self.max_inference_area < 1:
             raise ValueError(f"MAX_INFERENCE_AREA must be at least 1, not {self.max_inference_area}")
 
+    def _check_choices(self) -> None:
+        """Settings with a fixed set of values: a typo fails here, not as ``model_state: error`` later."""
+        for name, choices in (("task_score", TASK_SCORES), ("precision", PRECISIONS), ("dense_method", DENSE_METHODS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name.upper()} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"DEVICE must be cpu, cuda, cuda:<n> or mps, not {self.device!r}")
+
     def _check_queue(self) -> None:
-        for name in ("redis_timeout_seconds", "predict_budget_seconds", "queue_chunk_size", "queue_chunk_timeout", "worker_heartbeat_seconds"):
+        for name in ("redis_timeout_seconds", "predict_budget_seconds", "queue_chunk_size", "queue_chunk_timeout",
+                     "worker_heartbeat_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()} must be positive, not {getattr(self, name)}")
         if self.queue_retries < 0:

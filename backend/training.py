@@ -26,9 +26,9 @@ import numpy as np
 from backend.annotations import AnnotationError, results_to_label_map, validate_results
 from backend.control_tags import ControlTag
 from backend.images import ImageError, ImageFetcher
-from backend.jobs import FAILURE_PREFIX
 from backend.label_config import parse_targets
-from backend.labelstudio import LabelStudioClient
+from backend.label_studio_client import LabelStudioClient
+from backend.local_training import FAILURE_PREFIX
 from backend.runtime import ModelRuntime
 from backend.settings import Settings
 from backend.store import ProjectIdError, Store, Version, project_key
@@ -167,7 +167,7 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
     summary.update(images=len(samples), classes=list(vocabulary.labels), skipped_annotations=len(skipped),
                    skipped=skipped[:20])
     version = store.add_version(project, summary, lambda number, path: save_checkpoint(
-        path, segmenter, model.name, project=project, version=number, **summary))
+        path, segmenter, model.identity, project=project, version=number, **summary))
     if store.changes_since_training(project) == changes:
         store.reset_changes(project)
     write_progress(progress, state="finished", version=version.version, started=started,

@@ -26,9 +26,10 @@ import numpy as np
 
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
-from model.build import ModelConfig, SegmentationModel
+from model.build import SegmentationModel
 from model.clip import load_clip
-from model.metrics import ConfusionMatrix
+from model.config import ModelConfig
+from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
 from model.train import Sample, TrainConfig, finetune
 from model.vocabulary import Vocabulary
@@ -72,7 +73,8 @@ class Runner:
     def __init__(self, args):
         self.args = args
         self.model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
-                                       ModelConfig(dense_method=DENSE_METHOD, inference_size=args.size))
+                                       ModelConfig(dense_method=DENSE_METHOD, inference_size=args.size,
+                                                   refine_boundaries=False))
         self.test = world.test_scenes(args.test_images)
         self.rows: dict[tuple[str, str], list[dict]] = {}
 

@@ -20,10 +20,12 @@ from backend.training import restrict_to_annotated
 from bench.accuracy import evaluate
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
-from model.build import ModelConfig, SegmentationModel
-from model.calibration import TASK_SCORES, calibrate, task_score
+from model.build import SegmentationModel
+from model.calibration import calibrate
 from model.clip import load_clip
+from model.config import ModelConfig
 from model.predictor import Predictor
+from model.task_scores import TASK_SCORES, task_score
 from model.train import Sample, TrainConfig, finetune
 from model.vocabulary import Vocabulary
 

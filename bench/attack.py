@@ -163,6 +163,7 @@ def corrupt_checkpoint(lab: Lab) -> str:
     from demo.train_clip import CONFIG, DENSE_METHOD, materialize
     from model.checkpoint import save_checkpoint
     from model.clip import load_clip
+    from model.config import model_identity
     from model.segmenter import build_segmenter
 
     backend = lab.backend("checkpoint")
@@ -172,7 +173,8 @@ def corrupt_checkpoint(lab: Lab) -> str:
     directory = store.project_dir("5")
     for _ in (1, 2):
         store.add_version("5", {"images": 1}, lambda number, path: save_checkpoint(
-            path, build_segmenter(clip, dense_method=DENSE_METHOD), clip.identity, temperature=1.0))
+            path, build_segmenter(clip, dense_method=DENSE_METHOD), model_identity(clip.identity, DENSE_METHOD),
+            temperature=1.0))
     (directory / "v2.pt").write_bytes((directory / "v2.pt").read_bytes()[:100])
     image = lab.label_studio.add("c.png", png(64, 48))
     answer = backend.post("/predict", {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": LABEL_CONFIG,

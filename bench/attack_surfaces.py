@@ -65,10 +65,10 @@ def foreign_queue_jobs(lab: Lab) -> str:
     from rq import Queue
     from rq.registry import FailedJobRegistry
 
-    from backend.queue import PRELABEL_QUEUE, SERIALIZER, JobQueue
+    from backend.rq_jobs import PRELABEL_QUEUE, SERIALIZER, RQJobQueue
 
     redis_server = lab.redis()
-    connection = JobQueue(redis_server.url).connection
+    connection = RQJobQueue(redis_server.url).connection
     marker = lab.work / "pwned"
     Queue(PRELABEL_QUEUE, connection=connection).enqueue("os.system", f"touch {marker}-pickle")  # RQ's pickle
     json_queue = Queue(PRELABEL_QUEUE, connection=connection, serializer=SERIALIZER)
@@ -136,10 +136,10 @@ def unknown_projects(lab: Lab) -> str:
     """16. Training and queue handovers only for projects Label Studio's /setup named."""
     from rq import Queue
 
-    from backend.queue import PRELABEL_QUEUE, SERIALIZER, TRAINING_QUEUE, JobQueue
+    from backend.rq_jobs import PRELABEL_QUEUE, SERIALIZER, TRAINING_QUEUE, RQJobQueue
 
     redis_server = lab.redis()
-    connection = JobQueue(redis_server.url).connection
+    connection = RQJobQueue(redis_server.url).connection
     queued = Queue(TRAINING_QUEUE, connection=connection, serializer=SERIALIZER)
     chunks = Queue(PRELABEL_QUEUE, connection=connection, serializer=SERIALIZER)
     backend = lab.backend("unknown", REDIS_URL=redis_server.url, PREDICT_BUDGET_SECONDS="0.5")

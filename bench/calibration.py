@@ -19,11 +19,13 @@ from scipy.stats import spearmanr
 
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
-from model.build import ModelConfig, SegmentationModel
-from model.calibration import TASK_SCORES, calibrate, expected_calibration_error, task_score
+from model.build import SegmentationModel
+from model.calibration import calibrate, expected_calibration_error
 from model.clip import load_clip
-from model.metrics import ConfusionMatrix
+from model.config import ModelConfig
+from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor, SemanticPrediction
+from model.task_scores import TASK_SCORES, task_score
 from model.train import Sample, TrainConfig, finetune
 from model.vocabulary import Vocabulary
 
@@ -75,7 +77,8 @@ def main(argv=None) -> None:
     torch.set_grad_enabled(False)
 
     model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
-                              ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE))
+                              ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
+                                          refine_boundaries=False))
     vocabulary = Vocabulary.from_labels(world.NAMES)
     train = world.test_scenes(args.train_images, seed=777)
     held_out = world.test_scenes(args.calibration_images, seed=778)

@@ -12,7 +12,7 @@ object stops getting clicks once it reaches 90%).
 
 Methods, all on the zero-shot demo model:
 
-* **(a) from the pre-label** (the backend's): :func:`model.interactive.refine`, starting from the
+* **(a) from the pre-label** (the backend's): :func:`model.refinement.refine`, starting from the
   served pre-label; also without its "one example → all of this class" search;
 * **(b) clicks alone**: the same clicks' prototypes from an empty mask, with no text;
 * **(c) components only** (a baseline): starting from the pre-label, a positive click adds the whole
@@ -36,9 +36,10 @@ import torch
 from backend.settings import Settings
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
-from model.build import ModelConfig, SegmentationModel
+from model.build import SegmentationModel
 from model.clip import load_clip
-from model.interactive import ImageState, Prompt, refine
+from model.config import ModelConfig
+from model.refinement import ImageState, Prompt, refine
 from model.vocabulary import Vocabulary
 
 VOCABULARY = Vocabulary.from_labels(world.NAMES)
@@ -164,11 +165,10 @@ def click_speed(model_name: str, size: int, picture_size: tuple[int, int], repea
     clicks on it. A /predict of one task (an annotator opening it) keeps its pass: its cost shows against
     the same task in a batch. A cold click has no kept pass (a new image, or one evicted); the first click after the
     annotator opened the task reuses the /predict's pass but makes the superpixels; later clicks reuse all."""
-    from backend.interactive import ImageStates
     from bench.speed import brush_config, client_for, data_uri, measure, photo
 
     vocabulary = Vocabulary.from_labels(world.NAMES)
-    model = SegmentationModel(load_clip(model_name, "random"), ModelConfig(inference_size=size))
+    model = SegmentationModel(load_clip(model_name, "random"), ModelConfig(inference_size=size, refine_boundaries=False))
     client = client_for(model, Settings(clip_model=model_name, clip_pretrained="random", inference_size=size))
     service = client.application.config["service"]
     task = {"id": 1, "data": {"image": data_uri(photo(*picture_size))}}
@@ -182,7 +182,7 @@ def click_speed(model_name: str, size: int, picture_size: tuple[int, int], repea
         assert response.status_code == 200 and "result" in response.get_json()["results"][0], response.get_json()
 
     def forget():
-        service.states = ImageStates(service.settings.interactive_cache_bytes)
+        service.passes.clear()
 
     def opened_then_click():
         forget()

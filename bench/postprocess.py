@@ -23,9 +23,10 @@ from PIL import Image
 from bench.accuracy import evaluate
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
-from model.build import ModelConfig, SegmentationModel
+from model.build import SegmentationModel
 from model.clip import load_clip
-from model.metrics import ConfusionMatrix
+from model.config import ModelConfig
+from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
 from model.vocabulary import Vocabulary
 
@@ -68,7 +69,8 @@ def demo_world(model: SegmentationModel, count: int) -> dict[str, tuple[float, f
 
 def photo(clip) -> dict[int, tuple[float, float, float, float]]:
     """Per label count: (full ms, ours ms, agreement, mean |confidence difference|) on a 1920x1080 photo."""
-    predictor = SegmentationModel(clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=448)).predictor()
+    predictor = SegmentationModel(clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=448,
+                                                                 refine_boundaries=False)).predictor()
     picture = np.asarray(Image.fromarray(world.test_scenes(1, seed=3)[0][0]).resize((1920, 1080), Image.BICUBIC))
     out = {}
     for labels in (list(world.NAMES[:20]), big_vocabulary()):
@@ -88,7 +90,7 @@ def photo(clip) -> dict[int, tuple[float, float, float, float]]:
 def precision(clip) -> dict[str, float]:
     test = world.test_scenes(80)
     return {name: evaluate(SegmentationModel(clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
-                                                               precision=name)).predictor(), test)["all"]
+                                                               precision=name, refine_boundaries=False)).predictor(), test)["all"]
             for name in ("fp32", "bf16")}
 
 
@@ -98,7 +100,8 @@ def main(argv=None) -> None:
     parser.add_argument("--scenes", type=int, default=60)
     args = parser.parse_args(argv)
     clip = load_clip(str(CONFIG), str(materialize()))
-    model = SegmentationModel(clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE))
+    model = SegmentationModel(clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
+                                                refine_boundaries=False))
     print(f"demo world, {args.scenes} scenes: | setting | argmax agreement | mIoU full | mIoU ours |")
     settings = demo_world(model, args.scenes)
     for name, (agreement, full, ours) in settings.items():

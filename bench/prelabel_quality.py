@@ -33,12 +33,14 @@ from backend.settings import Settings
 from bench.calibration import task_miou
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
-from model.build import ModelConfig, SegmentationModel
-from model.calibration import TASK_SCORES, calibrate, task_score
+from model.build import SegmentationModel
+from model.calibration import calibrate
 from model.clip import load_clip
-from model.metrics import ConfusionMatrix
+from model.config import NO_PRUNING, ModelConfig, RegionRules
+from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
-from model.regions import GUIDED_FILTER_EPS, NO_PRUNING, RegionRules, guided_filter, working_shape
+from model.regions import GUIDED_FILTER_EPS, guided_filter, working_shape
+from model.task_scores import TASK_SCORES, task_score
 from model.train import Sample, TrainConfig, finetune
 from model.vocabulary import Vocabulary
 
@@ -114,7 +116,7 @@ class Bench:
         self.args = args
         self.model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
                                        ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
-                                                   temperature=ZERO_SHOT_TEMPERATURE))
+                                                   temperature=ZERO_SHOT_TEMPERATURE, refine_boundaries=False))
         self.worlds = {"demo world": world.test_scenes(args.test_images),
                        "shifted world": world.shifted_scenes(args.test_images)}
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from rq.job import Job
 
-from backend.labelstudio import LabelStudioClient
+from backend.label_studio_client import LabelStudioClient
 from backend.prelabel import Prelabeler
-from backend.queue import JobQueue
+from backend.rq_jobs import RQJobQueue
 from backend.service import SegmentationService
 from backend.settings import Settings
 from demo import world
@@ -90,7 +90,7 @@ class Setup:
 
 
 def scaling(setup: Setup, tasks: int) -> None:
-    queue = JobQueue(setup.redis.url, chunk_size=CHUNK)
+    queue = RQJobQueue(setup.redis.url, chunk_size=CHUNK)
     print(f"\nscaling: {tasks} demo tasks (128 px), chunks of {CHUNK}, {os.cpu_count()} CPU cores\n\n"
           "| workers | images/s | wall s | listing s | predicting s | waiting for uploads s | queue's share |\n"
           "|---|---|---|---|---|---|---|", flush=True)
@@ -115,7 +115,7 @@ def scaling(setup: Setup, tasks: int) -> None:
 
 
 def load(setup: Setup, tasks: int) -> None:
-    queue = JobQueue(setup.redis.url, chunk_size=CHUNK)
+    queue = RQJobQueue(setup.redis.url, chunk_size=CHUNK)
     project, ids = setup.project("load", tasks)
     prelabeler = setup.prelabeler(project)
     _, version = prelabeler._start()

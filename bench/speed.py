@@ -35,8 +35,9 @@ from PIL import Image
 from backend.app import create_app
 from backend.service import SegmentationService
 from backend.settings import Settings
-from model.build import ModelConfig, SegmentationModel
+from model.build import SegmentationModel
 from model.clip import load_clip
+from model.config import ModelConfig
 from model.predictor import SemanticPrediction
 from model.train import masked_crop, teacher_embeddings
 from model.vocabulary import TextEncoder, Vocabulary
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     from model.wordnet import wordnet
 
-    model = SegmentationModel(load_clip(args.model, "random"), ModelConfig(inference_size=args.size))
+    model = SegmentationModel(load_clip(args.model, "random"), ModelConfig(inference_size=args.size, refine_boundaries=False))
     nouns = [s.lemma_names()[0].replace("_", " ") for s in list(wordnet().all_synsets("n"))[:20000:130]][:150]
     rows = {}
     for name, fn in designs(args, model, Vocabulary.from_labels(nouns[:args.classes])).items():
@@ -219,7 +220,8 @@ def label_sweep(counts: list[int], picture: np.ndarray, repeats: int) -> dict[in
     from model.wordnet import wordnet
 
     demo = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
-                             ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE))
+                             ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
+                                         refine_boundaries=False))
     client = client_for(demo, Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()),
                                        inference_size=INFERENCE_SIZE, dense_method=DENSE_METHOD))
     nouns = [s.lemma_names()[0].replace("_", " ") for s in wordnet().all_synsets("n")]

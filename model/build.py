@@ -10,49 +10,14 @@ Every segmenter and predictor built from one :class:`SegmentationModel` shares i
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 from model.checkpoint import load_checkpoint
 from model.clip import Clip, load_clip
+from model.config import ModelConfig, model_identity
 from model.predictor import Predictor
 from model.segmenter import Segmenter, build_segmenter
 from model.vocabulary import TextEncoder
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """What a deployment chooses about the model (the backend fills it from its settings).
-
-    Attributes:
-        clip_model, clip_pretrained, device: see :func:`model.clip.load_clip`.
-        dense_method, seen_weight, unseen_weight: see :func:`model.segmenter.build_segmenter`.
-        inference_size, batch_size, max_area, precision, refine_boundaries: see
-            :class:`model.predictor.Predictor`.
-        temperature: the zero-shot model's; a fine-tuned version carries the one its training fitted.
-        cache_dir: where text embeddings are cached on disk (None: memory only), within
-            ``text_cache_disk_bytes``; ``text_cache_vocabularies`` label sets stay in memory.
-    """
-
-    clip_model: str = "ViT-B-16"
-    clip_pretrained: str = "openai"
-    device: str = "cpu"
-    dense_method: str = "clearclip"
-    seen_weight: float = 0.35
-    unseen_weight: float = 0.8
-    inference_size: int = 448
-    batch_size: int = 8
-    max_area: float = 4.0
-    temperature: float = 1.0
-    precision: str = "auto"
-    refine_boundaries: bool = False
-    cache_dir: Path | None = None
-    text_cache_vocabularies: int = 64
-    text_cache_disk_bytes: int = 256 * 2**20
-
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
 
 
 class SegmentationModel:
@@ -66,9 +31,10 @@ class SegmentationModel:
                                               max_disk_bytes=self.config.text_cache_disk_bytes)
 
     @property
-    def name(self) -> str:
-        """The CLIP's identity, e.g. ``ViT-B-16/openai``: checkpoints and model versions carry it."""
-        return self.clip.identity
+    def identity(self) -> str:
+        """What its features depend on, e.g. ``ViT-B-16/openai+clearclip``: checkpoints and model versions
+        carry it (:func:`model.config.model_identity`)."""
+        return model_identity(self.clip.identity, self.config.dense_method)
 
     def segmenter(self, seed: int = 0, **options) -> Segmenter:
         """A new, untrained segmenter (``options``: :func:`build_segmenter`'s, over the config's)."""
@@ -90,10 +56,10 @@ class SegmentationModel:
         """The predictor of a fine-tuned version, at the temperature its training fitted.
 
         Raises:
-            model.checkpoint.CheckpointError: the file can't serve this CLIP.
+            model.checkpoint.CheckpointError: the file can't serve this model (another CLIP or dense method).
         """
         segmenter = self.segmenter()
-        metadata = load_checkpoint(checkpoint, segmenter, self.clip.identity)
+        metadata = load_checkpoint(checkpoint, segmenter, self.identity)
         return self.predictor(segmenter, temperature=metadata.get("temperature", 1.0))
 
 

@@ -1,4 +1,5 @@
-"""Confidence calibration: temperature scaling, expected calibration error, task scores.
+"""Confidence calibration: temperature scaling and expected calibration error (task scores:
+:mod:`model.task_scores`).
 
 A pixel's confidence is its winning class's softmax probability. Temperature scaling divides
 the logits by one scalar T fitted to minimise the negative log-likelihood of annotated pixels;
@@ -101,41 +102,3 @@ def calibrate(predictor, images: list[np.ndarray], labels: list[np.ndarray], voc
     predictor.temperature = temperature
     return {"temperature": round(temperature, 4), "calibration_images": len(images),
             "ece_before": ece(1.0), "ece_after": ece(temperature)}
-
-
-TASK_SCORES = ("product", "mean", "sure_pixels", "pixel_accuracy")
-
-
-def task_score(prediction, kind: str = "mean", sure_at: float = 0.5) -> float:
-    """A prediction's task-level score in [0, 1]; lower = more in need of review.
-
-    Args:
-        prediction: a :class:`model.predictor.SemanticPrediction` with calibrated confidences.
-        kind: ``"mean"``: the mean score of every label the model found, those then left
-            unlabeled as unlikely included, each counting once: a task whose image the model
-            hesitates over scores low however clean its pruned pre-label looks;
-            ``"product"``: the product of those scores, the probability that every label found
-            is right if they err independently; ``"sure_pixels"``: the fraction of
-            pixels whose confidence is at least ``sure_at``; ``"pixel_accuracy"``: the expected
-            share of the image labeled right, the mean confidence with unlabeled pixels counting 0.
-
-    Measured by ``python -m bench.prelabel_quality`` (Spearman against the task's own mIoU, on
-    two worlds) and ``python -m bench.active_learning`` (see the README). An empty prediction scores 0.
-    """
-    if kind == "sure_pixels":
-        return 1 - unsure_fraction(prediction.confidence, sure_at)
-    if kind == "pixel_accuracy":
-        return float(np.where(prediction.label_map >= 0, prediction.confidence, 0).mean())
-    scores = list(prediction.found_scores.values())
-    if not scores:
-        return 0.0
-    if kind == "product":
-        return float(np.prod(scores))
-    if kind == "mean":
-        return float(np.mean(scores))
-    raise ValueError(f"unknown task score {kind!r}: expected one of {', '.join(TASK_SCORES)}")
-
-
-def unsure_fraction(confidence: np.ndarray, below: float) -> float:
-    """The fraction of pixels whose calibrated confidence is under ``below``."""
-    return float(np.mean(confidence < below))

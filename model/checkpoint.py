@@ -1,4 +1,5 @@
-"""Segmenter checkpoints: only the trained parts plus the identity of the CLIP they sit on."""
+"""Segmenter checkpoints: only the trained parts, plus the identity of the model they were trained under
+(:func:`model.config.model_identity`: the CLIP and the dense method that shape the decoder's features)."""
 from __future__ import annotations
 
 import io
@@ -17,12 +18,12 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def save_checkpoint(path: str | Path, segmenter, clip_identity: str, **metadata) -> Path:
-    """Write atomically and durably (:func:`model.files.atomic_write`)."""
+def save_checkpoint(path: str | Path, segmenter, identity: str, **metadata) -> Path:
+    """Write atomically and durably (:func:`model.files.atomic_write`); ``identity``: the model's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "format": FORMAT, "version": VERSION, "clip": clip_identity, "created": time.time(),
+        "format": FORMAT, "version": VERSION, "identity": identity, "created": time.time(),
         "state_dict": segmenter.trainable_state_dict(), "metadata": metadata,
         "trained_labels": list(getattr(segmenter, "trained_labels", None) or []),
     }
@@ -31,12 +32,14 @@ def save_checkpoint(path: str | Path, segmenter, clip_identity: str, **metadata)
     return atomic_write(path, buffer.getbuffer(), durable=True)
 
 
-def load_checkpoint(path: str | Path, segmenter, clip_identity: str) -> dict:
-    """Load trained parts into ``segmenter``; returns the checkpoint's metadata.
+def load_checkpoint(path: str | Path, segmenter, identity: str) -> dict:
+    """Load trained parts into ``segmenter``, whose model's identity is ``identity``; returns the checkpoint's
+    metadata.
 
     Raises:
-        CheckpointError: unreadable file, unknown format, or a checkpoint for another CLIP; the
-            message names the file, not its folder (it may reach HTTP answers).
+        CheckpointError: unreadable file, unknown format, or a checkpoint trained under another identity
+            (another CLIP, or another dense method), naming both; the message names the file, not its folder
+            (it may reach HTTP answers).
     """
     name = Path(path).name
     try:
@@ -45,8 +48,10 @@ def load_checkpoint(path: str | Path, segmenter, clip_identity: str) -> dict:
         raise CheckpointError(f"{name} is unreadable ({_first_line(error).replace(str(path), name)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version", 0) > VERSION:
         raise CheckpointError(f"{name} is not a {FORMAT} v{VERSION} checkpoint")
-    if payload["clip"] != clip_identity:
-        raise CheckpointError(f"{name} was trained on CLIP {payload['clip']}, not {clip_identity}")
+    trained_under = payload.get("identity") or f"{payload.get('clip')} (a dense method it does not name)"
+    if trained_under != identity:
+        raise CheckpointError(f"{name} was trained under {trained_under}, not {identity}: its decoder expects "
+                              "other features")
     missing = set(segmenter.trainable_state_dict()) - set(payload["state_dict"])
     if missing:
         raise CheckpointError(f"{name} lacks {sorted(missing)[:3]}...")

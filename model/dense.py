@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import DEFAULTS, DENSE_METHODS
+
 
 @dataclass
 class TowerOutput:
@@ -49,9 +51,6 @@ def _resize_grid(pos: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
     return pos.permute(0, 2, 3, 1).reshape(size[0] * size[1], channels)
 
 
-DENSE_METHODS = ("clearclip", "maskclip")
-
-
 class ViTDenseTower(nn.Module):
     """Dense embeddings from an open_clip ``VisionTransformer``.
 
@@ -63,10 +62,8 @@ class ViTDenseTower(nn.Module):
         feature_depths: how many intermediate maps to hand to the decoder.
     """
 
-    def __init__(self, visual: nn.Module, method: str = "clearclip", feature_depths: int = 3):
+    def __init__(self, visual: nn.Module, method: str, feature_depths: int = 3):
         super().__init__()
-        if method not in DENSE_METHODS:
-            raise ValueError(f"unknown dense method {method!r}; choose one of {DENSE_METHODS}")
         self.visual = visual
         self.method = method
         blocks = len(visual.transformer.resblocks)
@@ -141,11 +138,33 @@ class ResNetDenseTower(nn.Module):
         return TowerOutput(dense=dense.transpose(1, 2).reshape(b, -1, h, w), features=[f2, f3, f4])
 
 
-def build_dense_tower(visual: nn.Module, method: str = "clearclip") -> nn.Module:
-    """The dense tower matching an open_clip image tower (``method`` applies to ViTs)."""
+def _for_tower(visual: nn.Module, vit_method: str) -> nn.Module:
+    """``vit_method`` on a ViT tower; a ResNet tower has no attention block to change: MaskCLIP's pool."""
     name = visual.__class__.__name__
     if name == "VisionTransformer":
-        return ViTDenseTower(visual, method)
+        return ViTDenseTower(visual, vit_method)
     if name == "ModifiedResNet":
         return ResNetDenseTower(visual)
     raise NotImplementedError(f"no dense CLIP method for image tower {name}")
+
+
+def build_clearclip(visual: nn.Module) -> nn.Module:
+    """ClearCLIP: query-query attention in a ViT's last block, without its residual and feed-forward paths."""
+    return _for_tower(visual, "clearclip")
+
+
+def build_maskclip(visual: nn.Module) -> nn.Module:
+    """MaskCLIP: a ViT's last value projection alone, or a ResNet's attention pool without its pooling."""
+    return _for_tower(visual, "maskclip")
+
+
+# The registry of dense methods (DENSE_METHOD): thin builders over open_clip image towers.
+DENSE_TOWERS = {"clearclip": build_clearclip, "maskclip": build_maskclip}
+assert tuple(DENSE_TOWERS) == DENSE_METHODS, "model.config.DENSE_METHODS names the registry's builders"
+
+
+def build_dense_tower(visual: nn.Module, method: str = DEFAULTS.dense_method) -> nn.Module:
+    """The dense tower of ``method`` (:data:`DENSE_TOWERS`) for an open_clip image tower."""
+    if method not in DENSE_TOWERS:
+        raise ValueError(f"unknown dense method {method!r}; choose one of {', '.join(DENSE_TOWERS)}")
+    return DENSE_TOWERS[method](visual)

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.regions import NO_PRUNING, RegionRules, regions
+from model.config import DEFAULTS, NO_PRUNING, PRECISIONS, RegionRules
+from model.regions import regions
 from model.vocabulary import TextEncoder, Vocabulary
 
 log = logging.getLogger(__name__)
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -80,10 +80,11 @@ class Predictor:
     (:mod:`model.regions`).
     """
 
-    def __init__(self, segmenter, text_encoder: TextEncoder, inference_size: int = 448,
-                 batch_size: int = 8, max_aspect: float = 2.0, device: str | torch.device = "cpu",
-                 temperature: float = 1.0, max_area: float = 4.0, precision: str = "auto",
-                 refine_boundaries: bool = False):
+    def __init__(self, segmenter, text_encoder: TextEncoder, inference_size: int = DEFAULTS.inference_size,
+                 batch_size: int = DEFAULTS.batch_size, max_aspect: float = 2.0,
+                 device: str | torch.device = DEFAULTS.device, temperature: float = DEFAULTS.temperature,
+                 max_area: float = DEFAULTS.max_area, precision: str = DEFAULTS.precision,
+                 refine_boundaries: bool = DEFAULTS.refine_boundaries):
         self.segmenter = segmenter.to(device).eval()
         self.text_encoder = text_encoder
         self.device = torch.device(device)
@@ -137,7 +138,7 @@ class Predictor:
     def logits_and_embeddings(self, images: list[np.ndarray],
                               vocabulary: Vocabulary) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image, :meth:`logits` and the pixel embeddings they classify, (D, h, w) L2-normalised:
-        what interactive refinement (:mod:`model.interactive`) reuses, from the same one pass."""
+        what interactive refinement (:mod:`model.refinement`) reuses, from the same one pass."""
         classes = len(vocabulary.labels)
         return [(out[:classes], F.normalize(out[classes:], dim=0))
                 for out in self._dense(images, vocabulary, with_embeddings=True)]

@@ -17,39 +17,18 @@ Three steps, on the logits' device:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.config import NO_PRUNING, RegionRules
 from model.upsample import label_map_and_confidence
 from model.vocabulary import UNLABELED
 
 # Working resolution of the refinement: one logit cell spans this many pixels (or the image's own size, if smaller).
 REFINE_CELL_PIXELS = 16
 GUIDED_FILTER_EPS = 1e-3  # on [0, 1] colours: edges of about 3% contrast are kept
-
-
-@dataclass(frozen=True)
-class RegionRules:
-    """What a predicted region must be to be kept.
-
-    Attributes:
-        min_score: the least mean calibrated confidence of a label's pixels; below it they are unlabeled.
-        min_area: the least fraction of the image a label covers; below it its pixels go to the
-            best label that stays.
-        reassign_unlikely: an unlikely label's pixels go to the best label that stays too, instead of
-            being unlabeled (measured worse; kept for ``bench.prelabel_quality``'s comparison).
-    """
-
-    min_score: float = 0.0
-    min_area: float = 0.0
-    reassign_unlikely: bool = False
-
-
-NO_PRUNING = RegionRules()
 
 
 def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:

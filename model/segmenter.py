@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.clip import normalize_pixels
+from model.config import DEFAULTS
 
 
 class DenseDecoder(nn.Module):
@@ -140,8 +141,8 @@ class Segmenter(nn.Module):
 
 
 def build_segmenter(clip, hidden: int = 128, unfreeze_blocks: int = 0, seed: int = 0,
-                    dense_method: str = "clearclip", seen_weight: float = 0.35,
-                    unseen_weight: float = 0.8) -> Segmenter:
+                    dense_method: str = DEFAULTS.dense_method, seen_weight: float = DEFAULTS.seen_weight,
+                    unseen_weight: float = DEFAULTS.unseen_weight) -> Segmenter:
     """A segmenter on top of a loaded :class:`model.clip.Clip` (the tower is shared, frozen by default).
 
     The decoder's initialisation depends only on ``seed``. ``seen_weight`` / ``unseen_weight``:

@@ -12,8 +12,8 @@ from backend.label_config import parse_targets
 from backend.settings import Settings
 from demo import world
 from demo.train_clip import CONFIG
-from model.calibration import task_score
-from model.metrics import ConfusionMatrix
+from model.evaluation import ConfusionMatrix
+from model.task_scores import task_score
 from tests.conftest import png_bytes, tasks_on
 
 JSON = {"Accept": "application/json"}

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.calibration import expected_calibration_error, fit_temperature, task_score, unsure_fraction
+from model.calibration import expected_calibration_error, fit_temperature
 from model.predictor import Predictor, SemanticPrediction
+from model.task_scores import task_score, unsure_fraction
 
 
 @pytest.mark.parametrize("true_temperature", [0.5, 2.0])

@@ -12,7 +12,7 @@ import pytest
 from backend.annotations import region_mask
 from backend.check import ConnectionCheck
 from backend.images import ImageFetcher
-from backend.labelstudio import LabelStudioClient
+from backend.label_studio_client import LabelStudioClient
 from demo import world
 from demo.labelstudio import LABEL_STUDIO_BIN, ROOT, LabelStudio, backend_env, free_port, start_backend
 
@@ -142,7 +142,7 @@ def test_smart_clicks_and_boxes_through_label_studio(servers):
 def _miou(label_studio, project, scenes, ids, config, classes=None):
     from backend.annotations import results_to_label_map
     from backend.label_config import parse_targets
-    from model.metrics import ConfusionMatrix
+    from model.evaluation import ConfusionMatrix
 
     target = parse_targets(config)[0]
     confusion = ConfusionMatrix(len(world.NAMES))

@@ -1,5 +1,5 @@
-"""Interactive refinement: clicks and boxes → one label's mask (model.interactive), and Label Studio's
-smart-tool protocol around it (backend.interactive, /predict with a context)."""
+"""Interactive refinement: clicks and boxes → one label's mask (model.refinement), and Label Studio's
+smart-tool protocol around it (backend.smart_tools, /predict with a context)."""
 from pathlib import Path
 
 import cv2
@@ -13,9 +13,10 @@ from backend.settings import Settings
 from bench.interactive import iou, next_click, states_for
 from demo import world
 from demo.train_clip import DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE
-from model.build import ModelConfig, SegmentationModel
-from model.interactive import ImageState, Prompt, PromptError, refine
+from model.build import SegmentationModel
+from model.config import ModelConfig
 from model.predictor import Predictor
+from model.refinement import ImageState, Prompt, PromptError, refine
 from tests.conftest import png_bytes, tasks_on
 
 LABEL_CONFIG = (Path(__file__).parents[1] / "labeling_config" / "demo-world.xml").read_text()
@@ -237,20 +238,20 @@ def test_a_click_answers_with_the_labels_refined_mask(make_client, file_server, 
     passes.clear()
     context["result"].append(keypoint(1.0, 1.0, label, positive=False))
     assert "error" not in _interactive(client, tasks_on(file_server, scenes[:1]), context)["results"][0]
-    assert passes == [] and len(service.states) == 1
+    assert passes == [] and len(service.passes) == 1
 
 
 def test_opening_a_task_keeps_its_pass_for_the_clicks(make_client, file_server, scenes, monkeypatch):
     client, service = make_client()
     tasks = tasks_on(file_server, scenes[:2])
     client.post("/predict", json={"tasks": tasks, "label_config": SMART_CONFIG, "project": "1.1"})
-    assert len(service.states) == 0  # a batch keeps nothing
+    assert len(service.passes) == 0  # a batch keeps nothing
     client.post("/predict", json={"tasks": tasks[:1], "label_config": SMART_CONFIG, "project": "1.1"})
-    assert len(service.states) == 1
+    assert len(service.passes) == 1
     passes = _count_passes(monkeypatch)
     remade = []
-    monkeypatch.setattr("model.interactive.regions", lambda *args: remade.append(1))
-    monkeypatch.setattr("model.interactive.Superpixels.of", lambda state: remade.append(2))
+    monkeypatch.setattr("model.refinement.regions", lambda *args: remade.append(1))
+    monkeypatch.setattr("model.refinement.Superpixels.of", lambda state: remade.append(2))
     assert "error" not in _interactive(client, tasks[:1], {"result": [keypoint(50, 50, "grass")]})["results"][0]
     assert passes == [] and remade == []  # the pre-label and superpixels were made with the /predict
 
@@ -296,7 +297,7 @@ def test_a_task_whose_image_fails_fails_alone(make_client, file_server, scenes):
 
 
 def test_the_shipped_interactive_config_serves_its_smart_labels():
-    from backend.interactive import label_groups, parse_context
+    from backend.smart_tools import label_groups, parse_context
 
     config = (Path(__file__).parents[1] / "labeling_config" / "interactive-brush.xml").read_text()
     (target,) = parse_targets(config)
@@ -306,7 +307,7 @@ def test_the_shipped_interactive_config_serves_its_smart_labels():
 
 
 def test_the_click_cache_holds_its_bound_newest_entry_included():
-    from backend.interactive import ImageStates
+    from backend.smart_tools import ImageStates
 
     class State:
         def __init__(self, nbytes):
@@ -330,7 +331,7 @@ def test_the_click_cache_holds_its_bound_newest_entry_included():
      "at most 4 are refined"),
 ])
 def test_contexts_are_bounded_before_any_work(context, message):
-    from backend.interactive import ContextError, parse_context
+    from backend.smart_tools import ContextError, parse_context
 
     with pytest.raises(ContextError, match=message):
         parse_context(context)

@@ -1,7 +1,7 @@
 import pytest
 
 from backend.label_config import LabelConfigError, parse_targets
-from model.regions import RegionRules
+from model.config import RegionRules
 
 
 def test_brush_and_polygon_targets_with_prompts_and_thresholds():

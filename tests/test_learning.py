@@ -17,7 +17,7 @@ from backend.settings import Settings
 from backend.store import Store
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
-from model.metrics import ConfusionMatrix
+from model.evaluation import ConfusionMatrix
 from model.predictor import SemanticPrediction
 from tests.conftest import png_bytes
 

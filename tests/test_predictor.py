@@ -6,8 +6,9 @@ from PIL import Image
 
 from demo import world
 from demo.train_clip import DENSE_METHOD
-from model.build import ModelConfig, SegmentationModel
-from model.metrics import ConfusionMatrix
+from model.build import SegmentationModel
+from model.config import ModelConfig
+from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
 from model.vocabulary import Vocabulary
 
@@ -51,6 +52,7 @@ def test_top_k_post_processing_agrees_with_the_full_softmax_for_847_labels(demo_
 
 
 def _predictor(clip, **options):
+    options = {"refine_boundaries": False, **options}
     return SegmentationModel(clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=128, **options)).predictor()
 
 

@@ -6,9 +6,11 @@ import httpx
 import pytest
 from label_studio_sdk.core.api_error import ApiError
 
+from backend.pipeline import TaskPrediction
 from backend.prelabel import Prelabeler
 
 VERSION = "model@zero-shot:vocab-1"
+CONFIG = '<View><Image name="i" value="$image"/><BrushLabels name="m" toName="i"><Label value="a"/></BrushLabels></View>'
 
 
 class FakeLabelStudio:
@@ -30,7 +32,7 @@ class FakeLabelStudio:
                                      predictions_model_versions=",".join(self.predictions[i])) for i in ids])
 
     def _get(self, id):
-        return SimpleNamespace(label_config="<View/>", model_version=self.model_version)
+        return SimpleNamespace(label_config=CONFIG, model_version=self.model_version)
 
     def _update(self, id, model_version):
         self.model_version = model_version
@@ -49,20 +51,20 @@ class FakeLabelStudio:
 
 
 class FakeService:
-    """Predicts every task except those whose id is in ``broken``."""
+    """The library-level service a Prelabeler drives; predicts every task except those whose id is in ``broken``."""
 
     def __init__(self, broken=()):
         self.broken = set(broken)
         self.predicted: list[int] = []
+        serving = SimpleNamespace(model_version=lambda targets: VERSION)
+        self.runtime = SimpleNamespace(naming=lambda project: serving, serving=lambda project: serving)
+        self.projects = SimpleNamespace(set_up=lambda project, label_config: None)
+        self.pipeline = SimpleNamespace(predict=self._predict)
 
-    def setup(self, payload):
-        return {"model_version": VERSION}
-
-    def predict(self, payload):
-        self.predicted += [t["id"] for t in payload["tasks"]]
-        return {"results": [{"model_version": VERSION, "error": "broken image"} if t["id"] in self.broken else
-                            {"result": [{"id": "r"}], "score": 0.5, "model_version": VERSION}
-                            for t in payload["tasks"]]}
+    def _predict(self, project, tasks, targets, serving):
+        self.predicted += [t["id"] for t in tasks]
+        return [TaskPrediction(error="broken image") if t["id"] in self.broken else
+                TaskPrediction([{"id": "r"}], 0.5) for t in tasks]
 
 
 def run(client, service, **kwargs):

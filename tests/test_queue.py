@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.queue import JobQueue
+from backend.rq_jobs import RQJobQueue
 from backend.store import Store, project_key
 from demo import world
 from demo.labelstudio import LABEL_STUDIO_BIN, ROOT, LabelStudio, ManagedProcess, backend_env, free_port, start_backend
@@ -80,8 +80,8 @@ def wait_until(condition, timeout: float, what: str, poll: float = 0.5):
     return value
 
 
-def queue_of(redis_server, chunk_size: int = 8) -> JobQueue:
-    return JobQueue(redis_server.url, chunk_size=chunk_size, chunk_timeout=600, retries=5)
+def queue_of(redis_server, chunk_size: int = 8) -> RQJobQueue:
+    return RQJobQueue(redis_server.url, chunk_size=chunk_size, chunk_timeout=600, retries=5)
 
 
 def test_a_worker_killed_mid_chunk_loses_nothing_and_predicts_nothing_twice(label_studio, redis_server, workers):

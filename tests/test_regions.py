@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.calibration import TASK_SCORES, task_score
+from model.config import RegionRules
 from model.predictor import Predictor
-from model.regions import RegionRules, box_mean, guided_filter
+from model.regions import box_mean, guided_filter
+from model.task_scores import TASK_SCORES, task_score
 from model.vocabulary import UNLABELED
 
 

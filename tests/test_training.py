@@ -12,7 +12,9 @@ from label_studio_sdk.converter.brush import mask2rle
 
 from backend.images import ImageFetcher
 from backend.training import build_samples
+from model.build import SegmentationModel
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.config import ModelConfig
 from model.losses import (
     classification_loss,
     distillation_loss,
@@ -126,8 +128,19 @@ def test_finetuning_is_deterministic_and_checkpoints_round_trip(demo_clip, tiny_
     x = torch.randn(1, 3, 64, 64)
     text = F.normalize(torch.randn(2, 128), dim=1)
     assert torch.allclose(fresh(x, text), segmenter(x, text))
-    with pytest.raises(CheckpointError, match="trained on CLIP"):
+    with pytest.raises(CheckpointError, match="trained under demo-clip.*, not other-clip"):
         load_checkpoint(path, fresh, "other-clip")
+
+
+def test_a_checkpoint_trained_under_another_dense_method_is_refused(demo_clip, tmp_path):
+    """A decoder trained on MaskCLIP's features must not load under ClearCLIP: the model's identity names both."""
+    maskclip = SegmentationModel(demo_clip, ModelConfig(dense_method="maskclip"))
+    clearclip = SegmentationModel(demo_clip, ModelConfig(dense_method="clearclip"))
+    assert maskclip.identity != clearclip.identity and maskclip.identity.startswith(demo_clip.identity)
+    path = save_checkpoint(tmp_path / "v1.pt", maskclip.segmenter(), maskclip.identity)
+    assert maskclip.load_predictor(path) is not None
+    with pytest.raises(CheckpointError, match=r"v1\.pt was trained under .*\+maskclip, not .*\+clearclip"):
+        clearclip.load_predictor(path)
 
 
 def test_a_killed_writer_leaves_the_previous_checkpoint(demo_clip, tmp_path):

@@ -8,8 +8,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from model.config import RegionRules
 from model.predictor import SemanticPrediction
-from model.regions import RegionRules
 from model.vocabulary import Vocabulary
 
 

@@ -5,7 +5,7 @@ with a ``smart="true"`` ``KeyPointLabels`` or ``RectangleLabels`` tag makes Labe
 /predict for that one task with ``params.context = {"result": [...]}``: the annotation's smart
 regions of the same tool and label, in percent of the image, a keypoint's ``is_positive`` false
 when drawn with Alt. The answer's first entry becomes the annotator's suggestion. The label's mask
-comes from :func:`model.interactive.refine`, as each ``BrushLabels`` / ``PolygonLabels`` tag of the
+comes from :func:`model.refinement.refine`, as each ``BrushLabels`` / ``PolygonLabels`` tag of the
 same image with that label shapes it.
 
 Each image's forward pass is kept in a bounded LRU (:class:`ImageStates`), keyed by model version,
@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from backend.control_tags import ControlTag
-from model.interactive import ImageState, Prompt
+from model.refinement import ImageState, Prompt
 
 SMART_TYPES = {"keypointlabels": "KeyPointLabels", "rectanglelabels": "RectangleLabels"}
 
@@ -138,7 +138,7 @@ def label_groups(regions: tuple[SmartRegion, ...],
 
 
 def as_prompt(label: int, regions: list[SmartRegion], height: int, width: int) -> Prompt:
-    """One label's regions as a :class:`model.interactive.Prompt` in a ``width`` × ``height`` image's pixels."""
+    """One label's regions as a :class:`model.refinement.Prompt` in a ``width`` × ``height`` image's pixels."""
     clicks = tuple((x * width / 100, y * height / 100, positive)
                    for x, y, positive in (r.click for r in regions if r.click))
     boxes = tuple((x * width / 100, y * height / 100, (x + w) * width / 100, (y + h) * height / 100)
@@ -147,7 +147,7 @@ def as_prompt(label: int, regions: list[SmartRegion], height: int, width: int) -
 
 
 class ImageStates:
-    """A least-recently-used store of :class:`model.interactive.ImageState`, within ``max_bytes``."""
+    """A least-recently-used store of :class:`model.refinement.ImageState`, within ``max_bytes``."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -172,6 +172,10 @@ class ImageStates:
             # Sizes are read now: a state grows (superpixels, pre-labels) as clicks use it.
             while sum(s.nbytes for s in self._states.values()) > self.max_bytes:
                 self._states.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._states.clear()
 
     def __len__(self) -> int:
         return len(self._states)

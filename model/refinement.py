@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.regions import NO_PRUNING, RegionRules, nearest_upsample, regions, working_shape
+from model.config import NO_PRUNING, RegionRules
+from model.regions import nearest_upsample, regions, working_shape
 from model.superpixels import slic
 
 SUPERPIXEL_CELL_SHARE = 0.5  # a superpixel's width, in logit cells

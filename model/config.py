@@ -1,0 +1,77 @@
+"""What a deployment chooses about the model, with every default in one place, and no torch.
+
+The backend's settings read these at startup (and check the choices) before any model code is
+imported: the container's health check and ``python -m backend --help`` import this, not torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+# Ways to make a CLIP image tower's per-location features text-aligned (model.dense.DENSE_TOWERS builds them).
+DENSE_METHODS = ("clearclip", "maskclip")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class RegionRules:
+    """What a predicted region must be to be kept (:mod:`model.regions`).
+
+    Attributes:
+        min_score: the least mean calibrated confidence of a label's pixels; below it they are unlabeled.
+        min_area: the least fraction of the image a label covers; below it its pixels go to the
+            best label that stays.
+        reassign_unlikely: an unlikely label's pixels go to the best label that stays too, instead of
+            being unlabeled (measured worse; kept for ``bench.prelabel_quality``'s comparison).
+    """
+
+    min_score: float = 0.0
+    min_area: float = 0.0
+    reassign_unlikely: bool = False
+
+
+NO_PRUNING = RegionRules()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a deployment chooses about the model (the backend fills it from its settings).
+
+    Attributes:
+        clip_model, clip_pretrained, device: see :func:`model.clip.load_clip`.
+        dense_method, seen_weight, unseen_weight: see :func:`model.segmenter.build_segmenter`.
+        inference_size, batch_size, max_area, precision, refine_boundaries: see
+            :class:`model.predictor.Predictor`.
+        temperature: the zero-shot model's; a fine-tuned version carries the one its training fitted.
+        cache_dir: where text embeddings are cached on disk (None: memory only), within
+            ``text_cache_disk_bytes``; ``text_cache_vocabularies`` label sets stay in memory.
+    """
+
+    clip_model: str = "ViT-B-16"
+    clip_pretrained: str = "openai"
+    device: str = "cpu"
+    dense_method: str = "clearclip"
+    seen_weight: float = 0.35
+    unseen_weight: float = 0.8
+    inference_size: int = 448
+    batch_size: int = 8
+    max_area: float = 4.0
+    temperature: float = 1.0
+    precision: str = "auto"
+    refine_boundaries: bool = True
+    cache_dir: Path | None = None
+    text_cache_vocabularies: int = 64
+    text_cache_disk_bytes: int = 256 * 2**20
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULTS = ModelConfig()
+
+
+def model_identity(clip_identity: str, dense_method: str) -> str:
+    """What a trained decoder depends on: the CLIP (model and weights) and the dense method that shapes its
+    features, e.g. ``ViT-B-16/openai+clearclip``. Checkpoints and model versions carry it."""
+    return f"{clip_identity}+{dense_method}"

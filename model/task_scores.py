@@ -1,0 +1,52 @@
+"""Task scores: one number per predicted task, lower = more in need of review (no torch).
+
+Each is a function of a :class:`model.predictor.SemanticPrediction` with calibrated confidences, named
+in :data:`TASK_SCORES` (the backend's ``TASK_SCORE``). Measured by ``python -m bench.prelabel_quality``
+(Spearman against the task's own mIoU, on two worlds) and ``python -m bench.active_learning`` (README).
+An empty prediction scores 0.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def mean_score(prediction, sure_at: float = 0.5) -> float:
+    """The mean score of every label the model found, those then left unlabeled as unlikely included, each
+    counting once: a task whose image the model hesitates over scores low however clean its pruned pre-label
+    looks."""
+    scores = list(prediction.found_scores.values())
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def product_score(prediction, sure_at: float = 0.5) -> float:
+    """The product of those scores: the probability that every label found is right if they err independently."""
+    scores = list(prediction.found_scores.values())
+    return float(np.prod(scores)) if scores else 0.0
+
+
+def sure_pixels(prediction, sure_at: float = 0.5) -> float:
+    """The fraction of pixels whose confidence is at least ``sure_at``."""
+    return 1 - unsure_fraction(prediction.confidence, sure_at)
+
+
+def pixel_accuracy(prediction, sure_at: float = 0.5) -> float:
+    """The expected share of the image labeled right: the mean confidence, unlabeled pixels counting 0."""
+    return float(np.where(prediction.label_map >= 0, prediction.confidence, 0).mean())
+
+
+TASK_SCORES: dict[str, Callable[..., float]] = {"product": product_score, "mean": mean_score,
+                                                "sure_pixels": sure_pixels, "pixel_accuracy": pixel_accuracy}
+
+
+def task_score(prediction, kind: str = "mean", sure_at: float = 0.5) -> float:
+    """The task score named ``kind`` (:data:`TASK_SCORES`) of ``prediction``, in [0, 1]."""
+    if kind not in TASK_SCORES:
+        raise ValueError(f"unknown task score {kind!r}: expected one of {', '.join(TASK_SCORES)}")
+    return TASK_SCORES[kind](prediction, sure_at)
+
+
+def unsure_fraction(confidence: np.ndarray, below: float) -> float:
+    """The fraction of pixels whose calibrated confidence is under ``below``."""
+    return float(np.mean(confidence < below))
