@@ -25,7 +25,7 @@ from backend.annotations import results_to_label_map
 from backend.label_config import parse_targets
 from demo import world
 from demo.labelstudio import DEMO_MODEL_SETTINGS, ROOT, LabelStudio, backend_env, port_is_free, start_backend
-from model.metrics import ConfusionMatrix
+from model.evaluation import ConfusionMatrix
 
 CONFIG = ROOT / "labeling_config" / "demo-world.xml"
 SCENE_NAME = re.compile(r"scene-(\d+)\.png$")

@@ -20,7 +20,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-from backend.labelstudio import LabelStudioClient
+from backend.label_studio_client import LabelStudioClient
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_STUDIO_BIN = ROOT / ".venv-ls" / "bin" / "label-studio"
