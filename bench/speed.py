@@ -115,8 +115,8 @@ def client_for(model: SegmentationModel, settings: Settings):
 
 
 def predict_call(client, images: list[np.ndarray], vocabulary: Vocabulary, http: bool = True):
-    """A /predict of ``images`` as a timed call: through ``client`` (HTTP), or straight to its service, as
-    ``backend.prelabel`` calls it (no request-size limit: batches of full-size photos)."""
+    """A /predict of ``images`` as a timed call: through ``client`` (HTTP), or straight to its service (no
+    request-size limit: batches of full-size photos, the pipeline ``backend.prelabel`` runs)."""
     payload = {"tasks": [{"id": i, "data": {"image": data_uri(image)}} for i, image in enumerate(images)],
                "label_config": brush_config(vocabulary)}
     service = client.application.config["service"]
