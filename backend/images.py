@@ -82,9 +82,8 @@ class ImageFetcher:
         current = self.label_studio
         if current is not None and (current.url, current.token) == (label_studio_url, api_key or ""):
             return  # Label Studio repeats /setup often: keep the client and its cached access token
-        self.label_studio_url = label_studio_url
-        self.label_studio = LabelStudioClient(self.label_studio_url, api_key or "", self.timeout) \
-            if self.label_studio_url else None
+        self.label_studio = LabelStudioClient(label_studio_url, api_key or "", self.timeout) \
+            if label_studio_url else None
 
     # ------------------------------------------------------------------ URL resolution
     def resolve(self, uri: str, task_id=None, label_studio: LabelStudioClient | None = None
