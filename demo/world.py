@@ -367,10 +367,15 @@ def shifted_scenes(count: int, seed: int = 4242, size: int = 192):
     scenes = []
     for _ in range(count):
         image, labels = render_scene(rng, size=size, max_things=8, thing_radius=(0.05, 0.12))
-        pixels = 255 * (image / 255) ** rng.uniform(0.7, 1.4)
-        pixels = (pixels - 128) * rng.uniform(0.7, 1.2) + 128
-        pixels = np.asarray(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-                            .filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5))), float)
-        pixels += rng.normal(0, rng.uniform(0, 12), pixels.shape)
-        scenes.append((np.clip(pixels, 0, 255).astype(np.uint8), labels))
+        scenes.append((random_camera(rng, image), labels))
     return scenes
+
+
+def random_camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """``image`` as a random camera would take it: gamma, contrast, blur and noise."""
+    pixels = 255 * (image / 255) ** rng.uniform(0.7, 1.4)
+    pixels = (pixels - 128) * rng.uniform(0.7, 1.2) + 128
+    pixels = np.asarray(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+                        .filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5))), float)
+    pixels += rng.normal(0, rng.uniform(0, 12), pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
