@@ -48,7 +48,7 @@ class ClickHandler:
             prompt = as_prompt(label, regions, state.height, state.width)
             by_rules: dict[RegionRules, SemanticPrediction] = {}
             for target in group:
-                rules = target.rules(self.settings.region_rules())
+                rules = target.rules(serving.region_rules(self.settings))
                 if rules not in by_rules:
                     mask, probability = refine(state, prompt, rules)
                     by_rules[rules] = SemanticPrediction(np.where(mask, label, UNLABELED).astype(np.int16), probability)
@@ -68,7 +68,7 @@ class ClickHandler:
         state = self.passes.get(key)
         if state is None:
             image = self.pipeline.decode(content, serving.predictor)
-            (logits, embeddings), = serving.predictor.logits_and_embeddings([image], target.vocabulary)
-            state = ImageState.from_image(logits, embeddings, image, serving.predictor)
+            (scores,) = serving.predictor.logits_and_embeddings([image], target.vocabulary)
+            state = ImageState.from_image(*scores, image, serving.predictor)
             self.passes.put(key, state)
         return key, state

@@ -149,14 +149,14 @@ class PredictPipeline:
         predictor, images = serving.predictor, list(loaded.values())
         state = None
         if keep:
-            (logits, embeddings), = predictor.logits_and_embeddings(images, group[0].vocabulary)
-            state = ImageState.from_image(logits, embeddings, images[0], predictor)
-            logits = [logits]
+            (scores,) = predictor.logits_and_embeddings(images, group[0].vocabulary)
+            state = ImageState.from_image(*scores, images[0], predictor)
+            logits = [scores[0]]
         else:
             logits = predictor.logits(images, group[0].vocabulary)
         by_rules: dict[RegionRules, list] = {}
         for target in group:
-            rules = target.rules(self.settings.region_rules())
+            rules = target.rules(serving.region_rules(self.settings))
             if rules not in by_rules:
                 by_rules[rules] = predictor.semantic(images, logits, rules)
             for index, prediction in zip(loaded, by_rules[rules], strict=True):

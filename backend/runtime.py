@@ -27,7 +27,7 @@ from backend.store import Store, Version
 from model.build import SegmentationModel
 from model.build import load_model as build_model
 from model.checkpoint import CheckpointError
-from model.config import model_identity
+from model.config import RegionRules, model_identity
 from model.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,10 @@ class Serving:
     def model_version(self, targets: tuple[ControlTag, ...]) -> str:
         """The string Label Studio stores with each prediction: checkpoint and vocabulary."""
         return f"{self.name}:{vocabulary_tag(targets)}"
+
+    def region_rules(self, settings: Settings) -> RegionRules:
+        """The pruning of pre-labels whose control tag sets none: the settings', with the version's fitted rule."""
+        return settings.region_rules(self.version.summary.get("min_region_score") if self.version else None)
 
 
 class ModelRuntime:

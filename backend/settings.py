@@ -24,6 +24,12 @@ _FALSE = ("0", "false", "no", "off")
 _DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?|mps")
 
 
+def _optional_float(name: str) -> float | None:
+    """A number, or None when unset (the model then derives it)."""
+    raw = _env(name)
+    return float(raw) if raw else None
+
+
 def _flag(name: str, default: bool) -> bool:
     """A yes/no setting; anything but these words is refused (a typo must not silently mean "no")."""
     raw = _env(name, "true" if default else "false").lower()
@@ -81,12 +87,16 @@ class Settings:
                                                                         str(DEFAULTS.text_cache_disk_bytes))))
 
     # Scores (see README: "Scores, review and active learning")
-    temperature: float = field(default_factory=lambda: float(_env("TEMPERATURE", str(DEFAULTS.temperature))))
+    # Unset: the zero-shot model's is fitted per vocabulary without labels (model.presence).
+    temperature: float | None = field(default_factory=lambda: _optional_float("TEMPERATURE"))
+    presence_weight: float = field(default_factory=lambda: float(_env("PRESENCE_WEIGHT",
+                                                                      str(DEFAULTS.presence_weight))))
     task_score: str = field(default_factory=lambda: _env("TASK_SCORE", "mean"))
     unsure_below: float = field(default_factory=lambda: float(_env("UNSURE_BELOW", "0")))
 
     # Pre-labels (see README: "Pre-labels"); a label config's control tag may override the first two
-    min_region_score: float = field(default_factory=lambda: float(_env("MIN_REGION_SCORE", "0.25")))
+    # Unset: 0 zero-shot (the presence prior decides), and what each version's training fitted on its annotations.
+    min_region_score: float | None = field(default_factory=lambda: _optional_float("MIN_REGION_SCORE"))
     min_region_area: float = field(default_factory=lambda: float(_env("MIN_REGION_AREA", "0.01")))
     refine_boundaries: bool = field(default_factory=lambda: _flag("REFINE_BOUNDARIES", DEFAULTS.refine_boundaries))
     # Interactive refinement (see README: "Clicks and boxes"): memory for the images annotators click on
@@ -127,10 +137,12 @@ class Settings:
         if not 0 <= self.unsure_below < 1:
             raise ValueError(f"UNSURE_BELOW must be a probability in [0, 1), not {self.unsure_below}")
         for name in ("min_region_score", "min_region_area"):
-            if not 0 <= getattr(self, name) < 1:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be in [0, 1), not {getattr(self, name)}")
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"TEMPERATURE must be positive, not {self.temperature}")
+        if self.presence_weight < 0:
+            raise ValueError(f"PRESENCE_WEIGHT must be 0 or more, not {self.presence_weight}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             # Half a credential pair must not silently leave every endpoint open.
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
@@ -169,6 +181,8 @@ class Settings:
                 value = ",".join(value)
             elif isinstance(value, dict):
                 value = ",".join(f"{k}:{v}" for k, v in value.items())
+            elif value is None:
+                value = ""
             env[name.upper()] = str(value)
         return env
 
@@ -178,14 +192,17 @@ class Settings:
                            dense_method=self.dense_method, seen_weight=self.ensemble_seen_weight,
                            unseen_weight=self.ensemble_unseen_weight, inference_size=self.inference_size,
                            batch_size=self.predict_batch_size, max_area=self.max_inference_area,
-                           temperature=self.temperature, precision=self.precision,
+                           temperature=self.temperature, presence_weight=self.presence_weight,
+                           precision=self.precision,
                            refine_boundaries=self.refine_boundaries, cache_dir=self.cache_dir,
                            text_cache_vocabularies=self.text_cache_vocabularies,
                            text_cache_disk_bytes=self.text_cache_disk_bytes)
 
-    def region_rules(self) -> RegionRules:
-        """The pruning of pre-labels whose control tag sets none of its own."""
-        return RegionRules(self.min_region_score, self.min_region_area)
+    def region_rules(self, fitted_min_score: float | None = None) -> RegionRules:
+        """The pruning of pre-labels whose control tag sets none of its own: ``MIN_REGION_SCORE`` if set, else
+        the ``fitted_min_score`` of the version serving (None: zero-shot, 0)."""
+        min_score = self.min_region_score if self.min_region_score is not None else fitted_min_score
+        return RegionRules(min_score or 0.0, self.min_region_area)
 
     @property
     def cache_dir(self) -> Path:

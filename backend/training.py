@@ -32,7 +32,7 @@ from backend.local_training import FAILURE_PREFIX
 from backend.runtime import ModelRuntime
 from backend.settings import Settings
 from backend.store import ProjectIdError, Store, Version, project_key
-from model.calibration import calibrate
+from model.calibration import calibrate, fit_min_score
 from model.checkpoint import save_checkpoint
 from model.files import atomic_write
 from model.train import Sample, TrainConfig, finetune
@@ -162,8 +162,9 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
     write_progress(progress, state="calibrating", pid=os.getpid(), started=started)
     # The fine-tuned model's own annotations calibrate it about as well as held-out ones would
     # (bench.calibration), so no annotation is set aside from training.
-    summary.update(calibrate(model.predictor(segmenter, temperature=1.0), [s.image for s in samples],
-                             [s.labels for s in samples], vocabulary))
+    predictor = model.predictor(segmenter, temperature=1.0)
+    summary.update(calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], vocabulary))
+    summary["min_region_score"] = fit_region_rule(predictor, samples, vocabulary, settings)
     summary.update(images=len(samples), classes=list(vocabulary.labels), skipped_annotations=len(skipped),
                    skipped=skipped[:20])
     version = store.add_version(project, summary, lambda number, path: save_checkpoint(
@@ -174,6 +175,19 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
                    seconds=round(time.time() - started, 1))
     log.info("project %s: version v%d ready (%s)", project, version.version, version.path)
     return version
+
+
+def fit_region_rule(predictor, samples: list[Sample], vocabulary: Vocabulary, settings: Settings,
+                    chunk: int = 32) -> float:
+    """The version's ``min_region_score``, fitted on its annotations as its pre-labels are served."""
+    found, present = [], []
+    for start in range(0, len(samples), chunk):
+        batch = samples[start:start + chunk]
+        for prediction, sample in zip(predictor.predict([s.image for s in batch], vocabulary,
+                                                        settings.region_rules(0.0)), batch, strict=True):
+            found.append(prediction.found_scores)
+            present.append({int(c) for c in np.unique(sample.labels) if c >= 0})
+    return fit_min_score(found, present)
 
 
 def _project_samples(settings: Settings, store: Store, project: str) -> tuple[list[Sample], Vocabulary, list[dict]]:

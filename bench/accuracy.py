@@ -25,10 +25,7 @@ import time
 import numpy as np
 
 from demo import world
-from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
-from model.build import SegmentationModel
-from model.clip import load_clip
-from model.config import ModelConfig
+from demo.train_clip import DEMO_CLIPS, add_clip_argument
 from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
 from model.train import Sample, TrainConfig, finetune
@@ -72,9 +69,9 @@ class Runner:
 
     def __init__(self, args):
         self.args = args
-        self.model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
-                                       ModelConfig(dense_method=DENSE_METHOD, inference_size=args.size,
-                                                   refine_boundaries=False))
+        clip = DEMO_CLIPS[args.clip]
+        self.model = clip.model(inference_size=args.size or clip.inference_size, refine_boundaries=False)
+        args.size = self.model.config.inference_size
         self.test = world.test_scenes(args.test_images)
         self.rows: dict[tuple[str, str], list[dict]] = {}
 
@@ -127,7 +124,9 @@ def main(argv=None) -> None:
     parser.add_argument("--ablation-images", type=int, default=200,
                         help="the absent-scenario size at which every variant runs (the others: plain and GKC)")
     parser.add_argument("--test-images", type=int, default=80)
-    parser.add_argument("--size", type=int, default=INFERENCE_SIZE)
+    parser.add_argument("--size", type=int, default=0, help="the inference size (default: the CLIP's)")
+    parser.add_argument("--absent-only", action="store_true", help="only the absent scenario")
+    add_clip_argument(parser)
     parser.add_argument("--unfreeze-blocks", type=int, default=0, help="also fine-tune the last N tower blocks")
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
@@ -137,7 +136,7 @@ def main(argv=None) -> None:
     unannotated = base_only_samples(args.train_images, seed=777)
     sizes = [int(n) for n in args.absent_images.split(",") if n]
     for seed in range(args.seeds):
-        for name in VARIANTS:
+        for name in () if args.absent_only else VARIANTS:
             runner.train("unannotated", name, unannotated, seed)
         for count in sizes:
             absent = base_only_samples(count, seed=777 + seed, absent=True)
@@ -147,18 +146,19 @@ def main(argv=None) -> None:
 
     tower = f"last {args.unfreeze_blocks} tower blocks trained" if args.unfreeze_blocks else "tower frozen"
     setting = f"{args.steps} steps ({tower}), mean ± std over {args.seeds} seeds, {args.test_images} test scenes"
-    runner.table("unannotated", f"mIoU (%), unannotated scenario: {args.train_images} images showing every class, "
-                                f"base classes annotated; {setting}", zero_shot)
+    if not args.absent_only:
+        runner.table("unannotated", f"mIoU (%), unannotated scenario: {args.train_images} images showing every "
+                                    f"class, base classes annotated; {setting}", zero_shot)
     for count in sizes:
         runner.table(f"absent-{count}", f"mIoU (%), absent scenario: {count} images showing base classes only, "
                                         f"fully annotated; {setting}", zero_shot)
     gkc, plain = "+ both (GKC)", "plain fine-tuning"
     absent = f"absent-{sizes[-1]}"
-    fields = [f"zero_shot_novel={zero_shot['novel']:.1f}",
-              f"plain_novel={runner.mean('unannotated', plain, 'novel'):.1f}",
-              f"gkc_novel={runner.mean('unannotated', gkc + ENSEMBLE, 'novel'):.1f}",
-              f"gkc_base={runner.mean('unannotated', gkc + ENSEMBLE, 'base'):.1f}",
-              f"zero_shot_base={zero_shot['base']:.1f}",
+    fields = [] if args.absent_only else [
+        f"zero_shot_novel={zero_shot['novel']:.1f}", f"plain_novel={runner.mean('unannotated', plain, 'novel'):.1f}",
+        f"gkc_novel={runner.mean('unannotated', gkc + ENSEMBLE, 'novel'):.1f}",
+        f"gkc_base={runner.mean('unannotated', gkc + ENSEMBLE, 'base'):.1f}"]
+    fields += [f"clip={args.clip}", f"zero_shot_base={zero_shot['base']:.1f}",
               f"absent_zero_shot_novel={zero_shot['novel']:.1f}",
               f"absent_plain_novel={runner.mean(absent, plain, 'novel'):.1f}",
               f"absent_gkc_novel={runner.mean(absent, gkc + ENSEMBLE, 'novel'):.1f}",

@@ -19,11 +19,8 @@ from backend.settings import Settings
 from backend.training import restrict_to_annotated
 from bench.accuracy import evaluate
 from demo import world
-from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
-from model.build import SegmentationModel
+from demo.train_clip import DEMO_CLIPS, add_clip_argument
 from model.calibration import calibrate
-from model.clip import load_clip
-from model.config import ModelConfig
 from model.predictor import Predictor
 from model.task_scores import TASK_SCORES, task_score
 from model.train import Sample, TrainConfig, finetune
@@ -40,15 +37,14 @@ def main(argv=None) -> None:
     parser.add_argument("--random-draws", type=int, default=5)
     parser.add_argument("--test-images", type=int, default=60)
     parser.add_argument("--steps", type=int, default=300)
+    add_clip_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    # At the demo CLIP's zero-shot temperature until calibrated; pre-labels pruned and refined as served.
+    # At the label-free temperature until calibrated; pre-labels pruned and refined as served.
     served = Settings()
-    model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
-                              ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
-                                          temperature=ZERO_SHOT_TEMPERATURE,
-                                          refine_boundaries=served.refine_boundaries))
+    clip = DEMO_CLIPS[args.clip]
+    model = clip.model(refine_boundaries=served.refine_boundaries)
     vocabulary = Vocabulary.from_labels(world.NAMES)
     pool, test = world.test_scenes(args.pool, seed=2024), world.test_scenes(args.test_images)
 
@@ -57,7 +53,7 @@ def main(argv=None) -> None:
     def trained_on(indices) -> Predictor:
         samples, classes = restrict_to_annotated([Sample(*pool[i]) for i in indices], vocabulary)
         segmenter = model.segmenter()
-        finetune(segmenter, model.clip, model.encoder, samples, classes, TrainConfig(steps=args.steps, size=INFERENCE_SIZE))
+        finetune(segmenter, model.clip, model.encoder, samples, classes, TrainConfig(steps=args.steps, size=clip.inference_size))
         predictor = model.predictor(segmenter)
         calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], classes)  # as training jobs do
         return predictor

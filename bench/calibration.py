@@ -18,11 +18,9 @@ import torch
 from scipy.stats import spearmanr
 
 from demo import world
-from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
-from model.build import SegmentationModel
+from demo.train_clip import DEMO_CLIPS, add_clip_argument
+from model import presence
 from model.calibration import calibrate, expected_calibration_error
-from model.clip import load_clip
-from model.config import ModelConfig
 from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor, SemanticPrediction
 from model.task_scores import TASK_SCORES, task_score
@@ -43,21 +41,23 @@ def candidate_scores(prediction: SemanticPrediction) -> dict[str, float]:
 
 def report(name: str, predictor: Predictor, vocabulary: Vocabulary, fit_sets: dict[str, list], test) -> dict:
     """ECE before and after calibration on each fit set; Spearman of task scores, calibrated on the last."""
-    test_logits = predictor.logits([image for image, _ in test], vocabulary)
+    passes = predictor.passes([image for image, _ in test], vocabulary)
     results = {"temperature": {}, "ece": {}, "spearman": {}}
     print(f"\n{name}: pixel ECE (%) on {len(test)} test scenes")
+    # "none": what is served before any annotation (zero-shot: the label-free temperature).
     for label, scenes in [("none", [])] + list(fit_sets.items()):
         calibration = calibrate(predictor, [i for i, _ in scenes], [t for _, t in scenes], vocabulary,
-                                min_images=1) if scenes else {"temperature": 1.0}
-        predictions = [Predictor.to_semantic(out, *truth.shape, predictor.temperature)
-                       for out, (_, truth) in zip(test_logits, test, strict=True)]
+                                min_images=1) if scenes else {"temperature": predictor.temperature_for(vocabulary, passes)}
+        temperature = calibration["temperature"]
+        predictions = [Predictor.to_semantic(presence.apply(out, prior, temperature, predictor.presence_weight),
+                                             *truth.shape) for (out, prior), (_, truth) in zip(passes, test, strict=True)]
         ece = expected_calibration_error(np.concatenate([p.confidence.ravel() for p in predictions]),
                                          np.concatenate([(p.label_map == t).ravel()
                                                          for p, (_, t) in zip(predictions, test, strict=True)]))
         results["temperature"][label], results["ece"][label] = calibration["temperature"], ece
         print(f"  T fitted on {label:>26}: T = {calibration['temperature']:.3f}  ECE = {ece:.1f}")
     quality = [task_miou(t, p.label_map) for p, (_, t) in zip(predictions, test, strict=True)]
-    print(f"  Spearman(task score, task mIoU), T = {predictor.temperature:.3f}:")
+    print(f"  Spearman(task score, task mIoU), T = {temperature:.3f}:")
     for key in candidate_scores(predictions[0]):
         rho = spearmanr([candidate_scores(p)[key] for p in predictions], quality).statistic
         results["spearman"][key] = rho
@@ -72,13 +72,13 @@ def main(argv=None) -> None:
     parser.add_argument("--calibration-images", type=int, default=40)
     parser.add_argument("--test-images", type=int, default=80)
     parser.add_argument("--steps", type=int, default=300)
+    add_clip_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
 
-    model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
-                              ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
-                                          refine_boundaries=False))
+    clip = DEMO_CLIPS[args.clip]
+    model = clip.model(refine_boundaries=False)
     vocabulary = Vocabulary.from_labels(world.NAMES)
     train = world.test_scenes(args.train_images, seed=777)
     held_out = world.test_scenes(args.calibration_images, seed=778)
@@ -89,11 +89,11 @@ def main(argv=None) -> None:
     segmenter = model.segmenter()
     with torch.enable_grad():
         finetune(segmenter, model.clip, model.encoder, [Sample(image, labels) for image, labels in train], vocabulary,
-                 TrainConfig(steps=args.steps, size=INFERENCE_SIZE))
+                 TrainConfig(steps=args.steps, size=clip.inference_size))
     tuned = report(f"fine-tuned on {args.train_images} annotated images", model.predictor(segmenter), vocabulary,
                    {"held-out annotated images": held_out, "its training images": train}, test)
     default = "TASK_SCORE=product"
-    print(f"\ncalibration: zero_shot_ece={zero_shot['ece']['none']:.1f}->{zero_shot['ece']['held-out annotated images']:.1f} "
+    print(f"\ncalibration: clip={args.clip} zero_shot_ece={zero_shot['ece']['none']:.1f}->{zero_shot['ece']['held-out annotated images']:.1f} "
           f"tuned_ece={tuned['ece']['none']:.1f}->{tuned['ece']['its training images']:.1f} "
           f"spearman_zero_shot={zero_shot['spearman'][default]:.2f} spearman_tuned={tuned['spearman'][default]:.2f}")
 

@@ -35,7 +35,7 @@ import torch
 
 from backend.settings import Settings
 from demo import world
-from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
+from demo.train_clip import DEMO_CLIPS, add_clip_argument
 from model.build import SegmentationModel
 from model.clip import load_clip
 from model.config import ModelConfig
@@ -155,8 +155,8 @@ def one_example(states: list[ImageState], scenes, rules) -> None:
 
 def states_for(predictor, scenes) -> list[ImageState]:
     images = [image for image, _ in scenes]
-    return [ImageState.from_image(logits, embeddings, image, predictor)
-            for (logits, embeddings), image in zip(predictor.logits_and_embeddings(images, VOCABULARY), images,
+    return [ImageState.from_image(*scores, image, predictor)
+            for scores, image in zip(predictor.logits_and_embeddings(images, VOCABULARY), images,
                                                    strict=True)]
 
 
@@ -217,12 +217,11 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=448, help="its inference size")
     parser.add_argument("--photo", default="1920x1080", help="the photo clicked on, WIDTHxHEIGHT")
     parser.add_argument("--repeats", type=int, default=5)
+    add_clip_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
-    model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
-                              ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
-                                          temperature=ZERO_SHOT_TEMPERATURE, refine_boundaries=True))
+    model = DEMO_CLIPS[args.clip].model(refine_boundaries=True)
     predictor = model.predictor()  # its pre-labels as the backend serves them
     rules = Settings().region_rules()
     methods = {"(a) from the zero-shot pre-label (the backend's)": Refined(True, rules),

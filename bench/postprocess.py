@@ -22,7 +22,7 @@ from PIL import Image
 
 from bench.accuracy import evaluate
 from demo import world
-from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
+from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
 from model.build import SegmentationModel
 from model.clip import load_clip
 from model.config import ModelConfig
@@ -58,8 +58,8 @@ def demo_world(model: SegmentationModel, count: int) -> dict[str, tuple[float, f
                 image = np.asarray(Image.fromarray(image).resize((side, side), Image.BICUBIC))
                 truth = np.asarray(Image.fromarray(truth).resize((side, side), Image.NEAREST))
             logits = predictor.logits([image], vocabulary)[0]
-            reference, _ = full_softmax(logits, side, side, ZERO_SHOT_TEMPERATURE)
-            label_map = Predictor.to_semantic(logits, side, side, ZERO_SHOT_TEMPERATURE).label_map
+            reference, _ = full_softmax(logits, side, side, 1.0)  # the logits are calibrated already
+            label_map = Predictor.to_semantic(logits, side, side).label_map
             full.update(truth, reference)
             ours.update(truth, label_map)
             agree, pixels = agree + int((label_map == reference).sum()), pixels + label_map.size

@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from backend.settings import Settings
+from backend.training import fit_region_rule
 from bench.calibration import task_miou
 from demo import world
-from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
-from model.build import SegmentationModel
+from demo.train_clip import DEMO_CLIPS, add_clip_argument
+from model import presence
 from model.calibration import calibrate
-from model.clip import load_clip
-from model.config import NO_PRUNING, ModelConfig, RegionRules
+from model.config import NO_PRUNING, RegionRules
 from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
 from model.regions import GUIDED_FILTER_EPS, guided_filter, working_shape
@@ -114,38 +114,44 @@ def miou(pairs) -> float:
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.model = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
-                                       ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
-                                                   temperature=ZERO_SHOT_TEMPERATURE, refine_boundaries=False))
+        self.clip = DEMO_CLIPS[args.clip]
+        self.model = self.clip.model(refine_boundaries=False)
         self.worlds = {"demo world": world.test_scenes(args.test_images),
                        "shifted world": world.shifted_scenes(args.test_images)}
 
-    def fine_tuned(self) -> Predictor:
+    def fine_tuned(self) -> tuple[Predictor, RegionRules]:
+        """Fine-tuned and calibrated as a training job does; with the pruning it fits and serves."""
         scenes = world.test_scenes(self.args.train_images, seed=777)
+        samples = [Sample(i, t) for i, t in scenes]
         segmenter = self.model.segmenter()
-        finetune(segmenter, self.model.clip, self.model.encoder, [Sample(i, t) for i, t in scenes], VOCABULARY,
-                 TrainConfig(steps=self.args.steps, size=INFERENCE_SIZE))
+        finetune(segmenter, self.model.clip, self.model.encoder, samples, VOCABULARY,
+                 TrainConfig(steps=self.args.steps, size=self.clip.inference_size))
         predictor = self.model.predictor(segmenter)
         calibrate(predictor, [i for i, _ in scenes], [t for _, t in scenes], VOCABULARY)
-        return predictor
+        settings = Settings()
+        return predictor, settings.region_rules(fit_region_rule(predictor, samples, VOCABULARY, settings))
 
-    def pruning(self, name: str, predictor: Predictor, scenes) -> dict:
+    def pruning(self, name: str, predictor: Predictor, scenes, chosen: RegionRules) -> dict:
         """Regions, precision and mIoU under several rules, refined as served; the served predictions."""
-        logits = predictor.logits([image for image, _ in scenes], VOCABULARY)
-        chosen = Settings().region_rules()
+        passes = predictor.passes([image for image, _ in scenes], VOCABULARY)
+        temperature = predictor.temperature_for(VOCABULARY, passes)
+        logits = [presence.apply(out, prior, temperature, predictor.presence_weight) for out, prior in passes]
+        unprimed = [presence.apply(out, prior, temperature, 0.0) for out, prior in passes]
         default = f"min_score {chosen.min_score}, min_area {chosen.min_area}"
-        rows = {"today (no pruning, bilinear)": (TODAY, False), "refined, no pruning": (TODAY, True),
+        rows = {"no presence prior, no pruning, refined": (TODAY, True),
+                "today (no pruning, bilinear)": (TODAY, False), "refined, no pruning": (TODAY, True),
                 f"pruned ({default}), bilinear": (chosen, False), f"pruned and refined ({default}): served": (chosen, True),
                 "pruned and refined, stricter: min_score 0.3, min_area 0.05": (RegionRules(0.3, 0.05), True),
                 "pruned and refined, looser: min_score 0.2, min_area 0.01": (RegionRules(0.2, 0.01), True),
                 "pruned and refined, unlikely regions' pixels to the best label that stays instead of unlabeled":
                     (RegionRules(chosen.min_score, chosen.min_area, reassign_unlikely=True), True)}
-        print(f"\n{name}: {len(scenes)} scenes\n\n| post-processing | regions / image | region precision | mIoU |\n|---|---|---|---|")
+        print(f"\n{name}: {len(scenes)} scenes, T = {temperature:.3f}\n\n| post-processing | regions / image | region precision | mIoU |\n|---|---|---|---|")
         kept = {}
         for row, (rules, refine) in rows.items():
-            predictions = [Predictor.to_semantic(out, *image.shape[:2], predictor.temperature, rules,
+            scores = unprimed if row.startswith("no presence prior") else logits
+            predictions = [Predictor.to_semantic(out, *image.shape[:2], 1.0, rules,
                                                  image if refine else None)
-                           for out, (image, _) in zip(logits, scenes, strict=True)]
+                           for out, (image, _) in zip(scores, scenes, strict=True)]
             pairs = [(p.label_map, truth) for p, (_, truth) in zip(predictions, scenes, strict=True)]
             count, precision = region_precision(pairs)
             print(f"| {row} | {count:.2f} | {precision:.3f} | {miou(pairs):.2f} |", flush=True)
@@ -157,7 +163,7 @@ class Bench:
         print(f"\n{name}, rendered at {scenes[0][0].shape[0]} px (4x the inference size): boundaries, "
               "no pruning\n\n| upsampling | boundary F (%) | mIoU | ms / image |\n|---|---|---|---|")
         logits = predictor.logits([image for image, _ in scenes], VOCABULARY)
-        temperature = predictor.temperature
+        temperature = 1.0  # the logits are calibrated already
         methods = {
             "bilinear (today)": lambda out, image: Predictor.to_semantic(out, *image.shape[:2], temperature).label_map,
             "PAMR, 10 iterations": lambda out, image: pamr(out, image, temperature),
@@ -210,18 +216,21 @@ def main(argv=None) -> None:
     parser.add_argument("--boundary-images", type=int, default=20)
     parser.add_argument("--train-images", type=int, default=100)
     parser.add_argument("--steps", type=int, default=300)
+    add_clip_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
     bench = Bench(args)
     zero_shot = bench.model.predictor()
     with torch.enable_grad():
-        tuned = bench.fine_tuned()
+        tuned, tuned_rules = bench.fine_tuned()
+    print(f"fine-tuned version: T = {tuned.temperature:.3f}, fitted min_score = {tuned_rules.min_score}")
     served = {}
     for world_name, scenes in bench.worlds.items():
-        for model_name, predictor in (("zero-shot", zero_shot), ("fine-tuned", tuned)):
-            served[world_name, model_name] = bench.pruning(f"{world_name}, {model_name}", predictor, scenes)
-    size = 4 * INFERENCE_SIZE
+        for model_name, predictor, rules in (("zero-shot", zero_shot, Settings().region_rules()),
+                                             ("fine-tuned", tuned, tuned_rules)):
+            served[world_name, model_name] = bench.pruning(f"{world_name}, {model_name}", predictor, scenes, rules)
+    size = 4 * bench.clip.inference_size
     rng = np.random.default_rng(2025)
     large = {"demo world": [world.render_scene(rng, size=size) for _ in range(args.boundary_images)],
              "shifted world": world.shifted_scenes(args.boundary_images, seed=99, size=size)}
@@ -237,7 +246,7 @@ def main(argv=None) -> None:
     for key, result in served.items():
         bench.task_scores(", ".join(key), result["today"], bench.worlds[key[0]])
     kind = Settings().task_score
-    print("\nprelabel_quality: " + " ".join(
+    print(f"\nprelabel_quality: clip={args.clip} " + " ".join(
         f"spearman_{w.split()[0]}_{m.split('-')[0]}={rhos[w, m][kind]:.2f}" for w, m in rhos))
 
 

@@ -198,16 +198,14 @@ class LabelStudio:
             page += 1
 
 
-DEMO_MODEL_SETTINGS = ("MODEL_DIR", "CLIP_MODEL", "CLIP_PRETRAINED", "INFERENCE_SIZE", "DENSE_METHOD", "TEMPERATURE")
+DEMO_MODEL_SETTINGS = ("MODEL_DIR", "CLIP_MODEL", "CLIP_PRETRAINED", "INFERENCE_SIZE", "DENSE_METHOD")
 
 
 def backend_env(model_dir: Path, label_studio: LabelStudio | None, env_extra: dict | None = None) -> dict:
     """The environment that runs the backend (or its command-line tools) with the demo model."""
-    from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, ZERO_SHOT_TEMPERATURE, materialize
+    from demo.train_clip import DEMO_CLIP
 
-    env = {**os.environ, "MODEL_DIR": str(model_dir), "CLIP_MODEL": str(CONFIG),
-           "CLIP_PRETRAINED": str(materialize()), "INFERENCE_SIZE": str(INFERENCE_SIZE),
-           "DENSE_METHOD": DENSE_METHOD, "TEMPERATURE": str(ZERO_SHOT_TEMPERATURE), "LOG_LEVEL": "INFO"}
+    env = {**os.environ, "MODEL_DIR": str(model_dir), **DEMO_CLIP.settings_env(), "LOG_LEVEL": "INFO"}
     if label_studio:
         env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
     env.update(env_extra or {})

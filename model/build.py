@@ -50,7 +50,7 @@ class SegmentationModel:
                          inference_size=config.inference_size, batch_size=config.batch_size, device=config.device,
                          temperature=config.temperature if temperature is None else temperature,
                          max_area=config.max_area, precision=config.precision,
-                         refine_boundaries=config.refine_boundaries)
+                         refine_boundaries=config.refine_boundaries, presence_weight=config.presence_weight)
 
     def load_predictor(self, checkpoint: str | Path) -> Predictor:
         """The predictor of a fine-tuned version, at the temperature its training fitted.

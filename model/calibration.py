@@ -2,8 +2,9 @@
 :mod:`model.task_scores`).
 
 A pixel's confidence is its winning class's softmax probability. Temperature scaling divides
-the logits by one scalar T fitted to minimise the negative log-likelihood of annotated pixels;
-it never changes which class wins, only how sure the model says it is.
+the logits by one scalar T fitted to minimise the negative log-likelihood of annotated pixels,
+with the presence prior (:mod:`model.presence`) added after it as served. Without a prior it
+never changes which class wins, only how sure the model says it is.
 """
 from __future__ import annotations
 
@@ -13,16 +14,19 @@ import torch.nn.functional as F
 
 
 def _flatten(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: int, seed: int,
-             max_side: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Annotated pixels of every image as (N, C) logits and (N,) classes, subsampled to ``max_pixels``.
+             offsets: list[torch.Tensor] | None = None,
+             max_side: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Annotated pixels of every image as (N, C) logits, (N,) classes and (N, C) offsets, subsampled to
+    ``max_pixels``.
 
-    ``logits[i]`` is (C, h, w); ``labels[i]`` is (H, W) with negative values where unannotated.
+    ``logits[i]`` is (C, h, w); ``labels[i]`` is (H, W) with negative values where unannotated;
+    ``offsets[i]`` (C,) is added to every pixel's scores after the temperature (zero if None).
     The logits are upsampled bilinearly as for prediction, to the labels' size scaled down to
     at most ``max_side`` on the short side (the labels nearest-resampled to match), so the fit
     sees the same boundary pixels the served predictions have.
     """
-    rows, targets = [], []
-    for out, label in zip(logits, labels, strict=True):
+    rows, targets, shifts = [], [], []
+    for index, (out, label) in enumerate(zip(logits, labels, strict=True)):
         scale = min(1.0, max_side / min(label.shape))
         size = (max(1, round(label.shape[0] * scale)), max(1, round(label.shape[1] * scale)))
         grid = F.interpolate(torch.from_numpy(np.asarray(label, np.float32))[None, None], size=size,
@@ -31,25 +35,28 @@ def _flatten(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: i
         keep = grid >= 0
         rows.append(up.permute(1, 2, 0)[keep])
         targets.append(grid[keep])
-    x, y = torch.cat(rows), torch.cat(targets)
+        offset = offsets[index].float().cpu() if offsets is not None else torch.zeros(out.shape[0])
+        shifts.append(offset.expand(int(keep.sum()), -1))
+    x, y, o = torch.cat(rows), torch.cat(targets), torch.cat(shifts)
     if len(y) > max_pixels:
         pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:max_pixels]
-        x, y = x[pick], y[pick]
-    return x, y
+        x, y, o = x[pick], y[pick], o[pick]
+    return x, y, o
 
 
 def fit_temperature(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: int = 200_000,
-                    seed: int = 0) -> float:
-    """The temperature T minimising the NLL of ``softmax(logits / T)`` on the annotated pixels.
+                    seed: int = 0, offsets: list[torch.Tensor] | None = None) -> float:
+    """The temperature T minimising the NLL of ``softmax(logits / T + offset)`` on the annotated pixels.
 
     Args:
         logits: per image (C, h, w) class logits.
         labels: per image (H, W) class indices into the same C classes; negative = unannotated.
+        offsets: per image (C,) scores added after the temperature (the presence prior), or None.
 
     Returns:
         T > 0 (1.0 when no pixel is annotated).
     """
-    x, y = _flatten(logits, labels, max_pixels, seed)
+    x, y, o = _flatten(logits, labels, max_pixels, seed, offsets)
     if len(y) == 0:
         return 1.0
     log_t = torch.zeros((), requires_grad=True)
@@ -57,7 +64,7 @@ def fit_temperature(logits: list[torch.Tensor], labels: list[np.ndarray], max_pi
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(x / log_t.exp(), y)
+        loss = F.cross_entropy(x / log_t.exp() + o, y)
         loss.backward()
         return loss
 
@@ -90,15 +97,40 @@ def calibrate(predictor, images: list[np.ndarray], labels: list[np.ndarray], voc
     if len(images) < min_images:
         predictor.temperature = 1.0
         return {"temperature": 1.0, "calibration_images": len(images)}
-    logits = [out for start in range(0, len(images), chunk)
-              for out in predictor.logits(images[start:start + chunk], vocabulary)]
-    temperature = fit_temperature(logits, labels)
-    x, y = _flatten(logits, labels, 200_000, seed=1)
+    passes = [out for start in range(0, len(images), chunk)
+              for out in predictor.passes(images[start:start + chunk], vocabulary)]
+    logits = [out for out, _ in passes]
+    offsets = [predictor.presence_weight * prior for _, prior in passes]
+    temperature = fit_temperature(logits, labels, offsets=offsets)
+    x, y, o = _flatten(logits, labels, 200_000, seed=1, offsets=offsets)
 
     def ece(t: float) -> float:
-        confidence, winner = (x / t).softmax(1).max(1)
+        confidence, winner = (x / t + o).softmax(1).max(1)
         return round(expected_calibration_error(confidence.numpy(), (winner == y).numpy()), 2)
 
     predictor.temperature = temperature
     return {"temperature": round(temperature, 4), "calibration_images": len(images),
             "ece_before": ece(1.0), "ece_after": ece(temperature)}
+
+
+def fit_min_score(found: list[dict[int, float]], present: list[set[int]]) -> float:
+    """The least region score (``RegionRules.min_score``) that best separates the labels a prediction found
+    from those the annotations show: the threshold of the highest F1 of "kept and present" over every
+    label found, chosen among the scores themselves (0 when nothing is found).
+
+    Args:
+        found: per image, each found label's score (:attr:`~model.predictor.SemanticPrediction.found_scores`).
+        present: per image, the labels its annotation shows.
+    """
+    scored = sorted(((score, label in truth) for scores, truth in zip(found, present, strict=True)
+                     for label, score in scores.items()), reverse=True)
+    relevant = sum(right for _, right in scored)
+    best, threshold, kept_right = 0.0, 0.0, 0
+    for kept, (score, right) in enumerate(scored, start=1):
+        kept_right += right
+        f1 = 2 * kept_right / (kept + relevant)
+        if f1 > best:
+            best, threshold = f1, score
+    # Halfway to the next score down, so a score equal to the threshold's own region stays.
+    lower = [score for score, _ in scored if score < threshold]
+    return round((threshold + max(lower)) / 2, 4) if lower else 0.0

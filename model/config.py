@@ -43,7 +43,9 @@ class ModelConfig:
         dense_method, seen_weight, unseen_weight: see :func:`model.segmenter.build_segmenter`.
         inference_size, batch_size, max_area, precision, refine_boundaries: see
             :class:`model.predictor.Predictor`.
-        temperature: the zero-shot model's; a fine-tuned version carries the one its training fitted.
+        temperature: the zero-shot model's (None: fitted per vocabulary without labels,
+            :mod:`model.presence`); a fine-tuned version carries the one its training fitted.
+        presence_weight: the weight of the frozen CLIP's image-level presence prior (:mod:`model.presence`).
         cache_dir: where text embeddings are cached on disk (None: memory only), within
             ``text_cache_disk_bytes``; ``text_cache_vocabularies`` label sets stay in memory.
     """
@@ -57,7 +59,8 @@ class ModelConfig:
     inference_size: int = 448
     batch_size: int = 8
     max_area: float = 4.0
-    temperature: float = 1.0
+    temperature: float | None = None
+    presence_weight: float = 0.5
     precision: str = "auto"
     refine_boundaries: bool = True
     cache_dir: Path | None = None

@@ -13,8 +13,10 @@ features are not aligned as they stand. Two training-free fixes are used here:
   ECCV 2022): the attention pool's value and output projections applied at every
   location, without the query-key pooling.
 
-The same pass also returns intermediate feature maps from several depths, which the
-trainable decoder (:mod:`model.segmenter`) builds on. Position embeddings are
+The same pass also returns the CLIP's own global image embedding (the class token through
+the unchanged last block, or the ResNet's attention pool: what CLIP was trained to align with
+text, and its best-calibrated signal of which labels an image shows) and intermediate feature
+maps from several depths, which the trainable decoder (:mod:`model.segmenter`) builds on. Position embeddings are
 interpolated, so any input size that is a multiple of the patch (or stride) works.
 """
 from __future__ import annotations
@@ -35,10 +37,12 @@ class TowerOutput:
     Attributes:
         dense: (B, D, h, w) embeddings in CLIP's joint space (not normalised).
         features: intermediate maps, each (B, C_i, h_i, w_i), shallow to deep.
+        image: (B, D) the CLIP's global image embedding (not normalised).
     """
 
     dense: torch.Tensor
     features: list[torch.Tensor]
+    image: torch.Tensor
 
 
 def _resize_grid(pos: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
@@ -88,6 +92,15 @@ class ViTDenseTower(nn.Module):
             v = F.scaled_dot_product_attention(q, q, v).transpose(1, 2).reshape(batch, tokens, width)
         return block.ls_1(attn.out_proj(v))
 
+    def _class_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block, unchanged, for the class token alone (its query attends to every token): (B, C)."""
+        block = self.visual.transformer.resblocks[-1]
+        attn = block.attn
+        y = block.ln_1(x)
+        cls = x[:, :1]
+        cls = cls + block.ls_1(attn(block.ln_1(cls), y, y, need_weights=False)[0])
+        return (cls + block.ls_2(block.mlp(block.ln_2(cls))))[:, 0]
+
     def forward(self, images: torch.Tensor) -> TowerOutput:
         """images: (B, 3, H, W), normalised, H and W multiples of the patch size."""
         v = self.visual
@@ -108,7 +121,8 @@ class ViTDenseTower(nn.Module):
         if not features:  # a one-block tower: its only tap is the final block's input
             features.append(x[:, 1:].transpose(1, 2).reshape(b, -1, h, w))
         dense = v.ln_post(self._last_block(x)[:, 1:]) @ v.proj
-        return TowerOutput(dense=dense.transpose(1, 2).reshape(b, -1, h, w), features=features)
+        image = v.ln_post(self._class_token(x)) @ v.proj
+        return TowerOutput(dense=dense.transpose(1, 2).reshape(b, -1, h, w), features=features, image=image)
 
 
 class ResNetDenseTower(nn.Module):
@@ -135,7 +149,13 @@ class ResNetDenseTower(nn.Module):
         pos = _resize_grid(pool.positional_embedding[1:], (grid, grid), (h, w)).to(f4.dtype)
         tokens = f4.flatten(2).transpose(1, 2) + pos
         dense = pool.c_proj(pool.v_proj(tokens))
-        return TowerOutput(dense=dense.transpose(1, 2).reshape(b, -1, h, w), features=[f2, f3, f4])
+        # The pool itself, with its position embeddings at this size: the mean token's query over every token.
+        keys = torch.cat([f4.flatten(2).mean(2)[:, None] + pool.positional_embedding[:1].to(f4.dtype), tokens], 1)
+        query = pool.q_proj(keys[:, :1]).reshape(b, 1, pool.num_heads, -1).transpose(1, 2)
+        key, value = (proj(keys).reshape(b, keys.shape[1], pool.num_heads, -1).transpose(1, 2)
+                      for proj in (pool.k_proj, pool.v_proj))
+        image = pool.c_proj(F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(b, -1))
+        return TowerOutput(dense=dense.transpose(1, 2).reshape(b, -1, h, w), features=[f2, f3, f4], image=image)
 
 
 def _for_tower(visual: nn.Module, vit_method: str) -> nn.Module:

@@ -11,13 +11,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model import presence
 from model.config import DEFAULTS, NO_PRUNING, PRECISIONS, RegionRules
 from model.regions import regions
 from model.vocabulary import TextEncoder, Vocabulary
 
 log = logging.getLogger(__name__)
-
-
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -74,7 +73,8 @@ class Predictor:
     would then fall under one patch is refused (:class:`ImageShapeError`). Text embeddings come
     from the :class:`TextEncoder`'s cache.
     Confidences are softmax probabilities of the logits divided by ``temperature`` (see
-    :mod:`model.calibration`). ``precision``: ``"auto"`` runs the forward pass under bfloat16
+    :mod:`model.calibration`; None: fitted per vocabulary without labels), with the frozen
+    CLIP's image-level presence prior at ``presence_weight`` (:mod:`model.presence`). ``precision``: ``"auto"`` runs the forward pass under bfloat16
     autocast on a CUDA device that supports it and in float32 elsewhere; ``"bf16"`` or
     ``"fp32"`` force one. ``refine_boundaries``: label boundaries follow the image's edges
     (:mod:`model.regions`).
@@ -84,7 +84,8 @@ class Predictor:
                  batch_size: int = DEFAULTS.batch_size, max_aspect: float = 2.0,
                  device: str | torch.device = DEFAULTS.device, temperature: float = DEFAULTS.temperature,
                  max_area: float = DEFAULTS.max_area, precision: str = DEFAULTS.precision,
-                 refine_boundaries: bool = DEFAULTS.refine_boundaries):
+                 refine_boundaries: bool = DEFAULTS.refine_boundaries,
+                 presence_weight: float = DEFAULTS.presence_weight):
         self.segmenter = segmenter.to(device).eval()
         self.text_encoder = text_encoder
         self.device = torch.device(device)
@@ -94,6 +95,8 @@ class Predictor:
         self.max_aspect = max_aspect
         self.max_area = max_area
         self.temperature = temperature
+        self.presence_weight = presence_weight
+        self.label_free = presence.LabelFreeTemperature()
         self.refine_boundaries = refine_boundaries
         self.autocast_bf16 = uses_bf16(precision, self.device)
         self._lock = threading.Lock()  # one forward at a time per model (torch uses all cores anyway)
@@ -131,20 +134,42 @@ class Predictor:
         return [(y, x) for y in starts(shape[0]) for x in starts(shape[1])]
 
     def logits(self, images: list[np.ndarray], vocabulary: Vocabulary) -> list[torch.Tensor]:
-        """Per image (C, h, w) logits at the resized resolution / stride (a fine-tuned segmenter's
-        ensemble of its tuned and frozen classifiers, see :class:`model.segmenter.Segmenter`)."""
-        return self._dense(images, vocabulary, with_embeddings=False)
+        """Per image (C, h, w) calibrated scores at the resized resolution / stride, whose softmax is what is
+        served: a fine-tuned segmenter's ensemble of its tuned and frozen classifiers (see
+        :class:`model.segmenter.Segmenter`) over the temperature, plus the presence prior (:mod:`model.presence`)."""
+        return self._calibrated(self.passes(images, vocabulary), vocabulary)
 
     def logits_and_embeddings(self, images: list[np.ndarray],
-                              vocabulary: Vocabulary) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image, :meth:`logits` and the pixel embeddings they classify, (D, h, w) L2-normalised:
-        what interactive refinement (:mod:`model.refinement`) reuses, from the same one pass."""
+                              vocabulary: Vocabulary) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per image, :meth:`logits`, the pixel embeddings they classify, (D, h, w) L2-normalised, and the
+        presence prior's share of the logits (C,): what interactive refinement (:mod:`model.refinement`)
+        reuses, from the same one pass."""
         classes = len(vocabulary.labels)
-        return [(out[:classes], F.normalize(out[classes:], dim=0))
-                for out in self._dense(images, vocabulary, with_embeddings=True)]
+        passes = self.passes(images, vocabulary, with_embeddings=True)
+        logits = self._calibrated([(out[:classes], prior) for out, prior in passes], vocabulary)
+        return [(scores, F.normalize(out[classes:], dim=0), self.presence_weight * prior)
+                for scores, (out, prior) in zip(logits, passes, strict=True)]
+
+    def passes(self, images: list[np.ndarray], vocabulary: Vocabulary,
+               with_embeddings: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image, the segmenter's (C[+D], h, w) logits (and embeddings) before any calibration, and the
+        frozen CLIP's (C,) image-level log-probabilities of the labels."""
+        return self._dense(images, vocabulary, with_embeddings)
+
+    def temperature_for(self, vocabulary: Vocabulary, passes=()) -> float:
+        """The temperature for ``vocabulary``: the set one, or the label-free one pooled with ``passes``."""
+        if self.temperature is not None:
+            return self.temperature
+        classes = len(vocabulary.labels)
+        return self.label_free.update(vocabulary.key, [(out[:classes], prior) for out, prior in passes])
+
+    def _calibrated(self, passes, vocabulary: Vocabulary) -> list[torch.Tensor]:
+        temperature = self.temperature_for(vocabulary, passes)
+        return [presence.apply(out, prior, temperature, self.presence_weight) for out, prior in passes]
 
     @torch.no_grad()
-    def _dense(self, images: list[np.ndarray], vocabulary: Vocabulary, with_embeddings: bool) -> list[torch.Tensor]:
+    def _dense(self, images: list[np.ndarray], vocabulary: Vocabulary,
+               with_embeddings: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         text = self.text_encoder.embed(vocabulary)
         seen = self.segmenter.seen_classes(vocabulary.labels)
         jobs = []  # (image index, window corner or None, tensor)
@@ -157,11 +182,18 @@ class Predictor:
                     jobs.append((index, (y, x, shape), crop))
             else:
                 jobs.append((index, None, tensor))
-        return self._merge_windows(jobs, self._forward(jobs, text, seen, with_embeddings), len(images))
+        outputs = self._forward(jobs, text, seen, with_embeddings)
+        maps = self._merge_windows(jobs, [out for out, _ in outputs], len(images))
+        priors: list[list[torch.Tensor]] = [[] for _ in images]
+        for (index, _, _), (_, image_logits) in zip(jobs, outputs, strict=True):
+            priors[index].append(presence.log_prior(image_logits))
+        # A windowed image's prior: the windows' mean log-probability, renormalised.
+        return [(out, presence.log_prior(torch.stack(p).mean(0))) for out, p in zip(maps, priors, strict=True)]
 
     def _forward(self, jobs: list, text: torch.Tensor, seen: torch.Tensor | None,
-                 with_embeddings: bool) -> list[torch.Tensor]:
-        """The segmenter's logits for each job's tensor, batching tensors of one shape; kept on the device."""
+                 with_embeddings: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The segmenter's (logits, image-level logits) for each job's tensor, batching tensors of one shape;
+        kept on the device."""
         outputs: list = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for j, (_, _, tensor) in enumerate(jobs):
@@ -171,8 +203,9 @@ class Predictor:
                 for start in range(0, len(members), self.batch_size):
                     chunk = members[start:start + self.batch_size]
                     batch = torch.stack([jobs[j][2] for j in chunk])
-                    for j, out in zip(chunk, self.segmenter(batch, text.to(self.device), seen, with_embeddings).float(), strict=True):
-                        outputs[j] = out
+                    maps, image_logits = self.segmenter(batch, text.to(self.device), seen, with_embeddings)
+                    for j, out, image in zip(chunk, maps.float(), image_logits.float(), strict=True):
+                        outputs[j] = (out, image)
         return outputs
 
     def _merge_windows(self, jobs: list, outputs: list[torch.Tensor], count: int) -> list[torch.Tensor]:
@@ -208,6 +241,6 @@ class Predictor:
     def semantic(self, images: list[np.ndarray], logits: list[torch.Tensor],
                  rules: RegionRules = NO_PRUNING) -> list[SemanticPrediction]:
         """:meth:`logits`' output for ``images`` → their predictions (refined if :attr:`refine_boundaries`)."""
-        return [self.to_semantic(out, *image.shape[:2], self.temperature, rules,
+        return [self.to_semantic(out, *image.shape[:2], 1.0, rules,
                                  image if self.refine_boundaries else None)
                 for image, out in zip(images, logits, strict=True)]

@@ -14,7 +14,8 @@ The mask starts as the label's region in the served pre-label, then each click, 
 
 * a positive click adds the connected part of the label's superpixels around it. When the pre-label
   had none of the label, it also adds the label's superpixels everywhere that the label's text
-  probability supports (:data:`TEXT_SUPPORT`): one example → all of this class;
+  probability supports (:data:`TEXT_SUPPORT`): one example → all of this class. That probability
+  leaves out the image-level presence prior (:mod:`model.presence`): the click has said the label is there;
 * a negative click removes the connected part of the mask around it that is not the label's.
 
 A box replaces the start by the label's superpixels inside it. The pre-label's regions as prototypes
@@ -84,35 +85,36 @@ class ImageState:
     """One image's work that every click reuses.
 
     Attributes:
-        logits: (C, h, w) the predictor's logits for the vocabulary.
+        logits: (C, h, w) the predictor's calibrated scores for the vocabulary (their softmax is served).
         embeddings: (D, h, w) the L2-normalised pixel embeddings they classify.
+        presence: (C,) the presence prior's share of ``logits``.
         image: (H', W', 3) uint8 RGB, the image at the working resolution.
         height, width: the image's own size.
-        temperature: the predictor's.
         refined: whether the predictor's pre-labels follow the image's edges (``refine_boundaries``).
     """
 
     logits: torch.Tensor
     embeddings: torch.Tensor
+    presence: torch.Tensor
     image: np.ndarray
     height: int
     width: int
-    temperature: float = 1.0
     refined: bool = True
     _prelabels: dict[RegionRules, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_image(cls, logits: torch.Tensor, embeddings: torch.Tensor, image: np.ndarray, predictor) -> "ImageState":
+    def from_image(cls, logits: torch.Tensor, embeddings: torch.Tensor, presence: torch.Tensor, image: np.ndarray,
+                   predictor) -> "ImageState":
         """From ``predictor``'s :meth:`~model.predictor.Predictor.logits_and_embeddings` for the RGB ``image``."""
         height, width = image.shape[:2]
         shape = working_shape(logits, height, width)
         small = cv2.resize(np.ascontiguousarray(image), shape[::-1], interpolation=cv2.INTER_AREA)
-        return cls(logits, embeddings, small, height, width, predictor.temperature, predictor.refine_boundaries)
+        return cls(logits, embeddings, presence, small, height, width, predictor.refine_boundaries)
 
     @property
     def nbytes(self) -> int:
         """What it holds in memory, superpixels and pre-labels included once made."""
-        tensors = [self.logits, self.embeddings, *self._prelabels.values()]
+        tensors = [self.logits, self.embeddings, self.presence, *self._prelabels.values()]
         if "superpixels" in self.__dict__:
             tensors += list(vars(self.superpixels).values())
         return self.image.nbytes + sum(t.numel() * t.element_size() for t in tensors)
@@ -120,7 +122,7 @@ class ImageState:
     def prelabel(self, rules: RegionRules) -> torch.Tensor:
         """The served pre-label's label map at the working resolution (computed once per rules)."""
         if rules not in self._prelabels:
-            label_map, _, _ = regions(self.logits, *self.image.shape[:2], self.temperature, rules,
+            label_map, _, _ = regions(self.logits, *self.image.shape[:2], 1.0, rules,
                                       self.image if self.refined else None)
             self._keep(rules, torch.from_numpy(label_map).to(self.logits.device))
         return self._prelabels[rules]
@@ -294,7 +296,7 @@ def _superpixel_chance(state: ImageState, prompt: Prompt, start: torch.Tensor) -
 
 def _text_chance(state: ImageState, label: int) -> torch.Tensor:
     """(N,) the label's calibrated text probability at each superpixel's centroid."""
-    probability = (state.logits.float() / state.temperature).softmax(0)[label]
+    probability = (state.logits.float() - state.presence.to(state.logits.device)[:, None, None]).softmax(0)[label]
     pixels = state.superpixels
     return _sample(probability[None], pixels.centre, pixels.labels.shape)[:, 0]
 

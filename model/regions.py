@@ -104,9 +104,10 @@ def _reassign(logits: torch.Tensor, height: int, width: int, temperature: float,
     return label_map, confidence
 
 
-def _refine(logits: torch.Tensor, image: np.ndarray, label_map: torch.Tensor,
-            temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The label map's labels re-decided by their guided-filtered probabilities, at the label map's size."""
+def _refine(logits: torch.Tensor, image: np.ndarray, label_map: torch.Tensor, temperature: float,
+            min_area: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label map's labels re-decided by their guided-filtered probabilities, at the label map's size; a
+    label the filter leaves under ``min_area`` of the image gives its pixels to the best of the others."""
     labels = torch.unique(label_map).long()
     if len(labels) < 2:
         return label_map, _label_probabilities(logits.float() / temperature, labels, *label_map.shape)[0]
@@ -117,6 +118,14 @@ def _refine(logits: torch.Tensor, image: np.ndarray, label_map: torch.Tensor,
     radius = max(1, round(height / logits.shape[1]))  # one cell
     filtered = guided_filter(guide, probabilities, radius, GUIDED_FILTER_EPS)
     best, index = filtered.max(0)
+    while min_area > 0:  # refinement must not bring back the specks pruning removed
+        counts = torch.bincount(index.flatten(), minlength=len(labels))
+        small = (counts > 0) & (counts < min_area * index.numel())
+        small[counts.argmax()] = False  # the largest label stays, however small
+        if not small.any():
+            break
+        filtered[small] = -torch.inf
+        best, index = filtered.max(0)
     return labels[index].to(torch.int16), best.clamp(0, 1)
 
 
@@ -136,7 +145,7 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
     shape = (height, width) if image is None else working_shape(logits, height, width)
     label_map, confidence = _reassign(logits, *shape, temperature, rules)
     if image is not None:
-        label_map, confidence = _refine(logits, image, label_map, temperature)
+        label_map, confidence = _refine(logits, image, label_map, temperature, rules.min_area)
     counts, scores = _label_stats(label_map, confidence, logits.shape[0])
     found = {int(c): float(scores[c]) for c in torch.nonzero(counts).flatten()}
     if rules.min_score > 0:

@@ -17,6 +17,10 @@ scores ``(1-α)·log p_tuned + α·log p_frozen``, a class it never saw ``(1-β)
 β·log p_frozen``. Training never tells the decoder anything about the unseen classes, so
 their scores come (mostly) from the frozen CLIP, and no correction of other labels can
 erase them.
+
+The same pass also classifies the CLIP's own global image embedding (the frozen CLIP's
+image-level probability of each label), which the predictor uses as a presence prior
+(:mod:`model.presence`).
 """
 from __future__ import annotations
 
@@ -98,11 +102,16 @@ class Segmenter(nn.Module):
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W) → (fine-tuned E, zero-shot Z), both (B, D, h, w) and L2-normalised."""
+        tuned, frozen, _ = self._embed(images)
+        return tuned, frozen
+
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`embed`, and the CLIP's global image embedding (B, D), L2-normalised."""
         tower_frozen = not any(p.requires_grad for p in self.image_tower.parameters())
         with torch.no_grad() if tower_frozen else nullcontext():
             out = self.image_tower(images)
         tuned = out.dense + self.decoder(out.features, out.dense)
-        return F.normalize(tuned, dim=1), F.normalize(out.dense, dim=1)
+        return F.normalize(tuned, dim=1), F.normalize(out.dense, dim=1), F.normalize(out.image, dim=-1)
 
     def classify(self, embeddings: torch.Tensor, text: torch.Tensor, scale=None) -> torch.Tensor:
         """embeddings (B, D, h, w), text (C, D) normalised → logits (B, C, h, w), at ``scale``
@@ -111,20 +120,22 @@ class Segmenter(nn.Module):
         return scale * torch.einsum("bdhw,cd->bchw", embeddings, text.to(embeddings))
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, seen: torch.Tensor | None = None,
-                with_embeddings: bool = False) -> torch.Tensor:
-        """images (B, 3, H, W), text (C, D) → logits (B, C, H/stride, W/stride).
+                with_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W), text (C, D) → (logits (B, C, H/stride, W/stride), the frozen CLIP's
+        image-level logits (B, C) at its own logit scale).
 
         With ``seen`` ((C,) bool: the classes fine-tuning saw), the geometric ensemble of the
         fine-tuned and frozen classifiers, as log-probabilities. ``with_embeddings``: the
         fine-tuned embeddings E follow as D more channels, (B, C + D, H/stride, W/stride).
         """
-        tuned, frozen = self.embed(images)
+        tuned, frozen, image = self._embed(images)
         logits = self.classify(tuned, text)
         if seen is not None:
             frozen_logits = self.classify(frozen, text, self.frozen_logit_scale)
             weight = torch.where(seen.to(logits.device), self.seen_weight, self.unseen_weight).view(1, -1, 1, 1)
             logits = (1 - weight) * logits.log_softmax(1) + weight * frozen_logits.log_softmax(1)
-        return torch.cat([logits, tuned], 1) if with_embeddings else logits
+        image_logits = self.frozen_logit_scale * image @ text.to(image).T
+        return (torch.cat([logits, tuned], 1) if with_embeddings else logits), image_logits
 
     def seen_classes(self, labels: tuple[str, ...]) -> torch.Tensor | None:
         """(C,) bool: which of ``labels`` fine-tuning saw; None for a segmenter that was not fine-tuned."""

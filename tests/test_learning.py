@@ -1,4 +1,5 @@
 """The learning loop inside the backend: annotation webhooks → training job → new version."""
+import dataclasses
 import json
 import os
 import signal
@@ -87,8 +88,12 @@ def test_annotations_train_a_new_version_that_is_served(service, file_server):
     assert versions["current"]["7"] == "v2"
     summary = versions["versions"][-1]["summary"]  # each version is calibrated on the project's annotations
     assert summary["temperature"] > 0 and summary["ece_after"] <= summary["ece_before"] + 1e-6
-    served = service.runtime.serving("7").predictor
-    assert served.temperature == pytest.approx(summary["temperature"], abs=1e-3)
+    serving = service.runtime.serving("7")
+    assert serving.predictor.temperature == pytest.approx(summary["temperature"], abs=1e-3)
+    # The pruning rule fitted on the annotations is the version's, served unless MIN_REGION_SCORE is set.
+    assert 0 < summary["min_region_score"] < 1
+    assert serving.region_rules(service.settings).min_score == summary["min_region_score"]
+    assert serving.region_rules(dataclasses.replace(service.settings, min_region_score=0.7)).min_score == 0.7
     assert client.get("/health").get_json()["training"]["7"]["state"] == "finished"
     tuned_version, base_after, novel_after = _predict_miou(client, tasks, held_out)
     assert "@p7-v2" in tuned_version

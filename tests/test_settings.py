@@ -8,7 +8,7 @@ from backend.settings import Settings
 
 ROOT = Path(__file__).parents[1]
 # os.environ.get("NAME"...), os.environ["NAME"], _env("NAME"...), _flag("NAME"...), getenv("NAME"...)
-READ = re.compile(r"""(?:environ\.get|environ\[|_env|_flag|getenv)\(?\s*["']([A-Z][A-Z0-9_]+)["']""")
+READ = re.compile(r"""(?:environ\.get|environ\[|_env|_flag|_optional_float|getenv)\(?\s*["']([A-Z][A-Z0-9_]+)["']""")
 
 
 def documented() -> set[str]:

@@ -127,7 +127,7 @@ def test_finetuning_is_deterministic_and_checkpoints_round_trip(demo_clip, tiny_
     assert all(torch.equal(fresh.trainable_state_dict()[k], states[1][k]) for k in states[1])
     x = torch.randn(1, 3, 64, 64)
     text = F.normalize(torch.randn(2, 128), dim=1)
-    assert torch.allclose(fresh(x, text), segmenter(x, text))
+    assert torch.allclose(fresh(x, text)[0], segmenter(x, text)[0])
     with pytest.raises(CheckpointError, match="trained under demo-clip.*, not other-clip"):
         load_checkpoint(path, fresh, "other-clip")
 
@@ -174,8 +174,8 @@ def test_convnet_towers_work_too():
 
     clip = load_clip("RN50", "random")
     segmenter = build_segmenter(clip)
-    logits = segmenter(torch.randn(1, 3, 64, 96), F.normalize(torch.randn(4, 1024), dim=1))
-    assert logits.shape == (1, 4, 2, 3)
+    logits, image_logits = segmenter(torch.randn(1, 3, 64, 96), F.normalize(torch.randn(4, 1024), dim=1))
+    assert logits.shape == (1, 4, 2, 3) and image_logits.shape == (1, 4)
     tuned, zero_shot = segmenter.embed(torch.randn(1, 3, 64, 64))
     assert torch.equal(tuned, zero_shot)
 
@@ -185,11 +185,11 @@ def test_fine_tuned_segmenter_ensembles_with_the_frozen_clip(demo_clip, tmp_path
     torch.nn.init.normal_(segmenter.decoder.out.weight, std=0.5)  # a decoder that moves the embeddings
     x, text = torch.randn(1, 3, 64, 64), F.normalize(torch.randn(3, demo_clip.model.visual.output_dim), dim=1)
     assert segmenter.seen_classes(("a", "b", "c")) is None  # not fine-tuned: no ensemble
-    tuned_logits = segmenter(x, text)
+    tuned_logits, _ = segmenter(x, text)
     segmenter.trained_labels = ("a", "c")
     seen = segmenter.seen_classes(("a", "b", "c"))
     assert seen.tolist() == [True, False, True]
-    ensembled = segmenter(x, text, seen)
+    ensembled, _ = segmenter(x, text, seen)
     _, frozen = segmenter.embed(x)
     frozen_logits = segmenter.frozen_logit_scale * torch.einsum("bdhw,cd->bchw", frozen, text)
     # Weight 0 for seen classes: the fine-tuned classifier's; weight 1 for unseen: the frozen CLIP's.

@@ -1,0 +1,80 @@
+"""What the frozen CLIP says of the whole image, used where no annotation can say anything.
+
+Two label-free rules for whatever CLIP a user brings, with no constant tied to one of them:
+
+* **A presence prior.** CLIP was trained to match one global image embedding with text; its
+  image-level softmax over the project's labels (at its own learned logit scale) is its
+  best-calibrated signal of which labels an image shows. Each pixel's class log-probabilities
+  get ``weight × log p_image(label)`` added (a product of experts, like FC-CLIP's ensemble),
+  so pixels go to labels the image as a whole supports, and a label the image does not show
+  loses its scattered pixels to one it does.
+* **A temperature fitted without labels.** Per vocabulary, the temperature T whose pixel
+  probabilities ``softmax(logits / T)``, averaged over each image, best match the image-level
+  probabilities (the least summed KL divergence), pooled over the first
+  :data:`LABEL_FREE_IMAGES` images the model sees, then fixed. A fine-tuned version carries
+  the temperature its training fitted on annotations instead.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+LABEL_FREE_IMAGES = 256  # images pooled before the label-free temperature stops moving
+MAX_VOCABULARIES = 4096  # vocabularies remembered (151 numbers each); the oldest is forgotten first
+# Candidate temperatures, log-spaced 8% apart, far wider than any CLIP's logit scale moves them (about 10-100).
+TEMPERATURES = torch.exp(torch.linspace(math.log(0.01), math.log(1000.0), 151))
+
+
+def log_prior(image_logits: torch.Tensor) -> torch.Tensor:
+    """(..., C) image-level logits → (..., C) log-probabilities of each label over the vocabulary."""
+    return image_logits.float().log_softmax(-1)
+
+
+def apply(logits: torch.Tensor, prior: torch.Tensor, temperature: float, weight: float) -> torch.Tensor:
+    """Calibrated scores (C, h, w): ``logits / temperature + weight × prior``; their softmax is what is served."""
+    return logits.float() / temperature + weight * prior.to(logits.device)[:, None, None]
+
+
+def divergences(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """KL(p_image ‖ mean pixel softmax(logits / T)) for every T of :data:`TEMPERATURES`: (len(TEMPERATURES),).
+
+    Args:
+        logits: (C, h, w) one image's dense logits.
+        prior: (C,) its image-level log-probabilities.
+    """
+    flat = logits.float().flatten(1).cpu()  # (C, N)
+    target = prior.float().cpu()
+    out = []
+    for chunk in TEMPERATURES.split(16):
+        mean = (flat[None] / chunk[:, None, None]).softmax(1).mean(2)  # (T, C)
+        out.append((target.exp() * (target - mean.clamp_min(1e-12).log())).sum(1))
+    return torch.cat(out)
+
+
+class LabelFreeTemperature:
+    """The label-free temperature of each vocabulary, from the images seen so far (thread-safe)."""
+
+    def __init__(self, max_images: int = LABEL_FREE_IMAGES):
+        self.max_images = max_images
+        self._lock = threading.Lock()
+        self._sums: dict[str, tuple[torch.Tensor, int]] = {}  # vocabulary key → (summed divergences, images)
+
+    def update(self, key: str, passes: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Pool ``passes`` ((C, h, w) logits, (C,) log prior) of images of vocabulary ``key``; the temperature now."""
+        with self._lock:
+            total, count = self._sums.get(key, (torch.zeros(len(TEMPERATURES)), 0))
+            for logits, prior in passes[:max(0, self.max_images - count)]:
+                total, count = total + divergences(logits, prior), count + 1
+            self._sums.pop(key, None)
+            self._sums[key] = (total, count)
+            while len(self._sums) > MAX_VOCABULARIES:
+                del self._sums[next(iter(self._sums))]
+            return float(TEMPERATURES[int(total.argmin())]) if count else 1.0
+
+    def get(self, key: str) -> float | None:
+        """The temperature of ``key`` so far, or None before any image."""
+        with self._lock:
+            total, count = self._sums.get(key, (None, 0))
+            return float(TEMPERATURES[int(total.argmin())]) if count else None

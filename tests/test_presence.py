@@ -1,0 +1,110 @@
+"""The label-free zero-shot rules (model.presence), the rule each version fits (model.calibration), and
+refinement that keeps the specks pruning removed (model.regions)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from demo import world
+from demo.train_clip import DENSE_METHOD
+from model import presence
+from model.build import SegmentationModel
+from model.calibration import fit_min_score
+from model.config import ModelConfig, RegionRules
+from model.predictor import Predictor
+from model.vocabulary import Vocabulary
+
+
+def _matching_prior(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The image-level log prior that a pixel temperature of ``temperature`` reproduces exactly."""
+    return (logits / temperature).softmax(0).mean((1, 2)).log()
+
+
+@pytest.mark.parametrize("scale", [1.0, 20.0, 100.0])
+def test_label_free_temperature_follows_the_logits_scale_with_no_constant_of_its_own(scale):
+    # The same images under CLIPs whose logit scales differ 100-fold: the fitted temperature scales with
+    # them, so the calibrated probabilities are the same whichever CLIP made them.
+    generator = torch.Generator().manual_seed(0)
+    passes = []
+    for _ in range(6):
+        logits = torch.randn(5, 8, 8, generator=generator) * 3
+        passes.append((logits * scale, _matching_prior(logits, 2.0)))
+    fitted = presence.LabelFreeTemperature().update("vocabulary", passes)
+    assert fitted == pytest.approx(2.0 * scale, rel=0.07)
+
+
+def test_label_free_temperature_is_per_vocabulary_and_stops_moving():
+    estimator = presence.LabelFreeTemperature(max_images=3)
+    logits = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(1)) * 4
+    sharp, soft = (logits, _matching_prior(logits, 0.5)), (logits, _matching_prior(logits, 5.0))
+    assert estimator.get("a") is None
+    estimator.update("a", [sharp] * 3)
+    estimator.update("b", [soft])
+    assert estimator.update("a", [soft] * 10) == pytest.approx(0.5, rel=0.07)  # already pooled 3 images
+    assert estimator.get("b") == pytest.approx(5.0, rel=0.07)
+
+
+def test_the_presence_prior_takes_pixels_from_a_label_the_image_does_not_show():
+    # Label 1 wins scattered pixels by a hair; the image as a whole shows labels 0 and 2 only.
+    logits = torch.zeros(3, 10, 10)
+    logits[0, :, :5], logits[2, :, 5:] = 2.0, 2.0
+    logits[1, ::3, ::3] = 2.2
+    prior = torch.tensor([0.49, 0.02, 0.49]).log()
+    without = Predictor.to_semantic(presence.apply(logits, prior, 1.0, 0.0), 10, 10).label_map
+    served = Predictor.to_semantic(presence.apply(logits, prior, 1.0, 0.5), 10, 10).label_map
+    assert (without == 1).sum() > 0 and (served == 1).sum() == 0
+    assert (served[:, :5] == 0).all() and (served[:, 5:] == 2).all()
+
+
+def test_the_prior_comes_from_the_same_pass_and_is_the_clips_own_image_classification(demo_clip):
+    model = SegmentationModel(demo_clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=64,
+                                                     refine_boundaries=False))
+    predictor = model.predictor()
+    vocabulary = Vocabulary.from_labels(world.NAMES)
+    images = [image[:64, :64] for image, _ in world.test_scenes(3, seed=5)]
+    priors = torch.stack([prior for _, prior in predictor.passes(images, vocabulary)])
+    clip = demo_clip.model
+    with torch.no_grad():
+        pixels = demo_clip.preprocess(torch.from_numpy(np.stack(images)))
+        image = F.normalize(clip.encode_image(pixels), dim=-1)
+        text = model.encoder.embed(vocabulary)
+        expected = (clip.logit_scale.exp() * image @ text.T).log_softmax(-1)
+    assert torch.allclose(priors, expected, atol=1e-4)
+
+
+def test_a_served_prediction_without_temperature_uses_the_label_free_one(demo_clip, scenes):
+    predictor = SegmentationModel(demo_clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=128,
+                                                         refine_boundaries=False)).predictor()
+    vocabulary = Vocabulary.from_labels(world.NAMES)
+    assert predictor.temperature is None
+    predictor.predict([image for image, _ in scenes[:4]], vocabulary)
+    fitted = predictor.label_free.get(vocabulary.key)
+    assert fitted is not None and fitted != 1.0
+
+
+def test_the_fitted_min_score_keeps_what_the_annotations_show_and_drops_what_they_do_not():
+    found = [{0: 0.9, 1: 0.35, 2: 0.7}, {0: 0.8, 3: 0.3}, {2: 0.6, 4: 0.4, 1: 0.2}]
+    present = [{0, 2}, {0}, {2, 4}]
+    threshold = fit_min_score(found, present)
+    kept = [{label for label, score in scores.items() if score >= threshold} for scores in found]
+    assert kept == [{0, 2}, {0}, {2, 4}]
+    assert fit_min_score([{}], [set()]) == 0.0
+
+
+def test_no_region_under_min_area_survives_refinement_at_1920x1080():
+    # Label 2 covers 1.3% of the image after pruning; its pixels look like label 0's, so the guided filter
+    # shrinks it to about 0.6%: a speck under MIN_REGION_AREA that refinement must give away too.
+    height, width = 1080, 1920
+    logits = torch.zeros(3, 34, 60)
+    logits[0, :, :30], logits[1, :, 30:] = 3.0, 3.0
+    logits[2, 14:20, 8:14] = 3.2
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, :width // 2] = (40, 160, 40)
+    image[:, width // 2:] = (40, 40, 200)
+    rules = RegionRules(0.0, 0.01)
+    unrefined = Predictor.to_semantic(logits, height, width, 1.0, rules).label_map
+    assert (unrefined == 2).mean() > rules.min_area  # large enough to be kept by pruning alone
+    prediction = Predictor.to_semantic(logits, height, width, 1.0, rules, image)
+    areas = np.bincount(prediction.label_map.ravel().astype(np.int64), minlength=3) / prediction.label_map.size
+    assert prediction.label_map.shape == (height, width)
+    assert all(area == 0 or area >= rules.min_area for area in areas), areas
