@@ -23,6 +23,14 @@ from backend.settings import Settings
 
 log = logging.getLogger("backend.server")
 
+FIRST_SETTINGS = """settings a user sets first (environment variables; the README's Settings table has all of them):
+  LABEL_STUDIO_URL       Label Studio's address, e.g. http://localhost:8080 (to fetch its images and annotations)
+  LABEL_STUDIO_API_KEY   a Label Studio access token (legacy token or personal access token)
+  MODEL_DIR              where versions, annotations and caches live (default ./model_dir)
+  CLIP_MODEL             an open_clip model name (default ViT-B-16) or a model-config JSON file
+  CLIP_PRETRAINED        its weights: a pretrained tag (default openai) or a checkpoint file
+  HOST, PORT             where to listen (default 0.0.0.0:9090)"""
+
 
 def _busy(server) -> bool:
     dispatcher = server.task_dispatcher
@@ -80,7 +88,7 @@ def main(argv=None) -> None:
         from backend.check import main as check
 
         return check(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__, epilog=FIRST_SETTINGS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", choices=("serve", "health"), default="serve",
                         help="serve (the default), or health; `check` has its own --help")

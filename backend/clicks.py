@@ -7,12 +7,15 @@ over the image's kept forward pass (:class:`backend.smart_tools.ImageStates`): t
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from backend.control_tags import ControlTag
 from backend.images import ImageError
+from backend.payloads import task_name
 from backend.pipeline import PredictPipeline, TaskPrediction, pass_key
 from backend.runtime import Serving
 from backend.settings import Settings
@@ -21,6 +24,8 @@ from model.config import RegionRules
 from model.predictor import SemanticPrediction
 from model.refinement import ImageState, PromptError, refine
 from model.vocabulary import UNLABELED
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,7 +36,10 @@ class ClickHandler:
 
     def answer(self, project: str, tasks: list[dict], targets: tuple[ControlTag, ...], serving: Serving,
                smart: tuple[SmartRegion, ...]) -> list[TaskPrediction]:
-        """Each task's answer to the smart regions; a task whose regions or image can't be used fails alone."""
+        """Each task's answer to the smart regions; a task whose regions or image can't be used fails alone.
+        No regions (an empty context) get no suggestion, not the pre-label: accepting it would duplicate it."""
+        if not smart:
+            return [TaskPrediction([], 0.0) for _ in tasks]
         answers = []
         for task in tasks:
             try:
@@ -44,6 +52,7 @@ class ClickHandler:
                      smart: tuple[SmartRegion, ...]) -> TaskPrediction:
         results, scores = [], []
         for group, label, regions in label_groups(smart, targets):
+            started = time.perf_counter()
             key, state = self._image_state(project, task, group[0], serving)
             prompt = as_prompt(label, regions, state.height, state.width)
             by_rules: dict[RegionRules, SemanticPrediction] = {}
@@ -55,6 +64,8 @@ class ClickHandler:
                 results += target.build(by_rules[rules])
             scores += [p.region_scores.get(label, 0.0) for p in by_rules.values()]
             self.passes.put(key, state)  # measured again: the click may have grown it
+            log.info("project %s %s: %r from %d prompts in %.0f ms", project, task_name(task),
+                     group[0].vocabulary.labels[label], len(regions), (time.perf_counter() - started) * 1000)
         return TaskPrediction(results, round(float(np.mean(scores)), 4))
 
     def _image_state(self, project: str, task: dict, target: ControlTag, serving: Serving) -> tuple[tuple, ImageState]:

@@ -134,7 +134,7 @@ class SegmentationService:
             refused = TaskPrediction(error=f"the smart regions can't be used: {error}")
             return {"results": [self._answer(task, refused, version) for task in tasks],
                     "model_version": version}
-        if smart:
+        if smart is not None:
             predictions, queued = self.clicks.answer(project, tasks, targets, serving, smart), []
         else:
             predictions, queued = self._predict_within_budget(project, tasks, targets, serving, version, started)

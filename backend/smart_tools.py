@@ -52,15 +52,16 @@ MAX_SMART_REGIONS = 100
 MAX_SMART_LABELS = 4
 
 
-def parse_context(context) -> tuple[SmartRegion, ...]:
-    """The smart regions of a /predict's ``params.context`` (none for a plain /predict).
+def parse_context(context) -> tuple[SmartRegion, ...] | None:
+    """The smart regions of a /predict's ``params.context``: None for a plain /predict (no context), and
+    none for a context without regions (Label Studio sends one after Submit: it asks for no suggestion).
 
     Raises:
         ContextError: not Label Studio's shape, an unknown region type, a click outside the image, a box
             without area, a number that is not finite, or more regions or labels than one request may hold.
     """
     if context is None:
-        return ()
+        return None
     if not isinstance(context, dict):
         raise ContextError(f"the context must be an object, not {type(context).__name__}")
     results = context.get("result") or []

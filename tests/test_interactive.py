@@ -1,5 +1,6 @@
 """Interactive refinement: clicks and boxes → one label's mask (model.refinement), and Label Studio's
 smart-tool protocol around it (backend.smart_tools, /predict with a context)."""
+import re
 from pathlib import Path
 
 import cv2
@@ -244,6 +245,29 @@ def test_a_click_answers_with_the_labels_refined_mask(make_client, file_server, 
     context["result"].append(keypoint(1.0, 1.0, label, positive=False))
     assert "error" not in _interactive(client, tasks_on(file_server, scenes[:1]), context)["results"][0]
     assert passes == [] and len(service.passes) == 1
+
+
+@pytest.mark.parametrize("context", [{}, {"result": []}, {"result": None}])
+def test_an_empty_context_gets_no_suggestion_not_the_prelabel(make_client, file_server, scenes, monkeypatch, context):
+    # Label Studio sends one after Submit; answering the pre-label shows it again as suggestions to accept.
+    client, _ = make_client()
+    passes = _count_passes(monkeypatch)
+    body = _interactive(client, tasks_on(file_server, scenes[:2]), context)
+    assert [entry["result"] for entry in body["results"]] == [[], []] and passes == []
+    plain = client.post("/predict", json={"tasks": tasks_on(file_server, scenes[:1]), "label_config": SMART_CONFIG,
+                                          "project": "1.1", "params": {"context": None}}).get_json()
+    assert plain["results"][0]["result"]  # no context at all: the pre-label
+
+
+def test_each_interactive_request_leaves_one_log_line(make_client, file_server, scenes, caplog):
+    client, _ = make_client()
+    context = {"result": [keypoint(50, 50, "grass"), keypoint(20, 20, "grass", positive=False)]}
+    with caplog.at_level("INFO", logger="backend.clicks"):
+        _interactive(client, tasks_on(file_server, scenes[:1]), context)
+    lines = [r.getMessage() for r in caplog.records if r.name == "backend.clicks"]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"project 1 task \d+: 'grass' from 2 prompts in \d+ ms", lines[0]), lines
+    assert "good-token" not in lines[0] and "data:" not in lines[0] and "/data/" not in lines[0]
 
 
 def test_opening_a_task_keeps_its_pass_for_the_clicks(make_client, file_server, scenes, monkeypatch):

@@ -1,5 +1,7 @@
 """The README's settings table is the list of environment variables the code reads: no more, no fewer."""
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,12 @@ def test_redis_and_rq_are_imported_only_by_the_queue_implementation():
     imports = re.compile(r"^\s*(?:import|from)\s+(?:redis|rq)\b", re.MULTILINE)
     importing = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "backend").rglob("*.py") if imports.search(p.read_text()))
     assert importing == ["backend/rq_jobs.py"], importing
+
+
+def test_the_backend_help_names_the_settings_a_user_sets_first():
+    shown = subprocess.run([sys.executable, "-m", "backend", "--help"], capture_output=True, text=True, check=True,
+                           cwd=ROOT).stdout
+    first = ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MODEL_DIR", "CLIP_MODEL", "CLIP_PRETRAINED")
+    assert all(name in shown for name in first), shown
+    assert set(first) <= set(Settings().to_env())  # the help names real settings
+    assert "README" in shown
