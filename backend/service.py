@@ -103,7 +103,8 @@ class SegmentationService:
         versions = [{"project": v.project, "version": v.name, "created": v.created,
                      "model_version": self.runtime.version_model_version(v),
                      "summary": {k: v.summary.get(k) for k in ("images", "classes", "steps", "seconds", "loss",
-                                                                  "temperature", "ece_before", "ece_after", "min_region_score",
+                                                                  "temperature", "presence_weight", "ece_before", "ece_after",
+                                                                  "min_region_score",
                                                                   "skipped_annotations")},
                      **({"readable": False, "error": self.runtime.unreadable[v.project, v.version]}
                         if (v.project, v.version) in self.runtime.unreadable else {})}

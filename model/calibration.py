@@ -25,7 +25,7 @@ def _flatten(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: i
     at most ``max_side`` on the short side (the labels nearest-resampled to match), so the fit
     sees the same boundary pixels the served predictions have.
     """
-    rows, targets, shifts = [], [], []
+    rows, targets, owners = [], [], []
     for index, (out, label) in enumerate(zip(logits, labels, strict=True)):
         scale = min(1.0, max_side / min(label.shape))
         size = (max(1, round(label.shape[0] * scale)), max(1, round(label.shape[1] * scale)))
@@ -35,41 +35,54 @@ def _flatten(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: i
         keep = grid >= 0
         rows.append(up.permute(1, 2, 0)[keep])
         targets.append(grid[keep])
-        offset = offsets[index].float().cpu() if offsets is not None else torch.zeros(out.shape[0])
-        shifts.append(offset.expand(int(keep.sum()), -1))
-    x, y, o = torch.cat(rows), torch.cat(targets), torch.cat(shifts)
+        owners.append(torch.full((int(keep.sum()),), index))
+    x, y, owner = torch.cat(rows), torch.cat(targets), torch.cat(owners)
     if len(y) > max_pixels:
         pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:max_pixels]
-        x, y, o = x[pick], y[pick], o[pick]
-    return x, y, o
+        x, y, owner = x[pick], y[pick], owner[pick]
+    table = torch.stack([o.float().cpu() for o in offsets]) if offsets is not None else torch.zeros(1, x.shape[1])
+    return x, y, table[owner if offsets is not None else torch.zeros_like(owner)]
 
 
 def fit_temperature(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: int = 200_000,
-                    seed: int = 0, offsets: list[torch.Tensor] | None = None) -> float:
-    """The temperature T minimising the NLL of ``softmax(logits / T + offset)`` on the annotated pixels.
+                    seed: int = 0) -> float:
+    """The temperature T minimising the NLL of ``softmax(logits / T)`` on the annotated pixels.
 
     Args:
         logits: per image (C, h, w) class logits.
         labels: per image (H, W) class indices into the same C classes; negative = unannotated.
-        offsets: per image (C,) scores added after the temperature (the presence prior), or None.
 
     Returns:
         T > 0 (1.0 when no pixel is annotated).
     """
-    x, y, o = _flatten(logits, labels, max_pixels, seed, offsets)
+    return fit_scores(logits, labels, None, max_pixels, seed)[0]
+
+
+def fit_scores(logits: list[torch.Tensor], labels: list[np.ndarray], priors: list[torch.Tensor] | None,
+               max_pixels: int = 200_000, seed: int = 0) -> tuple[float, float]:
+    """The temperature T and presence weight w ≥ 0 minimising the NLL of ``softmax(logits / T + w × prior)``
+    on the annotated pixels (w is 0 without ``priors``, per image (C,) log-probabilities).
+
+    Returns:
+        (T, w); (1.0, 0.0) when no pixel is annotated.
+    """
+    x, y, o = _flatten(logits, labels, max_pixels, seed, priors)
     if len(y) == 0:
-        return 1.0
+        return 1.0, 0.0
     log_t = torch.zeros((), requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+    raw_w = torch.zeros((), requires_grad=priors is not None)  # w = softplus(raw_w): 0.69 to start
+    parameters = [log_t, raw_w] if priors is not None else [log_t]
+    optimizer = torch.optim.LBFGS(parameters, lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+    weight = (lambda: F.softplus(raw_w)) if priors is not None else (lambda: torch.zeros(()))
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(x / log_t.exp() + o, y)
+        loss = F.cross_entropy(x / log_t.exp() + weight() * o, y)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().clamp(-5, 5).exp())
+    return float(log_t.detach().clamp(-5, 5).exp()), float(weight().detach())
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
@@ -83,34 +96,37 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 
 def calibrate(predictor, images: list[np.ndarray], labels: list[np.ndarray], vocabulary,
               min_images: int = 5, chunk: int = 32) -> dict:
-    """Fit ``predictor``'s temperature on annotated images and set it.
+    """Fit ``predictor``'s temperature and presence weight on annotated images and set them: how much the
+    frozen CLIP's image-level prior should still count is what the annotations say (a model fine-tuned on
+    them often knows better).
 
     Args:
         predictor: a :class:`model.predictor.Predictor`.
         images: RGB (H, W, 3) uint8 arrays.
         labels: (H, W) indices into ``vocabulary``, negative where unannotated.
-        min_images: below this many images the temperature stays 1.
+        min_images: below this many images the temperature stays 1 (and the weight as it is).
 
     Returns:
-        ``temperature`` and the pixel ECE (%) on these annotations before and after.
+        ``temperature``, ``presence_weight`` and the pixel ECE (%) on these annotations before (T = 1, the
+        weight as it was) and after.
     """
     if len(images) < min_images:
         predictor.temperature = 1.0
-        return {"temperature": 1.0, "calibration_images": len(images)}
+        return {"temperature": 1.0, "presence_weight": predictor.presence_weight, "calibration_images": len(images)}
     passes = [out for start in range(0, len(images), chunk)
               for out in predictor.passes(images[start:start + chunk], vocabulary)]
-    logits = [out for out, _ in passes]
-    offsets = [predictor.presence_weight * prior for _, prior in passes]
-    temperature = fit_temperature(logits, labels, offsets=offsets)
-    x, y, o = _flatten(logits, labels, 200_000, seed=1, offsets=offsets)
+    logits, priors = [out for out, _ in passes], [prior for _, prior in passes]
+    temperature, weight = fit_scores(logits, labels, priors)
+    x, y, o = _flatten(logits, labels, 200_000, seed=1, offsets=priors)
 
-    def ece(t: float) -> float:
-        confidence, winner = (x / t + o).softmax(1).max(1)
+    def ece(t: float, w: float) -> float:
+        confidence, winner = (x / t + w * o).softmax(1).max(1)
         return round(expected_calibration_error(confidence.numpy(), (winner == y).numpy()), 2)
 
-    predictor.temperature = temperature
-    return {"temperature": round(temperature, 4), "calibration_images": len(images),
-            "ece_before": ece(1.0), "ece_after": ece(temperature)}
+    before = ece(1.0, predictor.presence_weight)
+    predictor.temperature, predictor.presence_weight = temperature, weight
+    return {"temperature": round(temperature, 4), "presence_weight": round(weight, 4),
+            "calibration_images": len(images), "ece_before": before, "ece_after": ece(temperature, weight)}
 
 
 def fit_min_score(found: list[dict[int, float]], present: list[set[int]]) -> float:
