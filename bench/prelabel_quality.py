@@ -129,7 +129,10 @@ class Bench:
         predictor = self.model.predictor(segmenter)
         calibrate(predictor, [i for i, _ in scenes], [t for _, t in scenes], VOCABULARY)
         settings = Settings()
-        return predictor, settings.region_rules(fit_region_rule(predictor, samples, VOCABULARY, settings))
+        predictor.refine_boundaries = settings.refine_boundaries  # the rule is fitted as pre-labels are served
+        rules = settings.region_rules(fit_region_rule(predictor, samples, VOCABULARY, settings))
+        predictor.refine_boundaries = False
+        return predictor, rules
 
     def pruning(self, name: str, predictor: Predictor, scenes, chosen: RegionRules) -> dict:
         """Regions, precision and mIoU under several rules, refined as served; the served predictions."""
@@ -137,8 +140,13 @@ class Bench:
         temperature = predictor.temperature_for(VOCABULARY, passes)
         logits = [presence.apply(out, prior, temperature, predictor.presence_weight) for out, prior in passes]
         unprimed = [presence.apply(out, prior, temperature, 0.0) for out, prior in passes]
+        # What a CLIP got before the label-free rules: no prior, TEMPERATURE unset (1) or the fitted one, 0.25.
+        previous = [presence.apply(out, prior, predictor.temperature or 1.0, 0.0) for out, prior in passes]
         default = f"min_score {chosen.min_score}, min_area {chosen.min_area}"
-        rows = {"no presence prior, no pruning, refined": (TODAY, True),
+        unprimed_row = "no presence prior, no pruning, refined"
+        previous_row = "previous defaults (no prior, T 1 unless fitted, min_score 0.25, min_area 0.01)"
+        sources = {unprimed_row: unprimed, previous_row: previous}
+        rows = {unprimed_row: (TODAY, True), previous_row: (RegionRules(0.25, 0.01), True),
                 "today (no pruning, bilinear)": (TODAY, False), "refined, no pruning": (TODAY, True),
                 f"pruned ({default}), bilinear": (chosen, False), f"pruned and refined ({default}): served": (chosen, True),
                 "pruned and refined, stricter: min_score 0.3, min_area 0.05": (RegionRules(0.3, 0.05), True),
@@ -148,7 +156,7 @@ class Bench:
         print(f"\n{name}: {len(scenes)} scenes, T = {temperature:.3f}\n\n| post-processing | regions / image | region precision | mIoU |\n|---|---|---|---|")
         kept = {}
         for row, (rules, refine) in rows.items():
-            scores = unprimed if row.startswith("no presence prior") else logits
+            scores = sources.get(row, logits)
             predictions = [Predictor.to_semantic(out, *image.shape[:2], 1.0, rules,
                                                  image if refine else None)
                            for out, (image, _) in zip(scores, scenes, strict=True)]
