@@ -74,15 +74,15 @@ class Predictor:
     from the :class:`TextEncoder`'s cache.
     Confidences are softmax probabilities of the logits divided by ``temperature`` (see
     :mod:`model.calibration`; None: fitted per vocabulary without labels), with the frozen
-    CLIP's image-level presence prior at ``presence_weight`` (:mod:`model.presence`). ``precision``: ``"auto"`` runs the forward pass under bfloat16
-    autocast on a CUDA device that supports it and in float32 elsewhere; ``"bf16"`` or
-    ``"fp32"`` force one. ``refine_boundaries``: label boundaries follow the image's edges
+    CLIP's image-level presence prior at ``presence_weight`` (:mod:`model.presence`).
+    ``precision``: ``"auto"`` runs the forward pass under bfloat16 autocast on a CUDA device
+    that supports it and in float32 elsewhere; ``"bf16"`` or ``"fp32"`` force one. ``refine_boundaries``: label boundaries follow the image's edges
     (:mod:`model.regions`).
     """
 
     def __init__(self, segmenter, text_encoder: TextEncoder, inference_size: int = DEFAULTS.inference_size,
                  batch_size: int = DEFAULTS.batch_size, max_aspect: float = 2.0,
-                 device: str | torch.device = DEFAULTS.device, temperature: float = DEFAULTS.temperature,
+                 device: str | torch.device = DEFAULTS.device, temperature: float | None = DEFAULTS.temperature,
                  max_area: float = DEFAULTS.max_area, precision: str = DEFAULTS.precision,
                  refine_boundaries: bool = DEFAULTS.refine_boundaries,
                  presence_weight: float = DEFAULTS.presence_weight):
@@ -150,12 +150,6 @@ class Predictor:
         return [(scores, F.normalize(out[classes:], dim=0), self.presence_weight * prior)
                 for scores, (out, prior) in zip(logits, passes, strict=True)]
 
-    def passes(self, images: list[np.ndarray], vocabulary: Vocabulary,
-               with_embeddings: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image, the segmenter's (C[+D], h, w) logits (and embeddings) before any calibration, and the
-        frozen CLIP's (C,) image-level log-probabilities of the labels."""
-        return self._dense(images, vocabulary, with_embeddings)
-
     def temperature_for(self, vocabulary: Vocabulary, passes=()) -> float:
         """The temperature for ``vocabulary``: the set one, or the label-free one pooled with ``passes``."""
         if self.temperature is not None:
@@ -168,8 +162,10 @@ class Predictor:
         return [presence.apply(out, prior, temperature, self.presence_weight) for out, prior in passes]
 
     @torch.no_grad()
-    def _dense(self, images: list[np.ndarray], vocabulary: Vocabulary,
-               with_embeddings: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def passes(self, images: list[np.ndarray], vocabulary: Vocabulary,
+               with_embeddings: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image, the segmenter's (C[+D], h, w) logits (and embeddings) before any calibration, and the
+        frozen CLIP's (C,) image-level log-probabilities of the labels."""
         text = self.text_encoder.embed(vocabulary)
         seen = self.segmenter.seen_classes(vocabulary.labels)
         jobs = []  # (image index, window corner or None, tensor)
