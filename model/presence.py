@@ -22,6 +22,9 @@ import threading
 import torch
 
 LABEL_FREE_IMAGES = 256  # images pooled before the label-free temperature stops moving
+# Labels × pixels of one image the fit reads: a 20-label vocabulary on a 1920×1080 photo (28×50 cells) is read
+# whole; a 1000-label one every third cell, so the first images cost no more than a fraction of their pass.
+MAX_FIT_CELLS = 500_000
 MAX_VOCABULARIES = 4096  # vocabularies remembered (151 numbers each); the oldest is forgotten first
 # Candidate temperatures, log-spaced 8% apart, far wider than any CLIP's logit scale moves them (about 10-100).
 TEMPERATURES = torch.exp(torch.linspace(math.log(0.01), math.log(1000.0), 151))
@@ -45,6 +48,7 @@ def divergences(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         prior: (C,) its image-level log-probabilities.
     """
     flat = logits.float().flatten(1).cpu()  # (C, N)
+    flat = flat[:, ::max(1, math.ceil(flat.numel() / MAX_FIT_CELLS))]
     target = prior.float().cpu()
     out = []
     for chunk in TEMPERATURES.split(16):
