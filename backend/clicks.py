@@ -57,7 +57,7 @@ class ClickHandler:
             prompt = as_prompt(label, regions, state.height, state.width)
             by_rules: dict[RegionRules, SemanticPrediction] = {}
             for target in group:
-                rules = target.rules(serving.region_rules(self.settings))
+                rules = target.rules(serving.region_rules(self.settings, target.vocabulary.labels))
                 if rules not in by_rules:
                     mask, probability = refine(state, prompt, rules)
                     by_rules[rules] = SemanticPrediction(np.where(mask, label, UNLABELED).astype(np.int16), probability)

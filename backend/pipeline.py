@@ -156,7 +156,7 @@ class PredictPipeline:
             logits = predictor.logits(images, group[0].vocabulary)
         by_rules: dict[RegionRules, list] = {}
         for target in group:
-            rules = target.rules(serving.region_rules(self.settings))
+            rules = target.rules(serving.region_rules(self.settings, target.vocabulary.labels))
             if rules not in by_rules:
                 by_rules[rules] = predictor.semantic(images, logits, rules)
             for index, prediction in zip(loaded, by_rules[rules], strict=True):

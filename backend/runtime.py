@@ -11,6 +11,7 @@ their predictors here:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -62,9 +63,16 @@ class Serving:
         """The string Label Studio stores with each prediction: checkpoint and vocabulary."""
         return f"{self.name}:{vocabulary_tag(targets)}"
 
-    def region_rules(self, settings: Settings) -> RegionRules:
-        """The pruning of pre-labels whose control tag sets none: the settings', with the version's fitted rule."""
-        return settings.region_rules(self.version.summary.get("min_region_score") if self.version else None)
+    def region_rules(self, settings: Settings, labels: tuple[str, ...] = ()) -> RegionRules:
+        """The pruning of pre-labels whose control tag sets none: the settings', with the version's fitted rule,
+        which spares the ``labels`` its annotations never showed (unless ``MIN_REGION_SCORE`` is set)."""
+        if self.version is None:
+            return settings.region_rules()
+        rules = settings.region_rules(self.version.summary.get("min_region_score"))
+        trained = set(self.version.summary.get("classes") or labels)
+        unscored = () if settings.min_region_score is not None else tuple(
+            index for index, label in enumerate(labels) if label not in trained)
+        return dataclasses.replace(rules, unscored=unscored)
 
 
 class ModelRuntime:

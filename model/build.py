@@ -43,8 +43,7 @@ class SegmentationModel:
                    "unseen_weight": config.unseen_weight, **options}
         return build_segmenter(self.clip, seed=seed, **options)
 
-    def predictor(self, segmenter: Segmenter | None = None, temperature: float | None = None,
-                  presence_weight: float | None = None) -> Predictor:
+    def predictor(self, segmenter: Segmenter | None = None, temperature: float | None = None) -> Predictor:
         """A predictor for ``segmenter`` (default: a new untrained one, i.e. zero-shot)."""
         config = self.config
         return Predictor(segmenter if segmenter is not None else self.segmenter(), self.encoder,
@@ -52,7 +51,7 @@ class SegmentationModel:
                          temperature=config.temperature if temperature is None else temperature,
                          max_area=config.max_area, precision=config.precision,
                          refine_boundaries=config.refine_boundaries,
-                         presence_weight=config.presence_weight if presence_weight is None else presence_weight)
+                         presence_weight=config.presence_weight)
 
     def load_predictor(self, checkpoint: str | Path) -> Predictor:
         """The predictor of a fine-tuned version, at the temperature and presence weight its training fitted.
@@ -62,8 +61,9 @@ class SegmentationModel:
         """
         segmenter = self.segmenter()
         metadata = load_checkpoint(checkpoint, segmenter, self.identity)
-        return self.predictor(segmenter, temperature=metadata.get("temperature", 1.0),
-                              presence_weight=metadata.get("presence_weight"))
+        predictor = self.predictor(segmenter, temperature=metadata.get("temperature", 1.0))
+        predictor.presence_weight = metadata.get("presence_weight", predictor.presence_weight)
+        return predictor
 
 
 def load_model(config: ModelConfig) -> SegmentationModel:

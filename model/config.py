@@ -24,11 +24,14 @@ class RegionRules:
             best label that stays.
         reassign_unlikely: an unlikely label's pixels go to the best label that stays too, instead of
             being unlabeled (measured worse; kept for ``bench.prelabel_quality``'s comparison).
+        unscored: the labels (vocabulary indices) ``min_score`` spares: those a fine-tuned version's
+            annotations never showed, which the rule it fitted on them knows nothing of.
     """
 
     min_score: float = 0.0
     min_area: float = 0.0
     reassign_unlikely: bool = False
+    unscored: tuple[int, ...] = ()
 
 
 NO_PRUNING = RegionRules()

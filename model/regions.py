@@ -150,6 +150,7 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
     found = {int(c): float(scores[c]) for c in torch.nonzero(counts).flatten()}
     if rules.min_score > 0:
         unlikely = (counts > 0) & (scores < rules.min_score)
+        unlikely[list(rules.unscored)] = False
         label_map = torch.where(unlikely[label_map.long()], torch.full_like(label_map, UNLABELED), label_map)
     if shape != (height, width):  # nearest: the working resolution's boundaries, undisturbed
         label_map, confidence = nearest_upsample((label_map, confidence), height, width)

@@ -1,6 +1,7 @@
 """What every segmentation control tag shares: its binding in the label config, and its regions."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,8 +51,11 @@ class ControlTag:
 
     def rules(self, defaults: RegionRules) -> RegionRules:
         """The pruning this tag's predictions get: its own attributes, else ``defaults``."""
-        return RegionRules(defaults.min_score if self.score_threshold is None else self.score_threshold,
-                           defaults.min_area if self.min_region_area is None else self.min_region_area)
+        if self.score_threshold is not None:  # the tag's own threshold holds for every label
+            defaults = dataclasses.replace(defaults, min_score=self.score_threshold, unscored=())
+        if self.min_region_area is not None:
+            defaults = dataclasses.replace(defaults, min_area=self.min_region_area)
+        return defaults
 
     # ------------------------------------------------------------------ prediction → results
     def regions(self, prediction: SemanticPrediction) -> Iterator[tuple[int, str, float]]:
