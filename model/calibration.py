@@ -40,8 +40,9 @@ def _flatten(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: i
     if len(y) > max_pixels:
         pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:max_pixels]
         x, y, owner = x[pick], y[pick], owner[pick]
-    table = torch.stack([o.float().cpu() for o in offsets]) if offsets is not None else torch.zeros(1, x.shape[1])
-    return x, y, table[owner if offsets is not None else torch.zeros_like(owner)]
+    if offsets is None:
+        return x, y, torch.zeros_like(x)
+    return x, y, torch.stack([o.float().cpu() for o in offsets])[owner]
 
 
 def fit_temperature(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: int = 200_000,
