@@ -10,12 +10,16 @@ is *the label's* when its most similar prototype is one of the label's (positive
 centre) and at least :data:`MIN_SIMILARITY`; the others (negative clicks, a box's surrounding ring)
 speak against it.
 
-The mask starts as the label's region in the served pre-label, then each click, in order:
+The mask starts as the label's region in the served pre-label, or as the parts of it that the positive
+clicks confirm: a part a positive click lands in, or one that looks like the clicks (more alike than
+:data:`CONFIRM_LIKENESS` of the image). Where the pre-label put the label on something else, the
+click, not the pre-label, decides. Then each click, in order:
 
 * a positive click adds the connected part of the label's superpixels around it. When the pre-label
   had none of the label, it also adds the label's superpixels everywhere that the label's text
   probability supports (:data:`TEXT_SUPPORT`): one example → all of this class. That probability
-  leaves out the image-level presence prior (:mod:`model.presence`): the click has said the label is there;
+  leaves out the image-level presence prior (:mod:`model.presence`): the click has said the label is there.
+  Only the first positive click adds them, so a later one does not bring back what a negative click took;
 * a negative click removes the connected part of the mask around it that is not the label's.
 
 A box replaces the start by the label's superpixels inside it. The pre-label's regions as prototypes
@@ -26,6 +30,7 @@ click simulator.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -44,6 +49,7 @@ COLOUR_WEIGHT = 4.0  # cosine given up per unit of Lab distance (channels in [0,
 MIN_SIMILARITY = 0.2  # the least similarity to a positive prototype of a superpixel that joins the label
 TEXT_SUPPORT = 0.1  # "all of this class": the least text probability of the label far from the click
 MAX_KEPT_PRELABELS = 4  # pre-labels kept per image, one per pruning rules (tags rarely differ)
+CONFIRM_LIKENESS = 0.8  # a pre-label part more like the clicks than this share of the image's superpixels stays
 MARGIN_SHARPNESS = 20.0  # similarity margin → probability: a margin of 0.1 is 0.88
 
 
@@ -141,6 +147,14 @@ class ImageState:
         rows = -(-np.arange(self.image.shape[0]) * self.height // self.image.shape[0])  # ceil: back to the source
         cols = -(-np.arange(self.image.shape[1]) * self.width // self.image.shape[1])
         self._keep(rules, torch.from_numpy(label_map[rows[:, None], cols[None]]).to(self.logits.device))
+
+    def with_prelabel(self, rules: RegionRules, label_map: torch.Tensor) -> "ImageState":
+        """A copy sharing this state's pass and superpixels whose pre-label under ``rules`` is the (H', W')
+        ``label_map`` instead (a simulator's wrong pre-label)."""
+        other = copy.copy(self)
+        other._prelabels = {}
+        other._keep(rules, label_map.to(self.logits.device))
+        return other
 
     @cached_property
     def superpixels(self) -> "Superpixels":
@@ -259,16 +273,17 @@ def refine(state: ImageState, prompt: Prompt, rules: RegionRules = NO_PRUNING,
     start = state.prelabel(rules) == prompt.label if from_prelabel else torch.zeros_like(superpixels, dtype=torch.bool)
     chance = _superpixel_chance(state, prompt, start)
     ours = (chance > 0.5)[superpixels]
-    mask = ours & _inside(state, prompt.boxes) if prompt.boxes else start.clone()
-    # A label the start missed: the label's superpixels elsewhere that its text supports join with the example.
+    # A label the pre-label missed: the label's superpixels elsewhere that its text supports join with the example.
     elsewhere = (ours & (_text_chance(state, prompt.label) >= TEXT_SUPPORT)[superpixels]
-                 if find_all and from_prelabel and not bool(mask.any()) else None)
+                 if find_all and from_prelabel and not prompt.boxes and not bool(start.any()) else None)
+    mask = ours & _inside(state, prompt.boxes) if prompt.boxes else _confirmed(start, state, prompt)
     for x, y, positive in prompt.clicks:
         where = state.working_pixel(x, y)
         if positive:
             mask |= _part(ours, where)
-            if elsewhere is not None:
+            if elsewhere is not None:  # with the first positive click only: later negative clicks may take from it
                 mask |= elsewhere
+                elsewhere = None
         else:
             mask &= ~_part(mask & ~ours, where)
     probability = torch.where(mask, chance[superpixels].clamp(min=0.5), chance[superpixels].clamp(max=0.5))
@@ -292,6 +307,40 @@ def _superpixel_chance(state: ImageState, prompt: Prompt, start: torch.Tensor) -
     for x, y, positive in prompt.clicks:
         chance[pixels.at(state.working_pixel(x, y))] = 1.0 if positive else 0.0
     return chance
+
+
+def _likeness(state: ImageState, prompt: Prompt) -> torch.Tensor:
+    """(N,) each superpixel's rank in [0, 1] by its similarity to the prompt's nearest positive prototype."""
+    positive, _ = _prototypes(state, prompt)
+    similarity = _nearest(state.superpixels, positive)
+    return similarity.argsort().argsort().float() / max(1, len(similarity) - 1)
+
+
+def _confirmed(start: torch.Tensor, state: ImageState, prompt: Prompt) -> torch.Tensor:
+    """The connected parts of the (H', W') bool ``start`` that the positive clicks confirm: one a positive
+    click lands in, or one that looks like them (its superpixels' mean :func:`_likeness` at least
+    :data:`CONFIRM_LIKENESS`). A part that looks like something else is a wrong pre-label: the click, not the
+    pre-label, says where the label is. Without a positive click the start stands."""
+    if not any(positive for *_, positive in prompt.clicks) or not bool(start.any()):
+        return start
+    _, parts = cv2.connectedComponents(start.cpu().numpy().astype(np.uint8), connectivity=8)
+    parts = torch.from_numpy(parts).to(start.device).long().flatten()
+    likeness = _likeness(state, prompt)[state.superpixels.labels.flatten()]
+    count = int(parts.max()) + 1
+    keep = torch.bincount(parts, likeness, count) / torch.bincount(parts, minlength=count) >= CONFIRM_LIKENESS
+    for x, y, positive in prompt.clicks:
+        if positive:
+            keep[parts.view(start.shape)[state.working_pixel(x, y)]] = True
+    keep[0] = False  # outside the start
+    return keep[parts].view(start.shape)
+
+
+def _likeness(state: ImageState, prompt: Prompt) -> torch.Tensor:
+    """(N,) each superpixel's rank in [0, 1] by its similarity to the nearest positive prototype: a
+    share of the image, so no similarity scale of one CLIP is built in."""
+    positive, _ = _prototypes(state, prompt)
+    similarity = _nearest(state.superpixels, positive)
+    return similarity.argsort().argsort().float() / max(1, len(similarity) - 1)
 
 
 def _text_chance(state: ImageState, label: int) -> torch.Tensor:
