@@ -35,10 +35,8 @@ def log_prior(image_logits: torch.Tensor) -> torch.Tensor:
     return image_logits.float().log_softmax(-1)
 
 
-def apply(logits: torch.Tensor, prior: torch.Tensor, temperature: float,
-          weight: float | torch.Tensor) -> torch.Tensor:
-    """Calibrated scores (C, h, w): ``logits / temperature + weight × prior``, ``weight`` one number or one per
-    label (C,); their softmax is what is served."""
+def apply(logits: torch.Tensor, prior: torch.Tensor, temperature: float, weight: float) -> torch.Tensor:
+    """Calibrated scores (C, h, w): ``logits / temperature + weight × prior``; their softmax is what is served."""
     return logits.float() / temperature + (weight * prior.to(logits.device))[:, None, None]
 
 

@@ -101,12 +101,9 @@ def test_annotations_train_a_new_version_that_is_served(service, file_server):
     assert client.get("/versions").get_json()["versions"][-1]["model_version"] == tuned_version
     print(f"held-out mIoU base {base_before:.1f} → {base_after:.1f}, novel {novel_before:.1f} → {novel_after:.1f}")
     assert base_after > base_before + 5
-    # Uncorrected labels are not forgotten; novel mIoU moves by ±2.6 between training seeds
-    # (bench.accuracy), so this checks for a collapse, and the Label Studio test for the gain.
-    # Since the presence prior, the zero-shot side is higher (26.7 here, 20-21 before it) and the
-    # calibrated version keeps 22.4 of it: a loss the tuned temperature brings, open in the issue on
-    # defaults for the CLIP a user brings, not a collapse.
-    assert novel_after >= novel_before - 5
+    # Uncorrected labels are not forgotten (26.7 → 29.5 here; 22.4 when they were served at the zero-shot
+    # presence weight beside the lower fitted one). Novel mIoU moves by ±2.6 between training seeds.
+    assert novel_after >= novel_before - 1.5
 
     # A restarted backend serves the same version from MODEL_DIR.
     restarted = SegmentationService(service.settings)
