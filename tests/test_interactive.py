@@ -267,6 +267,20 @@ def test_a_click_answers_with_the_labels_refined_mask(make_client, file_server, 
     assert passes == [] and len(service.passes) == 1
 
 
+def test_a_clicks_answer_takes_the_id_of_the_prelabels_region(make_client, file_server, scenes):
+    """Accepting the suggestion in the editor then replaces the pre-label's region of the label (Label Studio
+    keeps a prediction's result ids as region ids) instead of adding a second region beside it."""
+    client, _ = make_client()
+    tasks = tasks_on(file_server, scenes[:1])
+    prelabel = client.post("/predict", json={"tasks": tasks, "label_config": SMART_CONFIG}).get_json()["results"][0]
+    ids = {r["value"]["brushlabels"][0]: r["id"] for r in prelabel["result"]}
+    assert len(set(ids.values())) == len(ids)  # one region per label, each its own id
+    label = next(iter(ids))
+    for clicks in ([keypoint(50.0, 50.0, label)], [keypoint(50.0, 50.0, label), keypoint(20.0, 30.0, label)]):
+        (region,) = _interactive(client, tasks, {"result": clicks})["results"][0]["result"]
+        assert region["id"] == ids[label]
+
+
 @pytest.mark.parametrize("context", [{}, {"result": []}, {"result": None}])
 def test_an_empty_context_gets_no_suggestion_not_the_prelabel(make_client, file_server, scenes, monkeypatch, context):
     # Label Studio sends one after Submit; answering the pre-label shows it again as suggestions to accept.

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import uuid
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -65,10 +65,15 @@ class ControlTag:
             if score >= (self.score_threshold or 0.0):
                 yield index, self.vocabulary.labels[index], score
 
-    def result(self, label: str, value: dict, score: float, height: int, width: int) -> dict:
-        """One Label Studio result (a region) of this tag."""
+    def result(self, label: str, value: dict, score: float, height: int, width: int, part: int = 0) -> dict:
+        """One Label Studio result (a region) of this tag: the ``part``-th region of ``label``.
+
+        Its id is the same in every answer for this tag, label and part. The editor's "accept" of a click's
+        suggestion then replaces the pre-label's region of that label instead of adding a second one beside it
+        (Label Studio keeps a prediction's result ids as its regions' ids, and an accepted suggestion whose id
+        is a region's takes that region's place)."""
         return {
-            "id": uuid.uuid4().hex[:10],
+            "id": hashlib.sha1(f"{self.control}\0{label}\0{part}".encode()).hexdigest()[:10],
             "from_name": self.control,
             "to_name": self.image,
             "type": self.result_type,

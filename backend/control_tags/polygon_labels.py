@@ -21,10 +21,10 @@ class PolygonLabels(ControlTag):
         height, width = prediction.label_map.shape
         results = []
         for index, label, score in self.regions(prediction):
-            for polygon in mask_to_polygons(prediction.label_map == index, self.min_area):
+            for part, polygon in enumerate(mask_to_polygons(prediction.label_map == index, self.min_area)):
                 # Contours run through pixel centres; +0.5 puts them on the pixel grid Label Studio draws.
                 points = [[round((x + 0.5) / width * 100, 3), round((y + 0.5) / height * 100, 3)] for x, y in polygon]
-                results.append(self.result(label, {"points": points, "closed": True}, score, height, width))
+                results.append(self.result(label, {"points": points, "closed": True}, score, height, width, part))
         return results
 
     @classmethod
