@@ -6,7 +6,8 @@
 Starts Label Studio and the backend (demo model) on 127.0.0.1, creates a project from
 ``labeling_config/demo-world.xml``, imports demo-world images, connects the backend, asks
 Label Studio to pre-label every task, selects that model version in the project and adds a
-Data Manager tab that shows the prediction scores, lowest first. It reports the mIoU of the predictions Label
+Data Manager tab that shows the prediction scores, lowest first, and a second project of a few
+scenes connected for clicks and boxes (smart-only key points and boxes). It reports the mIoU of the predictions Label
 Studio stored, prints the login, the API token and a ready-to-paste ``backend.prelabel``
 command, and keeps both servers running until Ctrl-C.
 """
@@ -20,6 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 from backend.annotations import results_to_label_map
 from backend.label_config import parse_targets
@@ -29,6 +31,27 @@ from model.evaluation import ConfusionMatrix
 
 CONFIG = ROOT / "labeling_config" / "demo-world.xml"
 SCENE_NAME = re.compile(r"scene-(\d+)\.png$")
+INTERACTIVE_TASKS = 6
+
+
+def with_smart_tools(label_config: str) -> str:
+    """``label_config`` with smart-only key points and boxes over its segmentation labels: there is no plain
+    key-point tool to pick by mistake, and the toolbar's smart button picks the smart key point first."""
+    labels = "".join(f'<Label value="{escape(label)}"/>' for label in parse_targets(label_config)[0].vocabulary.labels)
+    tags = "".join(f'  <{tag} name="{name}" toName="image" smart="true" smartOnly="true">{labels}</{tag}>\n'
+                   for tag, name in (("KeyPointLabels", "click"), ("RectangleLabels", "box")))
+    # The segmentation tag's own smart tool would come first in the toolbar's smart group; the backend answers clicks and boxes.
+    return label_config.replace("<BrushLabels ", '<BrushLabels smart="false" ').replace("</View>", tags + "</View>")
+
+
+def interactive_project(label_studio: LabelStudio, backend_url: str, scenes, label_config: str) -> int:
+    """A second project, connected for clicks and boxes, on the first scenes, pre-labeled."""
+    project = label_studio.create_project("Clicks and boxes (demo world)", with_smart_tools(label_config))
+    label_studio.import_images(project, {f"scene-{i:03d}.png": image for i, (image, _) in enumerate(scenes)})
+    label_studio.connect_backend(project, backend_url, interactive=True)
+    label_studio.retrieve_predictions(project)
+    label_studio.select_predictions(project)
+    return project
 
 
 def stored_predictions(label_studio: LabelStudio, project: int, scenes,
@@ -84,11 +107,13 @@ def main(argv=None) -> None:
         label_config = CONFIG.read_text()
         project = label_studio.create_project("Open-vocabulary demo world", label_config)
         label_studio.import_images(project, {f"scene-{i:03d}.png": image for i, (image, _) in enumerate(scenes)})
-        label_studio.connect_backend(project, f"http://127.0.0.1:{args.backend_port}")
+        backend_url = f"http://127.0.0.1:{args.backend_port}"
+        label_studio.connect_backend(project, backend_url)
         print(f"pre-labeling {len(scenes)} tasks through Label Studio...", flush=True)
         label_studio.retrieve_predictions(project)
         version = label_studio.select_predictions(project)
         label_studio.add_score_tab(project)
+        clicks = interactive_project(label_studio, backend_url, scenes[:INTERACTIVE_TASKS], label_config)
         confusion, tasks = stored_predictions(label_studio, project, scenes, label_config)
         regions = [count for count, _ in tasks.values()]
         scores = [score for _, score in tasks.values()]
@@ -97,6 +122,7 @@ def main(argv=None) -> None:
         novel = [world.NAMES.index(n) for n in world.NOVEL]
         print(
             f"\nLabel Studio: {label_studio.url}/projects/{project}/data\n"
+            f"clicks and boxes (README's Clicks and boxes): {label_studio.url}/projects/{clicks}/data\n"
             f"login: {label_studio.username} / {label_studio.password}\n"
             f"API token: {label_studio.token}\n"
             f"backend: http://127.0.0.1:{args.backend_port} (PID {backend.pid}), Label Studio PID {label_studio.process.pid}\n"

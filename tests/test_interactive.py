@@ -359,14 +359,25 @@ def test_a_task_whose_image_fails_fails_alone(make_client, file_server, scenes):
     assert body["results"][2]["result"][0]["original_width"] == 64  # percent of each task's own image
 
 
-def test_the_shipped_interactive_config_serves_its_smart_labels():
-    from backend.smart_tools import label_groups, parse_context
+@pytest.mark.parametrize("config", ["interactive-brush.xml", "the demo's"])
+def test_the_shipped_interactive_configs_serve_their_smart_labels(config):
+    """The shipped config and the demo's interactive project: every smart label is answered, the smart tags are
+    smart-only (no plain copy of the tool to pick by mistake) and the segmentation tag has no smart tool of its
+    own (it would come first in the toolbar's smart group, and the backend answers clicks and boxes)."""
+    from xml.etree import ElementTree
 
-    config = (Path(__file__).parents[1] / "labeling_config" / "interactive-brush.xml").read_text()
-    (target,) = parse_targets(config)
-    smart = parse_context({"result": [keypoint(10, 20, label) for label in target.vocabulary.labels]})
-    groups = label_groups(smart, (target,))
-    assert [(group, index) for group, index, _ in groups] == [([target], i) for i in range(len(target.vocabulary.labels))]
+    from backend.smart_tools import label_groups, parse_context
+    from demo.__main__ import CONFIG, with_smart_tools
+
+    xml = (with_smart_tools(CONFIG.read_text()) if config == "the demo's"
+           else (Path(__file__).parents[1] / "labeling_config" / config).read_text())
+    (target,) = parse_targets(xml)
+    for i, label in enumerate(target.vocabulary.labels):
+        ((group, index, _),) = label_groups(parse_context({"result": [keypoint(10, 20, label)]}), (target,))
+        assert (group, index) == ([target], i)
+    tags = {tag.tag: tag.attrib for tag in ElementTree.fromstring(xml)}
+    assert tags["BrushLabels"]["smart"] == "false"
+    assert tags["KeyPointLabels"]["smartOnly"] == tags["RectangleLabels"]["smartOnly"] == "true"
 
 
 def test_the_click_cache_holds_its_bound_newest_entry_included():
