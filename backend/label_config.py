@@ -88,3 +88,17 @@ def parse_targets(label_config: str) -> tuple[ControlTag, ...]:
             "this backend predicts semantic segmentation masks (see labeling_config/ for examples)"
         )
     return tuple(targets)
+
+
+SMART_TAGS = ("KeyPointLabels", "RectangleLabels")  # the tools whose smart copies send clicks and boxes here
+
+
+@lru_cache(maxsize=64)
+def has_smart_tools(label_config: str) -> bool:
+    """Whether an annotator of this config can click or draw boxes for the backend: a ``KeyPointLabels`` or
+    ``RectangleLabels`` on an Image whose smart copy Label Studio makes (it does unless ``smart="false"``).
+    Only then is an opened task's pass worth keeping for clicks (``label_config`` parsed by
+    :func:`parse_targets` first)."""
+    interface = LabelInterface(label_config)
+    return any(control.tag in SMART_TAGS and str(control.attr.get("smart", "true")).lower() != "false"
+               and any(obj.tag == "Image" for obj in control.objects) for control in interface.controls)

@@ -8,14 +8,16 @@ Per chunk: each task's image is fetched with its project's Label Studio token (o
 however many targets read it) → one forward pass per image and vocabulary (the targets that share
 both share it) → each target's predictions, pruned by its own rules → Label Studio results, and the
 task score. A task whose image fails gets an error and the rest of the chunk is answered. With
-:attr:`KeepPasses.OPENED_TASK`, a request of one task (an annotator opening it) keeps its pass, the
-pre-label it served and its superpixels for the clicks that may follow (:mod:`backend.clicks`).
+:attr:`KeepPasses.OPENED_TASK` (the service asks for it where the config has a smart tool), a request of
+one task (an annotator opening it) keeps its pass, the pre-label it served and its superpixels, made
+beside the answer, for the clicks that may follow (:mod:`backend.clicks`).
 """
 from __future__ import annotations
 
 import enum
 import hashlib
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -170,11 +172,13 @@ class PredictPipeline:
                 parts[index]["unsure"].append(unsure_fraction(prediction.confidence, unsure_below))
 
     def _keep(self, key: tuple, state: ImageState, served: dict[RegionRules, list]) -> None:
-        """Keep an opened task's pass with what a first click needs: the pre-labels just served, the superpixels."""
+        """Keep an opened task's pass with what a first click needs: the pre-labels just served, and the
+        superpixels, made beside the answer rather than before it, while the annotator looks at the pre-label
+        (a click that comes sooner waits for them)."""
         for rules, (prediction,) in served.items():
             state.keep_prelabel(rules, prediction.label_map)
-        state.superpixels  # noqa: B018 (made now, while the annotator looks at the pre-label)
         self.passes.put(key, state)
+        threading.Thread(target=getattr, args=(state, "superpixels"), name="superpixels", daemon=True).start()
 
 
 def pass_key(serving: Serving, project: str, target: ControlTag, digest: str | None) -> tuple:

@@ -25,6 +25,7 @@ from backend.credentials import Credentials
 from backend.errors import ServiceError
 from backend.images import ImageFetcher
 from backend.jobs import QueueUnavailable, job_queue, training_jobs
+from backend.label_config import has_smart_tools
 from backend.payloads import json_object, label_config_of, project_of, targets_of, task_name
 from backend.pipeline import KeepPasses, PredictPipeline, TaskPrediction
 from backend.projects import Projects
@@ -138,20 +139,22 @@ class SegmentationService:
         if smart is not None:
             predictions, queued = self.clicks.answer(project, tasks, targets, serving, smart), []
         else:
-            predictions, queued = self._predict_within_budget(project, tasks, targets, serving, version, started)
+            # An opened task's pass is kept for clicks only where the config has a tool that clicks.
+            keep = KeepPasses.OPENED_TASK if has_smart_tools(label_config) else KeepPasses.NEVER
+            predictions, queued = self._predict_within_budget(project, tasks, targets, serving, version, started, keep)
         results = [self._answer(task, p, version) for task, p in zip(tasks, predictions, strict=False)] + queued
         self.metrics.predicted(len(predictions), sum(p.error is not None for p in predictions), time.time() - started)
         release_freed_memory()
         return {"results": results, "model_version": version}
 
     def _predict_within_budget(self, project: str, tasks: list[dict], targets: tuple[ControlTag, ...],
-                               serving: Serving, version: str, started: float
+                               serving: Serving, version: str, started: float, keep: KeepPasses
                                ) -> tuple[list[TaskPrediction], list[dict]]:
         """The tasks' predictions, chunk by chunk; with a job queue, the tasks that the next chunk would take
         past ``PREDICT_BUDGET_SECONDS`` go to the workers instead (their answers say so)."""
         predictions: list[TaskPrediction] = []
         may_hand_over = self._may_hand_over(project, tasks)
-        chunks = self.pipeline.chunks(project, tasks, targets, serving, KeepPasses.OPENED_TASK)
+        chunks = self.pipeline.chunks(project, tasks, targets, serving, keep)
         for chunk in chunks:
             predictions += chunk
             done, elapsed = len(predictions), time.time() - started

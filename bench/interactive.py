@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 import time
 
 import cv2
@@ -186,9 +187,10 @@ def states_for(predictor, scenes) -> list[ImageState]:
 
 def click_speed(model_name: str, size: int, picture_size: tuple[int, int], repeats: int) -> None:
     """Through the backend (Flask test client, random weights): a whole /predict of one photo against the
-    clicks on it. A /predict of one task (an annotator opening it) keeps its pass: its cost shows against
-    the same task in a batch. A cold click has no kept pass (a new image, or one evicted); the first click after the
-    annotator opened the task reuses the /predict's pass but makes the superpixels; later clicks reuse all."""
+    clicks on it. A /predict of one task (an annotator opening it) keeps its pass where the config has a click
+    tool, and makes the superpixels beside its answer: its cost shows against the same config without a click
+    tool and against a task in a batch. A cold click has no kept pass (a new image, or one evicted); the first
+    click after opening reuses the /predict's pass (at once: it waits for the superpixels); later ones reuse all."""
     from bench.speed import brush_config, client_for, data_uri, measure, photo
 
     vocabulary = Vocabulary.from_labels(world.NAMES)
@@ -198,36 +200,46 @@ def click_speed(model_name: str, size: int, picture_size: tuple[int, int], repea
     task = {"id": 1, "data": {"image": data_uri(photo(*picture_size))}}
     click = {"result": [{"type": "keypointlabels", "to_name": "image", "from_name": "click", "is_positive": True,
                          "value": {"x": 50.0, "y": 60.0, "width": 0.5, "keypointlabels": ["road"]}}]}
+    plain = brush_config(vocabulary)
+    labels = "".join(f'<Label value="{name}"/>' for name in vocabulary.labels)
+    clicking = plain.replace("</View>", f'<KeyPointLabels name="click" toName="image" smart="true">{labels}'
+                                        "</KeyPointLabels></View>")
 
-    def post(context=None, tasks=(task,)):
+    def post(context=None, tasks=(task,), config=clicking):
         params = {"context": context} if context else {}
-        response = client.post("/predict", json={"tasks": list(tasks), "label_config": brush_config(vocabulary),
-                                                 "params": params})
+        response = client.post("/predict", json={"tasks": list(tasks), "label_config": config, "params": params})
         assert response.status_code == 200 and "result" in response.get_json()["results"][0], response.get_json()
 
     def forget():
+        for thread in threading.enumerate():  # the last opening's superpixels, made beside its answer
+            if thread.name == "superpixels":
+                thread.join()
         service.passes.clear()
 
-    def opened_then_click():
+    def opened_then_click(pause: float):
         forget()
         post()
+        time.sleep(pause)  # the annotator looks at the pre-label
         started = time.perf_counter()
         post(click)
         return time.perf_counter() - started
 
-    whole = measure(post, repeats)[0]
+    whole = measure(lambda: (forget(), post()), repeats)[0]
+    without = measure(lambda: post(config=plain), repeats)[0]
     batched = measure(lambda: post(tasks=(task, {**task, "id": 2})), repeats)[0] / 2
     cold = measure(lambda: (forget(), post(click)), repeats)[0]
-    first = 1000 * float(np.median([opened_then_click() for _ in range(repeats)]))
-    post(click)
+    at_once = 1000 * float(np.median([opened_then_click(0.0) for _ in range(repeats)]))
+    first = 1000 * float(np.median([opened_then_click(1.0) for _ in range(repeats)]))
     later = measure(lambda: post(click), repeats)[0]
     print(f"\nclick speed: {model_name} (random weights) at {size} px, a {picture_size[0]}x{picture_size[1]} photo, "
           f"{len(vocabulary.labels)} labels, CPU ({torch.get_num_threads()} threads), median of {repeats}\n\n"
           "| call | ms | share of a whole /predict |\n|---|---|---|")
-    for name, value in (("whole /predict of the task (the pre-label; keeps its pass)", whole),
+    for name, value in (("whole /predict of the task, config with a click tool (keeps its pass)", whole),
+                        ("the same, config without a click tool (keeps nothing)", without),
                         ("the same, per task of a batch of two (keeps nothing)", batched),
                         ("a click, cold (no kept pass)", cold),
-                        ("the first click after opening the task", first), ("each later click", later)):
+                        ("the first click, at once after opening (waits for the superpixels)", at_once),
+                        ("the first click, 1 s after opening", first), ("each later click", later)):
         print(f"| {name} | {value:.0f} | {value / whole:.0%} |", flush=True)
 
 

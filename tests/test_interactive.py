@@ -1,6 +1,8 @@
 """Interactive refinement: clicks and boxes → one label's mask (model.refinement), and Label Studio's
 smart-tool protocol around it (backend.smart_tools, /predict with a context)."""
 import re
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -17,7 +19,7 @@ from demo.train_clip import DENSE_METHOD, INFERENCE_SIZE
 from model.build import SegmentationModel
 from model.config import ModelConfig
 from model.predictor import Predictor
-from model.refinement import ImageState, Prompt, PromptError, refine
+from model.refinement import ImageState, Prompt, PromptError, Superpixels, refine
 from model.vocabulary import Vocabulary
 from tests.conftest import png_bytes, tasks_on
 
@@ -309,8 +311,19 @@ def test_opening_a_task_keeps_its_pass_for_the_clicks(make_client, file_server, 
     tasks = tasks_on(file_server, scenes[:2])
     client.post("/predict", json={"tasks": tasks, "label_config": SMART_CONFIG, "project": "1.1"})
     assert len(service.passes) == 0  # a batch keeps nothing
+    client.post("/predict", json={"tasks": tasks[:1], "label_config": LABEL_CONFIG, "project": "1.1"})
+    assert len(service.passes) == 0  # nor a config without a tool that clicks
+    made_in = []
+    original = Superpixels.of
+    monkeypatch.setattr("model.refinement.Superpixels.of",
+                        lambda state: made_in.append(threading.current_thread().name) or original(state))
     client.post("/predict", json={"tasks": tasks[:1], "label_config": SMART_CONFIG, "project": "1.1"})
     assert len(service.passes) == 1
+    (state,) = service.passes._states.values()
+    deadline = time.time() + 30
+    while "superpixels" not in vars(state) and time.time() < deadline:
+        time.sleep(0.05)
+    assert made_in == ["superpixels"]  # beside the answer, not in the request before it
     passes = _count_passes(monkeypatch)
     remade = []
     monkeypatch.setattr("model.refinement.regions", lambda *args: remade.append(1))

@@ -1,6 +1,6 @@
 import pytest
 
-from backend.label_config import LabelConfigError, parse_targets
+from backend.label_config import LabelConfigError, has_smart_tools, parse_targets
 from model.config import RegionRules
 
 
@@ -55,3 +55,14 @@ def test_configs_are_bounded_before_their_work(config, message):
     with pytest.raises(LabelConfigError, match=message):
         parse_targets(config)
     assert len(parse_targets(_config(labels=1000, tags=16))) == 16  # the bounds themselves are served
+
+
+@pytest.mark.parametrize("tool, smart", [
+    ("", False),
+    ('<KeyPointLabels name="k" toName="i"><Label value="l0-0"/></KeyPointLabels>', True),  # Label Studio's default
+    ('<RectangleLabels name="r" toName="i" smart="true" smartOnly="true"><Label value="l0-0"/></RectangleLabels>', True),
+    ('<KeyPointLabels name="k" toName="i" smart="false"><Label value="l0-0"/></KeyPointLabels>', False),
+    ('<Choices name="c" toName="i"><Choice value="x"/></Choices>', False),
+])
+def test_an_opened_task_keeps_its_pass_only_where_the_config_clicks(tool, smart):
+    assert has_smart_tools(_config().replace("<!--", tool + "<!--")) is smart
