@@ -49,7 +49,8 @@ def _attention(attn: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Ten
     """``attn`` (batch-first, no mask) of ``query`` (B, Q, C) over ``keys`` (B, K, C; None: self-attention),
     on contiguous batch-first tensors. The module's own path transposes them to sequence-first, and a linear
     layer on that view under CPU bf16 autocast broadcasts its weight to every token: ViT-B/16 at 448 px took
-    13 s per image in a batch of two, against 0.4 s alone."""
+    13 s per image in a batch of two, against 0.4 s alone. Used under autocast only: in float32 the module's
+    own path measured less memory over a long /predict (tests/test_memory.py)."""
     width, heads = query.shape[-1], attn.num_heads
     weight, bias = attn.in_proj_weight, attn.in_proj_bias
     if keys is None:
@@ -113,7 +114,10 @@ class ViTDenseTower(nn.Module):
         """The last block, unchanged, for the class token alone (its query attends to every token): (B, C)."""
         block = self.visual.transformer.resblocks[-1]
         cls = x[:, :1]
-        cls = cls + block.ls_1(_attention(block.attn, block.ln_1(cls), block.ln_1(x)))
+        query, keys = block.ln_1(cls), block.ln_1(x)
+        attended = (_attention(block.attn, query, keys) if torch.is_autocast_enabled(x.device.type)
+                    else block.attn(query, keys, keys, need_weights=False)[0])
+        cls = cls + block.ls_1(attended)
         return (cls + block.ls_2(block.mlp(block.ln_2(cls))))[:, 0]
 
     def forward(self, images: torch.Tensor) -> TowerOutput:
@@ -130,8 +134,11 @@ class ViTDenseTower(nn.Module):
             raise NotImplementedError("sequence-first transformer blocks are not supported")
         features = []
         for index, block in enumerate(v.transformer.resblocks[:-1]):
-            x = x + block.ls_1(_attention(block.attn, block.ln_1(x)))
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            if torch.is_autocast_enabled(x.device.type):
+                x = x + block.ls_1(_attention(block.attn, block.ln_1(x)))
+                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            else:
+                x = block(x)
             if index in self.taps:
                 features.append(x[:, 1:].transpose(1, 2).reshape(b, -1, h, w))
         if not features:  # a one-block tower: its only tap is the final block's input
