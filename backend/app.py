@@ -14,9 +14,10 @@ import uuid
 from flask import Flask, Response, g, jsonify, request
 
 from backend.errors import ServiceError
+from backend.memory import release_freed_memory
 from backend.prometheus import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from backend.prometheus import Metrics
-from backend.service import SegmentationService, release_freed_memory
+from backend.service import SegmentationService
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -31,8 +31,9 @@ from backend.control_tags import ControlTag
 from backend.errors import ServiceError
 from backend.jobs import JobQueue, job_queue
 from backend.label_studio_client import LabelStudioClient, LabelStudioError
+from backend.memory import release_freed_memory
 from backend.payloads import targets_of
-from backend.service import SegmentationService, release_freed_memory
+from backend.service import SegmentationService
 from backend.settings import Settings
 
 log = logging.getLogger("backend.prelabel")

@@ -42,8 +42,9 @@ class Clip:
 
 
 def normalize_pixels(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 RGB → (B, 3, H, W) float: scaled to 0-1, then ``(x - mean) / std`` per channel."""
-    pixels = images.permute(0, 3, 1, 2).float().div_(255)
+    """(B, H, W, 3) RGB values 0-255 (uint8 or float) → (B, 3, H, W) float: scaled to 0-1, then ``(x - mean) / std``
+    per channel."""
+    pixels = images.permute(0, 3, 1, 2).to(torch.float32, copy=True).div_(255)  # never the caller's tensor
     return (pixels - mean.to(pixels.device).view(1, 3, 1, 1)) / std.to(pixels.device).view(1, 3, 1, 1)
 
 

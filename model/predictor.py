@@ -121,9 +121,11 @@ class Predictor:
         return snap(height), snap(width)
 
     def _to_tensor(self, image: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-        """(H, W, 3) uint8 → (3, *shape), normalised by the segmenter (resizing is linear, so after)."""
-        x = self.segmenter.preprocess(torch.from_numpy(np.array(image))[None])  # a writable copy
-        return F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=True)[0]
+        """(H, W, 3) uint8 → (3, *shape), normalised by the segmenter. Normalising is linear, so it comes after
+        resizing: a photo costs one full-resolution float copy, not the three that normalising it would make."""
+        pixels = torch.tensor(image, device=self.device).permute(2, 0, 1)[None].float()  # (1, 3, H, W), 0-255
+        small = F.interpolate(pixels, size=shape, mode="bilinear", align_corners=False, antialias=True)
+        return self.segmenter.preprocess(small.permute(0, 2, 3, 1))[0]
 
     def _windows(self, shape: tuple[int, int]) -> list[tuple[int, int]]:
         """Top-left corners of square windows covering ``shape`` with about one third overlap."""

@@ -97,7 +97,7 @@ class Segmenter(nn.Module):
         self.unseen_weight = unseen_weight
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 RGB → (B, 3, H, W) float, normalised for the tower (on its device)."""
+        """(B, H, W, 3) RGB values 0-255 (uint8 or float) → (B, 3, H, W) float, normalised for the tower (on its device)."""
         return normalize_pixels(images.to(self.pixel_mean.device), self.pixel_mean, self.pixel_std)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

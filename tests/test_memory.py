@@ -51,5 +51,5 @@ def peak_added_mib(count: int, tmp_path: Path) -> float:
 
 def test_peak_memory_of_a_predict_does_not_grow_with_its_tasks(tmp_path):
     few, many = peak_added_mib(4, tmp_path), peak_added_mib(60, tmp_path)
-    # Holding every image at once would add 56 × 3.2 MB ≈ 180 MiB for the larger request.
-    assert many - few < 60, (few, many)
+    # Holding every image at once would add 56 × 3.2 MB ≈ 180 MiB for the larger request (measured: 4–8 MiB).
+    assert many - few < 30, (few, many)
