@@ -30,6 +30,7 @@ from backend.images import ImageError, ImageFetcher
 from backend.runtime import Serving
 from backend.settings import Settings
 from backend.smart_tools import ImageStates
+from model.acquisition import TaskView
 from model.config import RegionRules
 from model.predictor import Predictor
 from model.refinement import ImageState
@@ -54,12 +55,14 @@ class TaskPrediction:
         score: the task score (:mod:`model.task_scores`).
         unsure: the mean share of pixels under ``UNSURE_BELOW`` (None when that is not set).
         error: why the task has no result, in words.
+        view: what the acquisition of the next tasks to annotate reads of it (None for a kept pass).
     """
 
     result: list[dict] | None = None
     score: float | None = None
     unsure: float | None = None
     error: str | None = None
+    view: TaskView | None = None
 
 
 @dataclass
@@ -149,13 +152,13 @@ class PredictPipeline:
         if not loaded:
             return
         predictor, images = serving.predictor, list(loaded.values())
-        state = None
+        state, priors = None, None
         if keep:
             (scores,) = predictor.logits_and_embeddings(images, group[0].vocabulary)
             state = ImageState.from_image(*scores, images[0], predictor)
             logits = [scores[0]]
         else:
-            logits = predictor.logits(images, group[0].vocabulary)
+            logits, priors = zip(*predictor.logits_and_priors(images, group[0].vocabulary), strict=True)
         by_rules: dict[RegionRules, list] = {}
         for target in group:
             rules = target.rules(serving.region_rules(self.settings, target.vocabulary.labels))
@@ -166,8 +169,10 @@ class PredictPipeline:
         if state is not None:
             self._keep(pass_key(serving, keep[0], group[0], keep[1]), state, by_rules)
         unsure_below = self.settings.unsure_below
-        for index, prediction in zip(loaded, next(iter(by_rules.values())), strict=True):
+        for position, (index, prediction) in enumerate(zip(loaded, next(iter(by_rules.values())), strict=True)):
             parts[index]["scores"].append(task_score(prediction, self.settings.task_score, unsure_below or 0.5))
+            if priors is not None and "view" not in parts[index]:  # the first target's, as the task score
+                parts[index]["view"] = TaskView.of(prediction, priors[position].cpu().numpy())
             if unsure_below:
                 parts[index]["unsure"].append(unsure_fraction(prediction.confidence, unsure_below))
 
@@ -192,7 +197,7 @@ def _prediction(parts: dict, error: str | None) -> TaskPrediction:
         return TaskPrediction(error=error)
     unsure = round(float(np.mean(parts["unsure"])), 4) if parts["unsure"] else None
     # Significant digits, not decimals: products of many region scores get small.
-    return TaskPrediction(parts["result"], float(f"{np.mean(parts['scores']):.4g}"), unsure)
+    return TaskPrediction(parts["result"], float(f"{np.mean(parts['scores']):.4g}"), unsure, view=parts.get("view"))
 
 
 def _group_targets(targets: tuple[ControlTag, ...]) -> dict[tuple[str, str], list[ControlTag]]:

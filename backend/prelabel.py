@@ -23,6 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
+import numpy as np
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 from tqdm import tqdm
@@ -35,6 +36,7 @@ from backend.memory import release_freed_memory
 from backend.payloads import targets_of
 from backend.service import SegmentationService
 from backend.settings import Settings
+from model.acquisition import Pool, TaskView, cluster_tasks
 
 log = logging.getLogger("backend.prelabel")
 TRANSIENT_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -70,8 +72,9 @@ class Prelabeler:
     """Pre-labels one project; ``run`` returns counts of predicted, skipped and failed tasks."""
 
     def __init__(self, client: LabelStudio, service: SegmentationService, project: int, batch_size: int = 16,
-                 page_size: int = 100, retries: int = 5, activate: bool = True):
+                 page_size: int = 100, retries: int = 5, activate: bool = True, annotate_next: int = 0):
         self.client = client
+        self.annotate_next = annotate_next  # the next batch to annotate; 0: leave Label Studio's sampling alone
         self.activate = activate
         self.service = service
         self.project = project
@@ -83,7 +86,7 @@ class Prelabeler:
         """The project's tasks (or only ``ids``) with their data and prediction versions, page by page."""
         query = json.dumps({"selectedItems": {"all": False, "included": ids}}) if ids else None
         return retrying(lambda: list(self.client.tasks.list(project=self.project, page_size=self.page_size,
-                                                            query=query, include="id,data,predictions_model_versions",
+                                                            query=query, include="id,data,predictions_model_versions,total_annotations",
                                                             request_options={"max_retries": self.retries})),
                         "listing tasks", self.retries)
 
@@ -120,9 +123,12 @@ class Prelabeler:
         todo = [t for t in tasks if version not in _versions(t)]
         log.info("project %s: %d tasks, %d already have %s, %d to predict", self.project, len(tasks),
                  len(tasks) - len(todo), version, len(todo))
-        counts = {**self._predict(todo, targets, version, progress), "tasks": len(tasks),
+        views: dict[int, TaskView | None] = {}
+        counts = {**self._predict(todo, targets, version, progress, views), "tasks": len(tasks),
                   "skipped": len(tasks) - len(todo)}
         self._select(version)
+        if self.annotate_next:
+            counts["annotate_next"] = self._cluster(tasks, targets, version, views)
         return counts
 
     def run_tasks(self, task_ids: list[int]) -> dict:
@@ -163,9 +169,10 @@ class Prelabeler:
         self._select(version)
         return counts
 
-    def _predict(self, todo: list, targets: tuple[ControlTag, ...], version: str, progress: bool) -> dict:
+    def _predict(self, todo: list, targets: tuple[ControlTag, ...], version: str, progress: bool,
+                 views: dict | None = None) -> dict:
         """Predict ``todo`` in batches (:class:`backend.pipeline.PredictPipeline`, the service's own) and upload
-        each batch while the next is predicted."""
+        each batch while the next is predicted; each task's :class:`model.acquisition.TaskView` goes to ``views``."""
         counts = {"model_version": version, "skipped": 0, "predicted": 0, "failed": 0}
         started, predicting, waiting = time.time(), 0.0, 0.0
         bar = tqdm(total=len(todo), unit=" images", desc=f"project {self.project}", disable=not progress,
@@ -182,6 +189,8 @@ class Prelabeler:
                 predicting += time.time() - began
                 predictions = []
                 for task, answer in zip(batch, answers, strict=True):
+                    if views is not None:
+                        views[task["id"]] = answer.view
                     if answer.error is None:
                         predictions.append({"task": task["id"], "result": answer.result, "score": answer.score,
                                             "model_version": version})
@@ -206,6 +215,36 @@ class Prelabeler:
                       predict_seconds=round(predicting, 2), upload_wait_seconds=round(waiting, 2))
         return counts
 
+    def _cluster(self, tasks: list, targets: tuple[ControlTag, ...], version: str,
+                 views: dict[int, TaskView | None]) -> dict:
+        """Cluster every task for the next batch (:func:`model.acquisition.cluster_tasks`), write each cluster
+        on the task's prediction and switch the project to uncertainty sampling: Label Studio's label stream
+        then gives each annotator the lowest-scoring task of the cluster they have annotated least."""
+        serving = self.service.runtime.serving(str(self.project))
+        missing = [{"id": t.id, "data": t.data} for t in tasks if t.id not in views]
+        for start in range(0, len(missing), self.batch_size):  # tasks predicted by an earlier run: a pass each
+            batch = missing[start:start + self.batch_size]
+            answers = self.service.pipeline.predict(str(self.project), batch, targets, serving)
+            views.update((task["id"], answer.view) for task, answer in zip(batch, answers, strict=True))
+        annotated = np.array([bool(getattr(t, "total_annotations", 0)) for t in tasks])
+        clusters = cluster_tasks(Pool.of([views[t.id] for t in tasks], annotated), self.annotate_next)
+        cluster_of = {t.id: int(c) for t, c in zip(tasks, clusters, strict=True)}
+        predictions = retrying(lambda: self.client.predictions.list(project=self.project), "listing predictions",
+                               self.retries)
+        changed = [p for p in predictions if p.model_version == version and cluster_of.get(p.task, -1) >= 0
+                   and p.cluster != cluster_of[p.task]]
+        for prediction in changed:
+            retrying(lambda p=prediction: self.client.predictions.update(id=p.id, cluster=cluster_of[p.task]),
+                     "writing a prediction's cluster", self.retries)
+        retrying(lambda: self.client.projects.update(id=self.project, sampling="Uncertainty sampling"),
+                 "switching the project to uncertainty sampling", self.retries)
+        failed = sorted(t.id for t in tasks if views[t.id] is None)
+        if failed:
+            log.warning("project %s: tasks %s have no prediction and come after every other", self.project,
+                        ", ".join(map(str, failed[:20])))
+        return {"clusters": int(clusters.max() + 1), "annotated": int(annotated.sum()),
+                "predictions_updated": len(changed), "failed_tasks": failed}
+
     def _select(self, version: str) -> None:
         if self.activate and self._project_version != version:
             # The data manager's "Prediction score" column (and its sorting) and the pre-annotations
@@ -228,6 +267,9 @@ def main(argv=None) -> None:
     parser.add_argument("--queue", action="store_true",
                         help="enqueue the project in chunks for workers (python -m backend.worker, REDIS_URL) and "
                              "follow them instead of predicting here")
+    parser.add_argument("--annotate-next", type=int, default=0, metavar="BATCH",
+                        help="order the label stream for active learning: cluster the tasks for a next batch of "
+                             "BATCH and switch the project to Label Studio's uncertainty sampling")
     parser.add_argument("--keep-project-version", action="store_true",
                         help="don't make this model version the project's selected one at the end")
     args = parser.parse_args(argv)
@@ -250,7 +292,7 @@ def main(argv=None) -> None:
     except LabelStudioError as error:
         sys.exit(f"prelabel: {error}")
     prelabeler = Prelabeler(client, service, args.project, args.batch_size, args.page_size, args.retries,
-                            activate=not args.keep_project_version)
+                            activate=not args.keep_project_version, annotate_next=args.annotate_next)
     try:
         counts = (prelabeler.enqueue(queue, progress=not args.no_progress) if queue is not None
                   else prelabeler.run(progress=not args.no_progress))

@@ -141,7 +141,14 @@ class Predictor:
         """Per image (C, h, w) calibrated scores at the resized resolution / stride, whose softmax is what is
         served: a fine-tuned segmenter's ensemble of its tuned and frozen classifiers (see
         :class:`model.segmenter.Segmenter`) over the temperature, plus the presence prior (:mod:`model.presence`)."""
-        return self._calibrated(self.passes(images, vocabulary), vocabulary)
+        return [scores for scores, _ in self.logits_and_priors(images, vocabulary)]
+
+    def logits_and_priors(self, images: list[np.ndarray],
+                          vocabulary: Vocabulary) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image, :meth:`logits` and the frozen CLIP's (C,) image-level log-probabilities of the labels: what
+        it sees in the whole image, in the project's words (:mod:`model.acquisition` clusters tasks on them)."""
+        passes = self.passes(images, vocabulary)
+        return list(zip(self._calibrated(passes, vocabulary), [prior for _, prior in passes], strict=True))
 
     def logits_and_embeddings(self, images: list[np.ndarray],
                               vocabulary: Vocabulary) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
