@@ -1,82 +1,167 @@
-"""Does the task score pick the images worth annotating? Lowest-scoring vs random, on the synthetic world.
+"""Which tasks should annotators do next? Each pick of a batch, fine-tuned on, on the synthetic world.
 
-    python -m bench.active_learning [--pool 200] [--annotate 20] [--random-draws 3] [--steps 300]
+    python -m bench.active_learning [--clip NAME] [--pools uniform,long-tailed] [--budgets 10,20,50]
+                                    [--rounds 1,2] [--arms random,lowest,stream,acquire] [--random-draws 5]
 
-The zero-shot model pre-labels a pool of scenes; ``--annotate`` of them are annotated (from
-ground truth, every class) either at random or by lowest task score in ``--rounds`` rounds
-(annotate the lowest-scoring share, train, pre-label again with the new model, repeat); the
-backend's training recipe fine-tunes on them; mIoU over all classes is measured on held-out
-scenes. Same training seed for every model; the random arm is drawn ``--random-draws`` times.
+A pool of scenes (``uniform``: every concept alike; ``long-tailed``: :func:`demo.world.long_tailed_scenes`)
+is pre-labeled as served; a budget of tasks is annotated (from ground truth, every label) in 1 or 2
+rounds (annotate, train as the backend does, pre-label again, pick the rest), then the model is
+measured on held-out scenes where every concept is alike: mIoU over all labels, mIoU of the rarest
+third of the pool's labels, and the labels the picked tasks cover. Arms:
+
+* ``random``: a random page (``--random-draws`` draws, one round);
+* ``lowest``: the lowest task scores (the "Prediction score" column, sorted ascending);
+* ``stream``: Label Studio's uncertainty sampling over our clusters (the least-solved cluster, then
+  the lowest task score: ``projects/functions/next_task.py``);
+* ``typical`` / ``uncertain``: :func:`model.acquisition.acquire` always typical-first / never;
+* ``acquire``: :func:`model.acquisition.acquire` as the backend serves it.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
+import time
 
 import numpy as np
+import torch
 
 from backend.settings import Settings
 from backend.training import restrict_to_annotated
-from bench.accuracy import evaluate
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
+from model.acquisition import Pool, TaskView, acquire, cluster_tasks, label_stream
 from model.calibration import calibrate
+from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
-from model.task_scores import TASK_SCORES, task_score
+from model.task_scores import task_score
 from model.train import Sample, TrainConfig, finetune
 from model.vocabulary import Vocabulary
+
+POOLS = {"uniform": lambda count: world.test_scenes(count, seed=2024), "long-tailed": world.long_tailed_scenes}
+ARMS = ("random", "lowest", "stream", "typical", "uncertain", "acquire")
+
+
+class Loop:
+    """One CLIP and pool: pre-label, pick, annotate from ground truth, fine-tune, measure."""
+
+    def __init__(self, clip: str, scenes: list, test: list, steps: int, features: str = "labels"):
+        self.clip = DEMO_CLIPS[clip]
+        self.model = self.clip.model(refine_boundaries=Settings().refine_boundaries)
+        self.scenes, self.test, self.steps = scenes, test, steps
+        self.vocabulary = Vocabulary.from_labels(world.NAMES)
+        self.rules = Settings().region_rules()
+        shows = np.array([[c in np.unique(labels) for c in range(len(world.NAMES))] for _, labels in scenes])
+        self.shows = shows  # (N, C) the ground truth's labels per task
+        self.rare = [int(c) for c in np.argsort(shows.sum(0), kind="stable")[:len(world.NAMES) // 3]]
+        # "labels": the pass's image-level label probabilities, as served; "embedding": the CLIP's image embedding.
+        self.features = self._embeddings() if features == "embedding" else None
+        self.zero_shot = self.model.predictor()
+
+    def _embeddings(self) -> np.ndarray:
+        """(N, D) the frozen CLIP's global image embedding, from the tower pass the predictor makes."""
+        predictor, out = self.model.predictor(), []
+        with torch.no_grad():
+            for image, _ in self.scenes:
+                tensor = predictor._to_tensor(image, predictor.inference_shape(*image.shape[:2]))
+                out.append(predictor.segmenter._embed(tensor[None])[2][0].float().numpy())
+        return np.stack(out)
+
+    def trained_on(self, indices: list[int]) -> Predictor:
+        samples, classes = restrict_to_annotated([Sample(*self.scenes[i]) for i in indices], self.vocabulary)
+        segmenter = self.model.segmenter()
+        finetune(segmenter, self.model.clip, self.model.encoder, samples, classes,
+                 TrainConfig(steps=self.steps, size=self.clip.inference_size))
+        predictor = self.model.predictor(segmenter)
+        calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], classes)  # as training jobs do
+        return predictor
+
+    def pool(self, predictor: Predictor, chosen: list[int]) -> tuple[Pool, np.ndarray]:
+        """What the acquisition knows after ``predictor`` pre-labeled every task (as the backend does), and the
+        task scores."""
+        images = [image for image, _ in self.scenes]
+        passes = predictor.logits_and_priors(images, self.vocabulary)
+        predictions = predictor.semantic(images, [scores for scores, _ in passes], self.rules)
+        views = [TaskView.of(p, prior.numpy()) for p, (_, prior) in zip(predictions, passes, strict=True)]
+        pool = Pool.of(views, np.isin(np.arange(len(self.scenes)), chosen))
+        if self.features is not None:
+            pool = dataclasses.replace(pool, features=self.features)
+        return pool, np.array([task_score(p, Settings().task_score) for p in predictions])
+
+    def pick(self, arm: str, predictor: Predictor, chosen: list[int], count: int, typical_below: int) -> list[int]:
+        pool, scores = self.pool(predictor, chosen)
+        counts = self.shows[chosen].sum(0) if chosen else np.zeros(len(world.NAMES))
+        if arm == "lowest":
+            return [int(i) for i in np.argsort(scores) if i not in chosen][:count]
+        below = {"typical": 10 ** 9, "uncertain": 0}.get(arm, typical_below)
+        if arm == "stream":
+            return label_stream(cluster_tasks(pool, count), scores, pool.annotated, count)
+        return acquire(pool, count, counts, below).order[:count]
+
+    def run(self, arm: str, budget: int, rounds: int, typical_below: int, draw: int = 0) -> dict:
+        chosen, predictor = [], self.zero_shot
+        if arm == "random":
+            chosen = [int(i) for i in np.random.default_rng(draw).choice(len(self.scenes), budget, replace=False)]
+            predictor = self.trained_on(chosen)
+        else:
+            for round_ in range(rounds):
+                count = budget * (round_ + 1) // rounds - len(chosen)
+                chosen += self.pick(arm, predictor, chosen, count, typical_below)
+                predictor = self.trained_on(chosen)
+        return {**self.measure(predictor), "covered": int(self.shows[chosen].any(0).sum())}
+
+    def measure(self, predictor: Predictor) -> dict:
+        confusion = ConfusionMatrix(len(world.NAMES))
+        for start in range(0, len(self.test), 16):
+            chunk = self.test[start:start + 16]
+            for (_, truth), p in zip(chunk, predictor.predict([i for i, _ in chunk], self.vocabulary), strict=True):
+                confusion.update(truth, p.label_map)
+        return {"miou": confusion.miou(), "rare": confusion.miou(self.rare)}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.active_learning", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pool", type=int, default=200)
-    parser.add_argument("--annotate", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=1, help="annotate, train, re-predict this many times")
-    parser.add_argument("--score", choices=TASK_SCORES, default=Settings().task_score, help="the task score to rank by")
+    parser.add_argument("--pools", default="uniform,long-tailed")
+    parser.add_argument("--pool-size", type=int, default=200)
+    parser.add_argument("--budgets", default="10,20,50")
+    parser.add_argument("--rounds", default="1,2", help="annotate, train, re-predict this many times")
+    parser.add_argument("--arms", default="random,lowest,stream,acquire")
     parser.add_argument("--random-draws", type=int, default=5)
+    parser.add_argument("--typical-below", type=int, default=Settings().typical_below,
+                        help="acquire: typical-first while fewer tasks than this are annotated")
     parser.add_argument("--test-images", type=int, default=60)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--features", choices=("labels", "embedding"), default="labels",
+                        help="what tasks are clustered on: the image-level label probabilities (served) or the "
+                             "CLIP's image embedding")
+    parser.add_argument("--json", help="write every result here")
     add_clip_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-
-    # At the label-free temperature until calibrated; pre-labels pruned and refined as served.
-    served = Settings()
-    clip = DEMO_CLIPS[args.clip]
-    model = clip.model(refine_boundaries=served.refine_boundaries)
-    vocabulary = Vocabulary.from_labels(world.NAMES)
-    pool, test = world.test_scenes(args.pool, seed=2024), world.test_scenes(args.test_images)
-
-    zero_shot = model.predictor()
-
-    def trained_on(indices) -> Predictor:
-        samples, classes = restrict_to_annotated([Sample(*pool[i]) for i in indices], vocabulary)
-        segmenter = model.segmenter()
-        finetune(segmenter, model.clip, model.encoder, samples, classes, TrainConfig(steps=args.steps, size=clip.inference_size))
-        predictor = model.predictor(segmenter)
-        calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], classes)  # as training jobs do
-        return predictor
-
-    print(f"zero-shot: mIoU {evaluate(zero_shot, test)['all']:.1f} on {args.test_images} held-out scenes")
-    chosen, predictor = [], zero_shot
-    for round_ in range(args.rounds):
-        count = args.annotate * (round_ + 1) // args.rounds - len(chosen)
-        scores = [task_score(p, args.score)
-                  for p in predictor.predict([i for i, _ in pool], vocabulary, served.region_rules())]
-        chosen += [int(i) for i in np.argsort(scores) if i not in chosen][:count]
-        predictor = trained_on(chosen)
-    lowest = evaluate(predictor, test)["all"]
-    covered = len({int(c) for i in chosen for c in np.unique(pool[i][1])})
-    print(f"{args.annotate} lowest-scoring by {args.score}, {args.rounds} round(s): mIoU {lowest:.1f} "
-          f"({covered} of {len(world.NAMES)} classes annotated)", flush=True)
-    draws = []
-    for draw in range(args.random_draws):
-        picked = np.random.default_rng(draw).choice(args.pool, args.annotate, replace=False)
-        draws.append(evaluate(trained_on(picked), test)["all"])
-        print(f"{args.annotate} random (draw {draw}): mIoU {draws[-1]:.1f}", flush=True)
-    random = f"{np.mean(draws):.1f}±{np.std(draws):.1f}" if draws else "-"
-    print(f"\nactive_learning: lowest={lowest:.1f} random={random}")
+    test, results = world.test_scenes(args.test_images), []
+    for pool_name in args.pools.split(","):
+        loop = Loop(args.clip, POOLS[pool_name](args.pool_size), test, args.steps, args.features)
+        zero = loop.measure(loop.zero_shot)
+        print(f"\n{pool_name} pool, {args.clip}: zero-shot mIoU {zero['miou']:.1f}, rarest third {zero['rare']:.1f}")
+        for budget in map(int, args.budgets.split(",")):
+            for arm in args.arms.split(","):
+                for rounds in ([1] if arm == "random" else map(int, args.rounds.split(","))):
+                    draws = range(args.random_draws) if arm == "random" else [0]
+                    started = time.time()
+                    runs = [loop.run(arm, budget, rounds, args.typical_below, draw) for draw in draws]
+                    row = {"clip": args.clip, "pool": pool_name, "budget": budget, "arm": arm, "rounds": rounds,
+                           **{k: float(np.mean([r[k] for r in runs])) for k in ("miou", "rare", "covered")},
+                           "miou_std": float(np.std([r["miou"] for r in runs])), "runs": runs}
+                    results.append(row)
+                    spread = f"±{row['miou_std']:.1f}" if len(runs) > 1 else ""
+                    print(f"{pool_name:11s} {budget:3d} {arm:9s} {rounds} round(s): mIoU {row['miou']:5.1f}"
+                          f"{spread:6s} rarest third {row['rare']:5.1f}"
+                          f"  labels {row['covered']:4.1f}  ({time.time() - started:.0f}s)", flush=True)
+                    if args.json:
+                        with open(args.json, "w") as f:
+                            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -348,6 +348,23 @@ def test_scenes(count: int, seed: int = 12345, classes: list[int] | None = None)
     return [render_scene(rng, classes=classes) for _ in range(count)]
 
 
+def long_tailed_scenes(count: int, seed: int = 2025, most: float = 1.0, least: float = 0.05):
+    """Scenes whose concepts are as unevenly common as a real project's: each concept is offered to a scene
+    with its own probability, log-spaced from ``most`` down to ``least`` over a seeded order of the concepts
+    (a scene then draws 1-3 stuff and 0-4 things from those offered: of 200 scenes, the commonest concept shows
+    in half, the rarest third in 0-5 %)."""
+    rng = np.random.default_rng(seed)
+    offered = np.empty(len(CONCEPTS))
+    offered[rng.permutation(len(CONCEPTS))] = np.geomspace(most, least, len(CONCEPTS))
+    scenes = []
+    for _ in range(count):
+        classes = [c for c in range(len(CONCEPTS)) if rng.random() < offered[c]]
+        if not any(c in STUFF for c in classes):
+            classes.append(int(rng.choice(STUFF, p=offered[STUFF] / offered[STUFF].sum())))
+        scenes.append(render_scene(rng, classes=classes))
+    return scenes
+
+
 def repeated_scenes(count: int, seed: int = 2718, copies: int = 3):
     """Scenes whose one thing appears ``copies`` times, each copy on its own: for finding a class's
     other regions from one example."""
