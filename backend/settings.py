@@ -93,8 +93,6 @@ class Settings:
                                                                       str(DEFAULTS.presence_weight))))
     task_score: str = field(default_factory=lambda: _env("TASK_SCORE", "mean"))
     unsure_below: float = field(default_factory=lambda: float(_env("UNSURE_BELOW", "0")))
-    # What to annotate next (model.acquisition): typical images first while fewer tasks than this are annotated.
-    typical_below: int = field(default_factory=lambda: int(_env("TYPICAL_BELOW", "30")))
 
     # Pre-labels (see README: "Pre-labels"); a label config's control tag may override the first two
     # Unset: 0 zero-shot (the presence prior decides), and what each version's training fitted on its annotations.

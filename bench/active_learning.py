@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", default="1,2", help="annotate, train, re-predict this many times")
     parser.add_argument("--arms", default="random,lowest,stream,acquire")
     parser.add_argument("--random-draws", type=int, default=5)
-    parser.add_argument("--typical-below", type=int, default=Settings().typical_below,
+    parser.add_argument("--typical-below", type=int, default=30,
                         help="acquire: typical-first while fewer tasks than this are annotated")
     parser.add_argument("--test-images", type=int, default=60)
     parser.add_argument("--steps", type=int, default=300)
