@@ -327,7 +327,10 @@ def test_the_active_learning_loop_through_label_studio(servers, pool_project):
     for _ in range(20):  # the annotator's "Label All Tasks"
         streamed.append(label_studio.api("GET", f"/api/projects/{project}/next")["id"])
         annotations.append(annotate(streamed[-1]))
-    assert len({clusters[t] for t in streamed}) == 20 and set(streamed) <= set(ids["pool"])
+    # One task of each cluster before any cluster's second (some clusters hold held-out tasks alone).
+    servable = {clusters[t] for t in ids["pool"]}
+    assert len({clusters[t] for t in streamed}) == min(20, len(servable)) >= 15
+    assert set(streamed) <= set(ids["pool"])
     train_and_predict()
     _, stream = _miou(label_studio, project, held_out, ids["held"], config, classes="all")
     for annotation in annotations:  # the random arm starts from no annotations
