@@ -273,6 +273,9 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-project-version", action="store_true",
                         help="don't make this model version the project's selected one at the end")
     args = parser.parse_args(argv)
+    if args.queue and args.annotate_next:
+        parser.error("--annotate-next clusters every task's pass here, and --queue has the workers predict: "
+                     "run it without --queue once the workers are done")
     # The model, its weights and MODEL_DIR come from the same environment variables as the backend's.
     settings = dataclasses.replace(Settings(), label_studio_url=args.url, label_studio_api_key=args.token)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

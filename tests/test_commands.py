@@ -28,3 +28,10 @@ def test_every_command_answers_help_without_side_effects(tmp_path):
         assert result.returncode == 0, (command, result.stderr[-1000:])
         assert result.stdout.startswith(f"usage: python -m {command}"), (command, result.stdout[:200])
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["home"], "a --help wrote files"
+
+
+def test_prelabel_refuses_to_order_the_label_stream_from_the_queue():
+    result = subprocess.run([sys.executable, "-m", "backend.prelabel", "--url", "http://127.0.0.1:1", "--token", "t",
+                             "--project", "1", "--queue", "--annotate-next", "20"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "--annotate-next" in result.stderr and "without --queue" in result.stderr
