@@ -73,12 +73,12 @@ class PredictPipeline:
     passes: ImageStates  # the kept forward passes, for clicks
 
     def predict(self, project: str, tasks: list[dict], targets: tuple[ControlTag, ...], serving: Serving,
-                keep: KeepPasses = KeepPasses.NEVER) -> list[TaskPrediction]:
+                keep: KeepPasses = KeepPasses.NEVER, views: bool = False) -> list[TaskPrediction]:
         """Every task's prediction, in order."""
-        return [prediction for chunk in self.chunks(project, tasks, targets, serving, keep) for prediction in chunk]
+        return [prediction for chunk in self.chunks(project, tasks, targets, serving, keep, views) for prediction in chunk]
 
     def chunks(self, project: str, tasks: list[dict], targets: tuple[ControlTag, ...], serving: Serving,
-               keep: KeepPasses = KeepPasses.NEVER) -> Iterator[list[TaskPrediction]]:
+               keep: KeepPasses = KeepPasses.NEVER, views: bool = False) -> Iterator[list[TaskPrediction]]:
         """The tasks' predictions, ``PREDICT_BATCH_SIZE`` tasks at a time: memory holds one chunk's images
         however many tasks come, and a caller may stop between chunks (the service's time budget)."""
         opened = keep is KeepPasses.OPENED_TASK and len(tasks) == 1
@@ -92,7 +92,7 @@ class PredictPipeline:
                 parts = [{"result": [], "scores": [], "unsure": []} for _ in chunk]
                 for (data_key, _), group in _group_targets(targets).items():
                     kept = (project, digests[data_key].get(0)) if opened else None
-                    self._predict_group(serving, images[data_key], group, parts, kept)
+                    self._predict_group(serving, images[data_key], group, parts, kept, views)
                 yield [_prediction(parts[i], errors.get(i)) for i in range(len(chunk))]
                 del images
 
@@ -145,10 +145,11 @@ class PredictPipeline:
 
     # ------------------------------------------------------------------ the pass
     def _predict_group(self, serving: Serving, loaded: dict[int, np.ndarray], group: list[ControlTag],
-                       parts: list[dict], keep: tuple[str, str | None] | None = None) -> None:
+                       parts: list[dict], keep: tuple[str, str | None] | None = None, views: bool = False) -> None:
         """One forward pass per image for targets sharing an image and a vocabulary; each target's results,
         pruned by its own rules (the task score reads the first target's prediction). ``keep``: (project,
-        image digest) of the one task whose pass is kept for the annotator's clicks."""
+        image digest) of the one task whose pass is kept for the annotator's clicks. ``views``: also each task's
+        :class:`TaskView` (for ``prelabel --annotate-next``; off elsewhere, so /predict does no work it does not serve)."""
         if not loaded:
             return
         predictor, images = serving.predictor, list(loaded.values())
@@ -157,8 +158,10 @@ class PredictPipeline:
             (scores,) = predictor.logits_and_embeddings(images, group[0].vocabulary)
             state = ImageState.from_image(*scores, images[0], predictor)
             logits = [scores[0]]
-        else:
+        elif views:
             logits, priors = zip(*predictor.logits_and_priors(images, group[0].vocabulary), strict=True)
+        else:
+            logits = predictor.logits(images, group[0].vocabulary)
         by_rules: dict[RegionRules, list] = {}
         for target in group:
             rules = target.rules(serving.region_rules(self.settings, target.vocabulary.labels))

@@ -123,7 +123,7 @@ class Prelabeler:
         todo = [t for t in tasks if version not in _versions(t)]
         log.info("project %s: %d tasks, %d already have %s, %d to predict", self.project, len(tasks),
                  len(tasks) - len(todo), version, len(todo))
-        views: dict[int, TaskView | None] = {}
+        views: dict[int, TaskView | None] | None = {} if self.annotate_next else None
         counts = {**self._predict(todo, targets, version, progress, views), "tasks": len(tasks),
                   "skipped": len(tasks) - len(todo)}
         self._select(version)
@@ -184,7 +184,8 @@ class Prelabeler:
             for start in range(0, len(todo), self.batch_size):
                 batch = [{"id": t.id, "data": t.data} for t in todo[start:start + self.batch_size]]
                 began = time.time()
-                answers = self.service.pipeline.predict(str(self.project), batch, targets, serving)
+                answers = self.service.pipeline.predict(str(self.project), batch, targets, serving,
+                                                        views=views is not None)
                 release_freed_memory()
                 predicting += time.time() - began
                 predictions = []
@@ -224,7 +225,7 @@ class Prelabeler:
         missing = [{"id": t.id, "data": t.data} for t in tasks if t.id not in views]
         for start in range(0, len(missing), self.batch_size):  # tasks predicted by an earlier run: a pass each
             batch = missing[start:start + self.batch_size]
-            answers = self.service.pipeline.predict(str(self.project), batch, targets, serving)
+            answers = self.service.pipeline.predict(str(self.project), batch, targets, serving, views=True)
             views.update((task["id"], answer.view) for task, answer in zip(batch, answers, strict=True))
         annotated = np.array([bool(getattr(t, "total_annotations", 0)) for t in tasks])
         clusters = cluster_tasks(Pool.of([views[t.id] for t in tasks], annotated), self.annotate_next)
