@@ -61,7 +61,7 @@ class FakeService:
         self.projects = SimpleNamespace(set_up=lambda project, label_config: None)
         self.pipeline = SimpleNamespace(predict=self._predict)
 
-    def _predict(self, project, tasks, targets, serving):
+    def _predict(self, project, tasks, targets, serving, views=False):
         self.predicted += [t["id"] for t in tasks]
         return [TaskPrediction(error="broken image") if t["id"] in self.broken else
                 TaskPrediction([{"id": "r"}], 0.5) for t in tasks]
