@@ -1,4 +1,4 @@
-"""Our post-processing against the full computation it replaces, and bfloat16 against float32.
+"""Our post-processing against the full computation it replaces.
 
     python -m bench.postprocess [--scenes 60]
 
@@ -7,8 +7,7 @@
     label upsampled at full size, then the softmax.
 (2) On a 1920x1080 photo (a demo scene scaled up; the inference size 448): both paths' time
     for 20 and 847 labels, their agreement and the mean confidence difference.
-(3) On 80 demo-world scenes: mIoU with the forward pass under bfloat16 autocast against
-    float32 (on the CPU, standing in for a GPU's bf16).
+bfloat16 against float32 is ``bench.precision``'s.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bench.accuracy import evaluate
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
 from model.build import SegmentationModel
@@ -87,13 +85,6 @@ def photo(clip) -> dict[int, tuple[float, float, float, float]]:
     return out
 
 
-def precision(clip) -> dict[str, float]:
-    test = world.test_scenes(80)
-    return {name: evaluate(SegmentationModel(clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
-                                                               precision=name, refine_boundaries=False)).predictor(), test)["all"]
-            for name in ("fp32", "bf16")}
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.postprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,12 +101,10 @@ def main(argv=None) -> None:
     photos = photo(clip)
     for count, (full_ms, ours_ms, agreement, difference) in photos.items():
         print(f"| {count} | {full_ms:.0f} | {ours_ms:.0f} | {agreement:.3%} | {difference:.4f} |")
-    mious = precision(clip)
-    print(f"\nmIoU on 80 demo scenes: fp32 {mious['fp32']:.2f}, bf16 autocast {mious['bf16']:.2f}")
     agreement, full, ours = settings["847 labels, 512 px"]
     big = max(photos)
     print(f"postprocess: agreement847={agreement:.4f} miou847_delta={ours - full:+.2f} "
-          f"speedup847={photos[big][0] / photos[big][1]:.0f} bf16_miou_delta={mious['bf16'] - mious['fp32']:+.2f}")
+          f"speedup847={photos[big][0] / photos[big][1]:.0f}")
 
 
 if __name__ == "__main__":

@@ -19,12 +19,20 @@ from model.vocabulary import TextEncoder, Vocabulary
 log = logging.getLogger(__name__)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16). Elsewhere PyTorch emulates
+    it, slower than float32."""
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
 def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether a forward pass on ``device`` runs under bfloat16 autocast at this ``precision``."""
+    """Whether a forward pass on ``device`` runs under bfloat16 autocast at this ``precision``: ``"auto"``
+    where the hardware has bfloat16 (a CUDA device that supports it, a CPU with AMX or AVX512-BF16)."""
     if precision not in PRECISIONS:
         raise ValueError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
     return precision == "bf16"
 
 
@@ -77,8 +85,8 @@ class Predictor:
     CLIP's image-level presence prior at ``presence_weight`` (:mod:`model.presence`), one weight for every
     label: the prior's log-probabilities are all negative, so a label weighted more than the others loses to
     them (labels training never saw, served at the zero-shot weight beside a lower fitted one, lost 4 to 5 mIoU).
-    ``precision``: ``"auto"`` runs the forward pass under bfloat16 autocast on a CUDA device
-    that supports it and in float32 elsewhere; ``"bf16"`` or ``"fp32"`` force one. ``refine_boundaries``: label boundaries follow the image's edges
+    ``precision``: ``"auto"`` runs the forward pass under bfloat16 autocast where the hardware has
+    bfloat16 (:func:`uses_bf16`) and in float32 elsewhere; ``"bf16"`` or ``"fp32"`` force one. ``refine_boundaries``: label boundaries follow the image's edges
     (:mod:`model.regions`).
     """
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -94,10 +96,15 @@ def test_confusion_matrix_miou():
     assert abs(confusion.miou([0, 1]) - (0.5 + 2 / 3) / 2 * 100) < 1e-9
 
 
-def test_precision_setting(demo_clip, scenes):
+def test_precision_setting(demo_clip, scenes, monkeypatch):
+    from model import predictor
     from model.predictor import uses_bf16
 
-    assert not uses_bf16("auto", torch.device("cpu")) and uses_bf16("bf16", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    for hardware in (False, True):  # auto: bfloat16 only where the CPU multiplies it, float32 elsewhere
+        monkeypatch.setattr(predictor, "cpu_has_bf16", lambda hardware=hardware: hardware)
+        assert uses_bf16("auto", cpu) is hardware
+        assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cpu)
     assert not uses_bf16("fp32", torch.device("cuda"))
     with pytest.raises(ValueError, match="PRECISION"):
         uses_bf16("half", torch.device("cpu"))
@@ -107,6 +114,14 @@ def test_precision_setting(demo_clip, scenes):
     bf16 = _predictor(demo_clip, precision="bf16").predict(images, vocabulary)
     for a, b in zip(fp32, bf16, strict=True):  # bfloat16 autocast on the CPU stands in for a GPU's
         assert (a.label_map == b.label_map).mean() > 0.97
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's CPU flags")
+def test_the_cpu_check_reads_what_the_cpu_has():
+    from model.predictor import cpu_has_bf16
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert cpu_has_bf16() == bool(flags & {"amx_tile", "avx512_bf16"})
 
 
 def test_bf16_batches_run_the_tower_as_matrix_products(demo_clip):
