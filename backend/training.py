@@ -129,7 +129,8 @@ def train_config(settings: Settings) -> TrainConfig:
     return TrainConfig(steps=settings.train_steps, batch_size=settings.train_batch_size, lr=settings.train_lr,
                        size=settings.inference_size, diversify=settings.text_diversification,
                        distill=settings.distillation, synonym_threshold=settings.synonym_threshold,
-                       distill_weight=settings.distill_weight, seed=settings.train_seed)
+                       distill_weight=settings.distill_weight, seed=settings.train_seed,
+                       precision=settings.precision)
 
 
 def train_project(settings: Settings, project: str, pull: bool = False) -> Version:

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -29,6 +30,7 @@ from model.losses import (
     pool_regions,
     text_guided_distillation_loss,
 )
+from model.predictor import uses_bf16
 from model.synonyms import candidate_names, filter_synonyms
 from model.vocabulary import UNLABELED, TextEncoder, Vocabulary
 
@@ -60,6 +62,7 @@ class TrainConfig:
     synonym_temperature: float | None = 100.0  # CLIP's logit scale for the filter (None: the model's own)
     distill_unlabeled: bool = True  # also distil the unannotated parts of each image
     max_regions: int = 200  # per step, as in the paper's code
+    precision: str = "auto"  # the forward pass under bfloat16 autocast where the hardware has it (PRECISION)
     log_every: int = 25
 
 
@@ -188,6 +191,7 @@ class _Trainer:
             self.optimizer,
             lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / config.steps)))
         self.device = next(segmenter.parameters()).device
+        self.bf16 = uses_bf16(config.precision, self.device)
 
     def draw_batch(self) -> Batch:
         """Augmented crops of random samples, with their regions and drawn synonyms."""
@@ -216,7 +220,9 @@ class _Trainer:
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The step's total loss and its two terms."""
         device, config = self.device, self.config
-        embeddings, _ = self.segmenter.embed(self.segmenter.preprocess(batch.images))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            embeddings, _ = self.segmenter.embed(self.segmenter.preprocess(batch.images))
+        embeddings = embeddings.float()  # the losses and their gradients stay in float32
         logits = diversified_logits(embeddings, self.text.to(device), self.segmenter.log_logit_scale.exp(),
                                     [m.to(device) for m in batch.masks], batch.classes,
                                     [t.to(device) for t in batch.drawn_text] if config.diversify else None,
@@ -250,8 +256,8 @@ class _Trainer:
                 terms.append(plain)
         return torch.stack(terms).mean() if terms else None
 
-    def step(self) -> dict[str, float]:
-        losses = self.losses(self.draw_batch())
+    def step(self, batch: Batch) -> dict[str, float]:
+        losses = self.losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
@@ -273,13 +279,20 @@ def finetune(segmenter, clip, encoder: TextEncoder, samples: list[Sample], vocab
     trainer = _Trainer(segmenter, clip, encoder, samples, vocabulary, config)
     segmenter.train()
     summary: dict = {}
-    for step in range(config.steps):
-        summary = {"step": step + 1, **trainer.step()}
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            log.info("step %d/%d loss %.4f (classification %.4f, distillation %.4f)", step + 1, config.steps,
-                     summary["loss"], summary["loss_classification"], summary["loss_distillation"])
-        if progress:
-            progress(step + 1, summary)
+    # The next batch is decoded and augmented in a thread while this one trains (PIL and numpy release the
+    # GIL); one thread draws them all, in order, so a seed gives the same batches.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="augment") as augmenter:
+        upcoming = augmenter.submit(trainer.draw_batch)
+        for step in range(config.steps):
+            batch = upcoming.result()
+            if step + 1 < config.steps:
+                upcoming = augmenter.submit(trainer.draw_batch)
+            summary = {"step": step + 1, **trainer.step(batch)}
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                log.info("step %d/%d loss %.4f (classification %.4f, distillation %.4f)", step + 1, config.steps,
+                         summary["loss"], summary["loss_classification"], summary["loss_distillation"])
+            if progress:
+                progress(step + 1, summary)
     segmenter.eval()
     segmenter.trained_labels = vocabulary.labels  # inference ensembles these with the frozen CLIP
     named = [len(r.names) for r in trainer.regions.values() if r.cls >= 0]

@@ -132,6 +132,26 @@ def test_finetuning_is_deterministic_and_checkpoints_round_trip(demo_clip, tiny_
         load_checkpoint(path, fresh, "other-clip")
 
 
+def test_training_runs_the_pass_in_the_precision_the_job_is_given(demo_clip, tiny_samples, monkeypatch):
+    from backend.settings import Settings
+    from backend.training import train_config
+
+    assert train_config(Settings(precision="fp32")).precision == "fp32"
+    vocabulary, seen = Vocabulary.from_labels(["sky", "grass"]), {}
+    for precision in ("fp32", "bf16"):
+        segmenter = build_segmenter(demo_clip, seed=5)
+
+        def embed(images, original=segmenter.embed, precision=precision):
+            tuned, frozen = original(images)
+            seen[precision] = tuned.dtype
+            return tuned, frozen
+        monkeypatch.setattr(segmenter, "embed", embed)
+        summary = finetune(segmenter, demo_clip, TextEncoder(demo_clip), tiny_samples, vocabulary,
+                           TrainConfig(steps=2, batch_size=2, size=64, precision=precision))
+        assert np.isfinite(summary["loss"])
+    assert seen == {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def test_a_checkpoint_trained_under_another_dense_method_is_refused(demo_clip, tmp_path):
     """A decoder trained on MaskCLIP's features must not load under ClearCLIP: the model's identity names both."""
     maskclip = SegmentationModel(demo_clip, ModelConfig(dense_method="maskclip"))
