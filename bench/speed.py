@@ -162,16 +162,20 @@ def designs(args, model: SegmentationModel, vocabulary: Vocabulary) -> dict:
             "fine-tuned": lambda: tuned.logits([image], vocabulary), "fast": fast, "two-stage": two_stage}
 
 
-def bare_forward(model_name: str, shape: tuple[int, int]):
-    """One plain forward of the CLIP image tower at ``shape``, as a timed call: the floor of any one-pass design."""
+def bare_forward(model_name: str, shape: tuple[int, int], device: str = "cpu", bf16: bool = False):
+    """One plain forward of the CLIP image tower at ``shape`` (in bfloat16 autocast if ``bf16``), as a timed
+    call: the floor of any one-pass design."""
     import open_clip
 
-    tower = open_clip.create_model(model_name, pretrained=None, force_image_size=shape).visual.eval()
-    batch = torch.randn(1, 3, *shape)
+    from model.clip import open_clip_name
+
+    tower = open_clip.create_model(open_clip_name(model_name), pretrained=None,
+                                   force_image_size=shape).visual.eval().to(device)
+    batch = torch.randn(1, 3, *shape, device=device)
 
     def call():
-        with torch.no_grad():
-            tower(batch)
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            tower(batch).float().cpu()  # to the host: a device's queue is done when the call returns
     return call
 
 

@@ -48,7 +48,7 @@ def normalize_pixels(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     return (pixels - mean.to(pixels.device).view(1, 3, 1, 1)) / std.to(pixels.device).view(1, 3, 1, 1)
 
 
-def _register_config(model: str) -> str:
+def open_clip_name(model: str) -> str:
     """Accept an open_clip model name, or the path of a model-config JSON (registered under its stem)."""
     import open_clip
 
@@ -118,7 +118,7 @@ def load_clip(model: str = "ViT-B-16", pretrained: str = "openai", device: str |
     """
     import open_clip
 
-    name = _register_config(model)
+    name = open_clip_name(model)
     weights = _weights(name, pretrained)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 COMMANDS = ["backend", "backend check", "backend.training", "backend.prelabel", "backend.worker", "demo", "demo.train_clip", "bench.postprocess",
             "bench.speed", "bench.prelabel_quality", "bench.interactive", "bench.accuracy", "bench.calibration", "bench.active_learning",
-            "bench.queue", "bench.attack"]
+            "bench.queue", "bench.attack", "bench.precision", "bench.gpu"]
 
 
 def test_every_command_answers_help_without_side_effects(tmp_path):
@@ -35,3 +35,13 @@ def test_prelabel_refuses_to_order_the_label_stream_from_the_queue():
                              "--project", "1", "--queue", "--annotate-next", "20"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and "--annotate-next" in result.stderr and "without --queue" in result.stderr
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu_with_quick():
+    result = subprocess.run([sys.executable, "-m", "bench.gpu", "--quick"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = result.stdout.splitlines()[-1].split()
+    assert summary[:2] == ["gpu:", "device=cpu"], result.stdout[-1000:]
+    figures = dict(item.split("=") for item in summary[1:])
+    assert all(float(figures[key]) > 0 for key in ("predict_ms", "images_per_s", "large_over_bare", "train_steps_per_s"))
