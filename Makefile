@@ -16,7 +16,7 @@ setup: $(VENV)/.installed $(CACHE)/.demo-model $(NLTK_DATA)/corpora/wordnet/lexn
 	@echo "installing WordNet (Debian wordnet-base, wordnet-sense-index)"
 	(apt-get install -y -q wordnet-base wordnet-sense-index || (apt-get update -q && apt-get install -y -q wordnet-base wordnet-sense-index)) >/dev/null
 
-$(VENV)/.installed: requirements.txt requirements-serve.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-serve.txt requirements-openvino.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
@@ -63,6 +63,7 @@ bench: setup
 	$(PY) -m bench.interactive
 	$(PY) -m bench.accuracy
 	$(PY) -m bench.calibration
+	$(PY) -m bench.precision
 	$(PY) -m bench.active_learning
 	$(PY) -m bench.attack
 

@@ -11,7 +11,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.config import DEFAULTS, DENSE_METHODS, PRECISIONS, ModelConfig, RegionRules
+from model.config import (
+    DEFAULTS,
+    DENSE_METHODS,
+    OPENVINO_MISSING,
+    PRECISIONS,
+    RUNTIMES,
+    ModelConfig,
+    RegionRules,
+    openvino_installed,
+)
 from model.task_scores import TASK_SCORES
 
 
@@ -71,6 +80,7 @@ class Settings:
     predict_batch_size: int = field(default_factory=lambda: int(_env("PREDICT_BATCH_SIZE",
                                                                      str(DEFAULTS.batch_size))))
     precision: str = field(default_factory=lambda: _env("PRECISION", DEFAULTS.precision).lower())
+    runtime: str = field(default_factory=lambda: _env("RUNTIME", DEFAULTS.runtime).lower())
     allowed_image_hosts: tuple[str, ...] = field(
         default_factory=lambda: tuple(h for h in _env("ALLOWED_IMAGE_HOSTS").split(",") if h.strip()))
     max_image_bytes: int = field(default_factory=lambda: int(_env("MAX_IMAGE_BYTES", str(50 * 2**20))))
@@ -157,9 +167,12 @@ class Settings:
 
     def _check_choices(self) -> None:
         """Settings with a fixed set of values: a typo fails here, not as ``model_state: error`` later."""
-        for name, choices in (("task_score", TASK_SCORES), ("precision", PRECISIONS), ("dense_method", DENSE_METHODS)):
+        for name, choices in (("task_score", TASK_SCORES), ("precision", PRECISIONS), ("dense_method", DENSE_METHODS),
+                              ("runtime", RUNTIMES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name.upper()} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
+        if self.runtime == "openvino" and not openvino_installed():
+            raise ValueError(OPENVINO_MISSING)
         if not _DEVICE.fullmatch(self.device):
             raise ValueError(f"DEVICE must be cpu, cuda, cuda:<n> or mps, not {self.device!r}")
 
@@ -193,7 +206,7 @@ class Settings:
                            unseen_weight=self.ensemble_unseen_weight, inference_size=self.inference_size,
                            batch_size=self.predict_batch_size, max_area=self.max_inference_area,
                            temperature=self.temperature, presence_weight=self.presence_weight,
-                           precision=self.precision,
+                           precision=self.precision, runtime=self.runtime,
                            refine_boundaries=self.refine_boundaries, cache_dir=self.cache_dir,
                            text_cache_vocabularies=self.text_cache_vocabularies,
                            text_cache_disk_bytes=self.text_cache_disk_bytes)

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from model.checkpoint import load_checkpoint
 from model.clip import Clip, load_clip
 from model.config import ModelConfig, model_identity
-from model.predictor import Predictor
+from model.openvino_tower import OpenVinoTower, resolve_runtime
+from model.predictor import Predictor, uses_bf16
 from model.segmenter import Segmenter, build_segmenter
 from model.vocabulary import TextEncoder
 
@@ -29,6 +32,7 @@ class SegmentationModel:
         self.encoder = encoder or TextEncoder(clip, cache_dir=self.config.cache_dir,
                                               max_vocabularies=self.config.text_cache_vocabularies,
                                               max_disk_bytes=self.config.text_cache_disk_bytes)
+        self._compiled_towers: dict[str | None, OpenVinoTower] = {}
 
     @property
     def identity(self) -> str:
@@ -44,14 +48,30 @@ class SegmentationModel:
         return build_segmenter(self.clip, seed=seed, **options)
 
     def predictor(self, segmenter: Segmenter | None = None, temperature: float | None = None) -> Predictor:
-        """A predictor for ``segmenter`` (default: a new untrained one, i.e. zero-shot)."""
+        """A predictor for ``segmenter`` (default: a new untrained one, i.e. zero-shot), its frozen tower run by
+        the configured runtime (:func:`model.openvino_tower.resolve_runtime`)."""
         config = self.config
-        return Predictor(segmenter if segmenter is not None else self.segmenter(), self.encoder,
+        segmenter = segmenter if segmenter is not None else self.segmenter()
+        self._compile_tower(segmenter)
+        return Predictor(segmenter, self.encoder,
                          inference_size=config.inference_size, batch_size=config.batch_size, device=config.device,
                          temperature=config.temperature if temperature is None else temperature,
                          max_area=config.max_area, precision=config.precision,
                          refine_boundaries=config.refine_boundaries,
                          presence_weight=config.presence_weight)
+
+    def _compile_tower(self, segmenter: Segmenter) -> None:
+        """Give ``segmenter`` the CLIP's tower compiled for the runtime, where it runs the CLIP's own frozen tower
+        (a version that fine-tuned tower blocks runs them in torch). Compiled once per dense method."""
+        device = torch.device(self.config.device)
+        tower = segmenter.image_tower
+        if (resolve_runtime(self.config.runtime, device) != "openvino" or tower.visual is not self.clip.model.visual
+                or any(p.requires_grad for p in tower.parameters())):
+            return
+        method = getattr(tower, "method", None)  # a ResNet tower has one
+        if method not in self._compiled_towers:
+            self._compiled_towers[method] = OpenVinoTower(tower, uses_bf16(self.config.precision, device))
+        segmenter.compiled_tower = self._compiled_towers[method]
 
     def load_predictor(self, checkpoint: str | Path) -> Predictor:
         """The predictor of a fine-tuned version, at the temperature and presence weight its training fitted.

@@ -6,12 +6,24 @@ imported: the container's health check and ``python -m backend --help`` import t
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 # Ways to make a CLIP image tower's per-location features text-aligned (model.dense.DENSE_TOWERS builds them).
 DENSE_METHODS = ("clearclip", "maskclip")
 PRECISIONS = ("auto", "bf16", "fp32")
+# What runs the frozen image tower (model.openvino_tower.resolve_runtime): auto is OpenVINO on a CPU where installed.
+RUNTIMES = ("auto", "openvino", "torch")
+
+
+def openvino_installed() -> bool:
+    """Whether the optional OpenVINO runtime is installed (``pip install -r requirements-openvino.txt``)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+OPENVINO_MISSING = ("RUNTIME=openvino needs the openvino package: pip install -r requirements-openvino.txt "
+                    "(or set RUNTIME=auto to use it only where installed)")
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class ModelConfig:
         dense_method, seen_weight, unseen_weight: see :func:`model.segmenter.build_segmenter`.
         inference_size, batch_size, max_area, precision, refine_boundaries: see
             :class:`model.predictor.Predictor`.
+        runtime: what runs the frozen image tower (:func:`model.openvino_tower.resolve_runtime`).
         temperature: the zero-shot model's (None: fitted per vocabulary without labels,
             :mod:`model.presence`); a fine-tuned version carries the one its training fitted.
         presence_weight: the weight of the frozen CLIP's image-level presence prior (:mod:`model.presence`).
@@ -65,6 +78,7 @@ class ModelConfig:
     temperature: float | None = None
     presence_weight: float = 0.5
     precision: str = "auto"
+    runtime: str = "auto"
     refine_boundaries: bool = True
     cache_dir: Path | None = None
     text_cache_vocabularies: int = 64

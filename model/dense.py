@@ -45,12 +45,18 @@ class TowerOutput:
     image: torch.Tensor
 
 
+def _contiguous_attention(x: torch.Tensor) -> bool:
+    """Whether the blocks attend with :func:`_attention`: under autocast, and when traced for another runtime
+    (the module's own fast path is a fused kernel other runtimes do not have, or run slowly)."""
+    return torch.is_autocast_enabled(x.device.type) or torch.jit.is_tracing()
+
+
 def _attention(attn: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
     """``attn`` (batch-first, no mask) of ``query`` (B, Q, C) over ``keys`` (B, K, C; None: self-attention),
     on contiguous batch-first tensors. The module's own path transposes them to sequence-first, and a linear
     layer on that view under CPU bf16 autocast broadcasts its weight to every token: ViT-B/16 at 448 px took
-    13 s per image in a batch of two, against 0.4 s alone. Used under autocast only: float32 never hit
-    this, and keeps open_clip's own blocks unchanged."""
+    13 s per image in a batch of two, against 0.4 s alone. Used under autocast and tracing only: eager
+    float32 never hit this, and keeps open_clip's own blocks unchanged."""
     width, heads = query.shape[-1], attn.num_heads
     weight, bias = attn.in_proj_weight, attn.in_proj_bias
     if keys is None:
@@ -65,7 +71,7 @@ def _attention(attn: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Ten
 
 def _resize_grid(pos: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
     """(g_h*g_w, C) position embeddings → (h*w, C) by bicubic interpolation."""
-    if tuple(grid) == tuple(size):
+    if not torch.jit.is_tracing() and tuple(grid) == tuple(size):  # a traced graph resizes for any size
         return pos
     channels = pos.shape[-1]
     pos = pos.reshape(1, grid[0], grid[1], channels).permute(0, 3, 1, 2)
@@ -115,7 +121,7 @@ class ViTDenseTower(nn.Module):
         block = self.visual.transformer.resblocks[-1]
         cls = x[:, :1]
         query, keys = block.ln_1(cls), block.ln_1(x)
-        attended = (_attention(block.attn, query, keys) if torch.is_autocast_enabled(x.device.type)
+        attended = (_attention(block.attn, query, keys) if _contiguous_attention(x)
                     else block.attn(query, keys, keys, need_weights=False)[0])
         cls = cls + block.ls_1(attended)
         return (cls + block.ls_2(block.mlp(block.ln_2(cls))))[:, 0]
@@ -134,7 +140,7 @@ class ViTDenseTower(nn.Module):
             raise NotImplementedError("sequence-first transformer blocks are not supported")
         features = []
         for index, block in enumerate(v.transformer.resblocks[:-1]):
-            if torch.is_autocast_enabled(x.device.type):
+            if _contiguous_attention(x):
                 x = x + block.ls_1(_attention(block.attn, block.ln_1(x)))
                 x = x + block.ls_2(block.mlp(block.ln_2(x)))
             else:

@@ -95,6 +95,8 @@ class Segmenter(nn.Module):
         self.trained_labels: tuple[str, ...] | None = None
         self.seen_weight = seen_weight
         self.unseen_weight = unseen_weight
+        # The frozen tower compiled for another runtime (model.openvino_tower), used outside training.
+        self.compiled_tower = None
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) RGB values 0-255 (uint8 or float) → (B, 3, H, W) float, normalised for the tower (on its device)."""
@@ -108,8 +110,9 @@ class Segmenter(nn.Module):
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`embed`, and the CLIP's global image embedding (B, D), L2-normalised."""
         tower_frozen = not any(p.requires_grad for p in self.image_tower.parameters())
+        compiled = self.compiled_tower is not None and tower_frozen and not self.training
         with torch.no_grad() if tower_frozen else nullcontext():
-            out = self.image_tower(images)
+            out = (self.compiled_tower if compiled else self.image_tower)(images)
         tuned = out.dense + self.decoder(out.features, out.dense)
         return F.normalize(tuned, dim=1), F.normalize(out.dense, dim=1), F.normalize(out.image, dim=-1)
 

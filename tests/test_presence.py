@@ -57,8 +57,9 @@ def test_the_presence_prior_takes_pixels_from_a_label_the_image_does_not_show():
 
 
 def test_the_prior_comes_from_the_same_pass_and_is_the_clips_own_image_classification(demo_clip):
+    # An identity to float rounding: the pass in float32 torch, as open_clip's own encode_image runs.
     model = SegmentationModel(demo_clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=64,
-                                                     refine_boundaries=False))
+                                                     refine_boundaries=False, precision="fp32", runtime="torch"))
     predictor = model.predictor()
     vocabulary = Vocabulary.from_labels(world.NAMES)
     images = [image[:64, :64] for image, _ in world.test_scenes(3, seed=5)]

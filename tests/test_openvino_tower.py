@@ -1,0 +1,68 @@
+"""RUNTIME: which runtime runs the frozen image tower, and that OpenVINO's pass is torch's pass."""
+import pytest
+import torch
+
+from demo.train_clip import DENSE_METHOD
+from model import openvino_tower
+from model.build import SegmentationModel
+from model.config import ModelConfig, openvino_installed
+from model.openvino_tower import resolve_runtime
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+needs_openvino = pytest.mark.skipif(not openvino_installed(), reason="the optional OpenVINO runtime is not installed")
+
+
+def test_auto_is_openvino_on_a_cpu_where_it_is_installed_and_torch_elsewhere(monkeypatch):
+    monkeypatch.setattr(openvino_tower, "openvino_installed", lambda: True)
+    assert resolve_runtime("auto", CPU) == "openvino" and resolve_runtime("auto", CUDA) == "torch"
+    assert resolve_runtime("torch", CPU) == "torch"
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        resolve_runtime("openvino", CUDA)
+    monkeypatch.setattr(openvino_tower, "openvino_installed", lambda: False)
+    assert resolve_runtime("auto", CPU) == "torch"
+    with pytest.raises(ValueError, match="requirements-openvino.txt"):
+        resolve_runtime("openvino", CPU)
+    with pytest.raises(ValueError, match="RUNTIME must be one of"):
+        resolve_runtime("onnx", CPU)
+
+
+def test_the_setting_refuses_openvino_where_it_is_absent(monkeypatch):
+    from backend import settings
+
+    monkeypatch.setattr(settings, "openvino_installed", lambda: False)
+    with pytest.raises(ValueError, match="RUNTIME=openvino needs the openvino package"):
+        settings.Settings(runtime="openvino")
+    assert settings.Settings(runtime="auto").model_config().runtime == "auto"
+
+
+@needs_openvino
+def test_openvinos_tower_gives_torchs_outputs_at_any_size_and_batch(demo_clip):
+    """fp32 in both runtimes: the same numbers, at the CLIP's own grid, off it (the position embeddings are
+    resized inside the graph), and for a batch of two."""
+    segmenter = SegmentationModel(demo_clip, ModelConfig(dense_method=DENSE_METHOD)).segmenter()
+    compiled = openvino_tower.OpenVinoTower(segmenter.image_tower, bf16=False)
+    grid = demo_clip.model.visual.grid_size[0] * segmenter.stride
+    for shape in ((1, 3, grid, grid), (2, 3, grid + 2 * segmenter.stride, grid - segmenter.stride)):
+        images = torch.randn(*shape)
+        with torch.no_grad():
+            ours, theirs = segmenter.image_tower(images), compiled(images)
+        for mine, other in zip([ours.dense, *ours.features, ours.image],
+                               [theirs.dense, *theirs.features, theirs.image], strict=True):
+            assert mine.shape == other.shape
+            assert torch.allclose(mine, other, atol=1e-3 * float(mine.abs().max())), float((mine - other).abs().max())
+
+
+@needs_openvino
+def test_versions_that_keep_the_frozen_tower_share_the_compiled_one_and_training_runs_torch(demo_clip):
+    model = SegmentationModel(demo_clip, ModelConfig(dense_method=DENSE_METHOD, runtime="openvino"))
+    zero_shot, tuned = model.predictor(), model.predictor(model.segmenter(seed=3))
+    assert zero_shot.segmenter.compiled_tower is tuned.segmenter.compiled_tower is not None
+    unfrozen = model.predictor(model.segmenter(unfreeze_blocks=1))
+    assert unfrozen.segmenter.compiled_tower is None  # its last block is its own: it runs in torch
+    assert SegmentationModel(demo_clip, ModelConfig(runtime="torch")).predictor().segmenter.compiled_tower is None
+
+    segmenter = tuned.segmenter.train()
+    calls = []
+    segmenter.compiled_tower = lambda images: calls.append(images)
+    segmenter.embed(torch.zeros(1, 3, 64, 64))
+    assert not calls, "training must run the torch tower"
