@@ -19,18 +19,15 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from bench.speed import bare_forward, client_for, measure, photo, predict_call
+from bench.speed import bare_forward, client_for, measure, photo, predict_call, training_steps_per_second
 from demo import world
 from demo.train_clip import DEMO_CLIP
 from model.build import SegmentationModel
 from model.clip import load_clip
 from model.config import ModelConfig
 from model.predictor import uses_bf16
-from model.train import Sample, TrainConfig, finetune
 from model.vocabulary import Vocabulary
 
 
@@ -42,20 +39,6 @@ def served(name: str, size: int, device: str):
                               ModelConfig(device=device, inference_size=size, refine_boundaries=False))
     return model, client_for(model, Settings(clip_model=name, clip_pretrained="random", device=device,
                                              inference_size=size, refine_boundaries=False))
-
-
-def training_steps_per_second(model: SegmentationModel, size: int, steps: int, batch: int) -> float:
-    """Steps/s of fine-tuning ``model``'s segmenter on demo scenes scaled to 1.5×``size``, after the first step."""
-    side = size * 3 // 2
-    samples = [Sample(np.asarray(Image.fromarray(image).resize((side, side), Image.BICUBIC)),
-                      np.asarray(Image.fromarray(labels.astype(np.int32)).resize((side, side), Image.NEAREST)))
-               for image, labels in world.test_scenes(batch, seed=777)]
-    stamps = []
-    with torch.enable_grad():
-        finetune(model.segmenter(), model.clip, model.encoder, samples, Vocabulary.from_labels(world.NAMES),
-                 TrainConfig(steps=steps + 1, batch_size=batch, size=size),
-                 progress=lambda step, _: stamps.append(time.perf_counter()))
-    return steps / (stamps[-1] - stamps[0])
 
 
 def main(argv=None) -> None:

@@ -1,9 +1,10 @@
-"""bfloat16 against float32 on a demo CLIP: what ``PRECISION=auto`` changes on a CPU with AMX or AVX512-BF16.
+"""bfloat16 and OpenVINO against float32 torch on a demo CLIP: what ``PRECISION=auto`` and ``RUNTIME=auto``
+change on a CPU with AMX or AVX512-BF16.
 
     python -m bench.precision [--clip demo-clip] [--test-images 80] [--train-images 100] [--steps 300]
 
-For each precision, the zero-shot model and one fine-tuned (in that precision, as the training job
-does) on ``--train-images`` annotated scenes, both served as the backend serves them (label-free
+For each setting (fp32 torch, bf16 torch, bf16 OpenVINO where installed), the zero-shot model and one
+fine-tuned (in that precision, as the training job does; training always runs in torch) on ``--train-images`` annotated scenes, both served as the backend serves them (label-free
 temperature zero-shot; temperature and presence weight fitted on the training images after
 fine-tuning): mIoU, pixel ECE (%), Spearman(task score, task mIoU) on ``--test-images`` held-out
 scenes, ms per image of the forward pass, and training steps/s. The last line holds the deltas.
@@ -22,12 +23,13 @@ from bench.calibration import task_miou
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
 from model.calibration import calibrate, expected_calibration_error
+from model.config import openvino_installed
 from model.evaluation import ConfusionMatrix
 from model.task_scores import task_score
 from model.train import Sample, TrainConfig, finetune
 from model.vocabulary import Vocabulary
 
-PRECISIONS = ("fp32", "bf16")
+REFERENCE = ("fp32", "torch")
 
 
 def quality(predictor, vocabulary: Vocabulary, test) -> dict[str, float]:
@@ -49,10 +51,10 @@ def quality(predictor, vocabulary: Vocabulary, test) -> dict[str, float]:
     return {"miou": confusion.miou(), "ece": ece, "spearman": float(rho), "forward_ms": forward_ms}
 
 
-def fine_tuned(clip, precision: str, train, vocabulary: Vocabulary, steps: int):
-    """A model fine-tuned on ``train`` in ``precision`` and calibrated on it, as a training job serves it;
-    and its training steps per second (the steps after the first)."""
-    model = clip.model(refine_boundaries=False, precision=precision)
+def fine_tuned(clip, precision: str, runtime: str, train, vocabulary: Vocabulary, steps: int):
+    """A model fine-tuned on ``train`` in ``precision`` and calibrated on it, served under ``runtime`` as a training
+    job serves it; and its training steps per second (the steps after the first)."""
+    model = clip.model(refine_boundaries=False, precision=precision, runtime=runtime)
     segmenter, stamps = model.segmenter(), []
     with torch.enable_grad():
         finetune(segmenter, model.clip, model.encoder, [Sample(image, labels) for image, labels in train], vocabulary,
@@ -75,23 +77,26 @@ def main(argv=None) -> None:
     torch.set_grad_enabled(False)
     clip, vocabulary = DEMO_CLIPS[args.clip], Vocabulary.from_labels(world.NAMES)
     test, train = world.test_scenes(args.test_images), world.test_scenes(args.train_images, seed=777)
+    settings = [REFERENCE, ("bf16", "torch")] + ([("bf16", "openvino")] if openvino_installed() else [])
     rows = {}
-    for precision in PRECISIONS:
-        rows["zero-shot", precision] = quality(clip.model(refine_boundaries=False, precision=precision).predictor(),
-                                               vocabulary, test)
-        predictor, steps_per_s = fine_tuned(clip, precision, train, vocabulary, args.steps)
-        rows["fine-tuned", precision] = {**quality(predictor, vocabulary, test), "steps_per_s": steps_per_s}
+    for precision, runtime in settings:
+        zero_shot = clip.model(refine_boundaries=False, precision=precision, runtime=runtime).predictor()
+        rows["zero-shot", precision, runtime] = quality(zero_shot, vocabulary, test)
+        predictor, steps_per_s = fine_tuned(clip, precision, runtime, train, vocabulary, args.steps)
+        rows["fine-tuned", precision, runtime] = {**quality(predictor, vocabulary, test), "steps_per_s": steps_per_s}
     print(f"\n{args.clip}, {len(test)} test scenes, fine-tuned on {len(train)} ({args.steps} steps), "
           f"{torch.get_num_threads()} threads\n")
-    print("| model | precision | mIoU | ECE (%) | Spearman | forward ms / image | training steps/s |\n|---|---|---|---|---|---|---|")
-    for (model, precision), row in rows.items():
+    print("| model | precision | runtime | mIoU | ECE (%) | Spearman | forward ms / image | training steps/s |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for (model, precision, runtime), row in rows.items():
         steps = f"{row['steps_per_s']:.2f}" if "steps_per_s" in row else "–"
-        print(f"| {model} | {precision} | {row['miou']:.2f} | {row['ece']:.2f} | {row['spearman']:+.3f} | "
+        print(f"| {model} | {precision} | {runtime} | {row['miou']:.2f} | {row['ece']:.2f} | {row['spearman']:+.3f} | "
               f"{row['forward_ms']:.1f} | {steps} |")
-    deltas = " ".join(f"{model}_{key}_delta={rows[model, 'bf16'][key] - rows[model, 'fp32'][key]:+.2f}"
-                      for model in ("zero-shot", "fine-tuned") for key in ("miou", "ece", "spearman"))
-    print(f"precision: clip={args.clip} {deltas} "
-          f"training_speedup={rows['fine-tuned', 'bf16']['steps_per_s'] / rows['fine-tuned', 'fp32']['steps_per_s']:.2f}")
+    deltas = " ".join(f"{model}_{'_'.join(setting)}_{key}_delta={rows[(model, *setting)][key] - rows[(model, *REFERENCE)][key]:+.2f}"
+                      for setting in settings[1:] for model in ("zero-shot", "fine-tuned")
+                      for key in ("miou", "ece", "spearman"))
+    speedup = rows["fine-tuned", "bf16", "torch"]["steps_per_s"] / rows[("fine-tuned", *REFERENCE)]["steps_per_s"]
+    print(f"precision: clip={args.clip} {deltas} training_speedup={speedup:.2f}")
 
 
 if __name__ == "__main__":

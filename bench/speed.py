@@ -1,8 +1,10 @@
 """Speed and memory, side by side in one run: our one-pass segmenter vs the two-stage design.
 
     python -m bench.speed [--model ViT-B-16] [--size 448] [--images 5] [--masks 100]
-                          [--photo 1920x1080] [--labels 20,150,847]
+                          [--photo 1920x1080] [--labels 20,150,847] [--sections designs,photo,runtimes]
+                          [--compile]
 
+``designs`` and ``photo`` run in float32 eager torch, like the bare forward they are measured against:
 (a) ``fast``: a whole ``/predict`` request through the HTTP app (image decode, one tower
     pass, decoder, classification against cached text embeddings, RLE results);
 (b) ``two-stage``: the same masks, then one CLIP image-encoder pass per masked crop
@@ -18,13 +20,23 @@ Then what users meet, on a photo of ``--photo`` pixels (a demo scene scaled up):
 (label map and RLE), our RLE against label-studio-sdk's, a batch of 8 photos through the
 pre-labeling path (images/s), and, with the demo model, /predict time and peak memory for
 each vocabulary size of ``--labels``.
+
+``runtimes``: the plain image tower at the photo's inference shape under eager torch fp32 and bf16,
+int8 dynamic quantization, ``torch.compile`` (``--compile``), OpenVINO f32 and bf16, and ONNX Runtime
+(those installed), with each output's difference from float32; then the whole /predict of the photo,
+alone and in batches of 8 (images/s), under each ``PRECISION``/``RUNTIME`` the backend offers, as
+ratios to the float32 bare tower and to the fastest bare tower; and fine-tuning steps/s, the loop as it
+was (float32, each batch augmented in the step) against the shipped one (``PRECISION=auto``, the next
+batch augmented in a thread).
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import io
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,22 +89,37 @@ def main(argv=None) -> None:
     parser.add_argument("--classes", type=int, default=20, help="vocabulary size of the timed requests")
     parser.add_argument("--photo", default="1920x1080", help="WIDTHxHEIGHT of the photo-size measurements")
     parser.add_argument("--labels", default="20,150,847", help="vocabulary sizes of the label sweep (demo model)")
+    parser.add_argument("--train-steps", type=int, default=3, help="runtimes: timed fine-tuning steps per loop")
+    parser.add_argument("--compile", action="store_true", help="runtimes: also torch.compile (slow to compile)")
+    parser.add_argument("--sections", default="designs,photo,runtimes",
+                        help="which to run: designs (one image), photo (photo-size steps, label sweep), runtimes")
     args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
     torch.manual_seed(0)
     from model.wordnet import wordnet
 
-    model = SegmentationModel(load_clip(args.model, "random"), ModelConfig(inference_size=args.size, refine_boundaries=False))
+    # The designs and the photo's steps compare like with like: float32 eager torch, as the bare forward.
+    clip = load_clip(args.model, "random")
+    model = SegmentationModel(clip, ModelConfig(inference_size=args.size, refine_boundaries=False, **REFERENCE))
     nouns = [s.lemma_names()[0].replace("_", " ") for s in list(wordnet().all_synsets("n"))[:20000:130]][:150]
-    rows = {}
-    for name, fn in designs(args, model, Vocabulary.from_labels(nouns[:args.classes])).items():
-        rows[name] = measure(fn, args.images)
-        print(f"  {name}: {rows[name][0]:.0f} ms", flush=True)
-    report(args, rows, text_encoder_ms(model.clip, Vocabulary.from_labels(nouns)))
+    vocabulary = Vocabulary.from_labels(nouns[:args.classes])
     width, height = (int(v) for v in args.photo.split("x"))
     picture = photo(width, height)
-    photo_rows = photo_designs(args, model, Vocabulary.from_labels(nouns[:args.classes]), picture)
-    sweep = label_sweep([int(n) for n in args.labels.split(",")], picture, args.images)
-    report_photo(args, photo_rows, sweep)
+    if "designs" in sections:
+        rows = {}
+        for name, fn in designs(args, model, vocabulary).items():
+            rows[name] = measure(fn, args.images)
+            print(f"  {name}: {rows[name][0]:.0f} ms", flush=True)
+        report(args, rows, text_encoder_ms(model.clip, Vocabulary.from_labels(nouns)))
+    if "photo" in sections:
+        photo_rows = photo_designs(args, model, vocabulary, picture)
+        sweep = label_sweep([int(n) for n in args.labels.split(",")], picture, args.images)
+        report_photo(args, photo_rows, sweep)
+    if "runtimes" in sections:
+        report_runtimes(args, runtime_rows(args, clip, vocabulary, picture))
+
+
+REFERENCE = {"precision": "fp32", "runtime": "torch"}
 
 
 def data_uri(image: np.ndarray) -> str:
@@ -136,7 +163,8 @@ def designs(args, model: SegmentationModel, vocabulary: Vocabulary) -> dict:
     """The timed calls, by design name, on one random image of args.size²."""
 
     image = np.random.default_rng(0).integers(0, 255, (args.size, args.size, 3), dtype=np.uint8)
-    client = client_for(model, Settings(clip_model=args.model, clip_pretrained="random", inference_size=args.size))
+    client = client_for(model, Settings(clip_model=args.model, clip_pretrained="random", inference_size=args.size,
+                                        **REFERENCE))
     fast = predict_call(client, [image], vocabulary)
     predictor, text = model.predictor(), model.encoder.embed(vocabulary)
     # A fine-tuned version: the same pass plus the ensemble with the frozen classifier (half the labels seen).
@@ -192,7 +220,8 @@ def photo_designs(args, model: SegmentationModel, vocabulary: Vocabulary, pictur
 
     from backend.control_tags import BrushLabels
 
-    client = client_for(model, Settings(clip_model=args.model, clip_pretrained="random", inference_size=args.size))
+    client = client_for(model, Settings(clip_model=args.model, clip_pretrained="random", inference_size=args.size,
+                                        **REFERENCE))
     predictor = model.predictor()
     logits = predictor.logits([picture], vocabulary)[0]
     target = BrushLabels("m", "image", "image", vocabulary)
@@ -225,9 +254,9 @@ def label_sweep(counts: list[int], picture: np.ndarray, repeats: int) -> dict[in
 
     demo = SegmentationModel(load_clip(str(CONFIG), str(materialize())),
                              ModelConfig(dense_method=DENSE_METHOD, inference_size=INFERENCE_SIZE,
-                                         refine_boundaries=False))
+                                         refine_boundaries=False, **REFERENCE))
     client = client_for(demo, Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()),
-                                       inference_size=INFERENCE_SIZE, dense_method=DENSE_METHOD))
+                                       inference_size=INFERENCE_SIZE, dense_method=DENSE_METHOD, **REFERENCE))
     nouns = [s.lemma_names()[0].replace("_", " ") for s in wordnet().all_synsets("n")]
     names = list(dict.fromkeys(world.NAMES + nouns))
     return {count: measure(predict_call(client, [picture], Vocabulary.from_labels(names[:count])), repeats)
@@ -255,6 +284,150 @@ def report_photo(args, rows: dict, sweep: dict[int, tuple[float, float]]) -> Non
           f"post_share={post_ms / predict_ms:.2f} "
           f"refinement_share={(post_ms - rows['photo post-processing, unrefined'][0]) / predict_ms:.2f} rle_speedup={rle_speedup:.0f} images_per_s={images_per_second:.2f} "
           f"labels{high}_over_{low}={sweep[high][0] / sweep[low][0]:.2f} rss{high}_mib={sweep[high][1]:.0f}")
+
+
+def tower_runtimes(model_name: str, shape: tuple[int, int], compile_too: bool) -> dict[str, tuple]:
+    """The plain image tower at ``shape`` under each runtime that is installed: name → (timed call, its output).
+    ``compile_too``: also ``torch.compile`` (about a minute to compile on 2 cores)."""
+    import open_clip
+
+    from model.clip import open_clip_name
+    from model.config import openvino_installed
+
+    tower = open_clip.create_model(open_clip_name(model_name), pretrained=None, force_image_size=shape).visual.eval()
+    tower.requires_grad_(False)  # traced as served: the exports below follow the inference path
+    batch = torch.randn(1, 3, *shape)
+
+    def eager(module, bf16: bool = False):
+        def call():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return module(batch).float()
+        return call
+    calls = {"torch fp32": eager(tower), "torch bf16": eager(tower, bf16=True),
+             "torch int8 dynamic": eager(torch.ao.quantization.quantize_dynamic(
+                 copy.deepcopy(tower), {torch.nn.Linear}, dtype=torch.qint8))}
+    if openvino_installed():
+        import openvino as ov
+
+        graph = ov.convert_model(tower, example_input=batch)
+        for hint in ("f32", "bf16"):
+            compiled = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                             "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+            calls[f"OpenVINO {hint}"] = lambda compiled=compiled: torch.from_numpy(
+                compiled.create_infer_request().infer({0: batch.numpy()})[compiled.outputs[0]].copy())
+    try:
+        import onnxruntime
+
+        path = Path(tempfile.mkdtemp()) / "tower.onnx"
+        torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX operator
+        try:
+            torch.onnx.export(tower, (batch,), str(path), dynamo=False)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        calls["ONNX Runtime fp32"] = lambda: torch.from_numpy(session.run(None, {session.get_inputs()[0].name:
+                                                                                  batch.numpy()})[0])
+    except Exception as error:  # not installed, or the export failed: the row says so
+        print(f"  ONNX Runtime: no row ({error.__class__.__name__}: {str(error)[:120]})")
+    if compile_too:  # last: the other exports trace the plain module
+        calls["torch.compile bf16"] = eager(torch.compile(tower), bf16=True)
+    return {name: (call, call()) for name, call in calls.items()}
+
+
+def training_samples(size: int, count: int) -> list:
+    """``count`` annotated demo scenes scaled to 1.5×``size``, as photos are larger than the training crops."""
+    from demo import world
+    from model.train import Sample
+
+    side = size * 3 // 2
+    return [Sample(np.asarray(Image.fromarray(image).resize((side, side), Image.BICUBIC)),
+                   np.asarray(Image.fromarray(labels.astype(np.int32)).resize((side, side), Image.NEAREST)))
+            for image, labels in world.test_scenes(count, seed=777)]
+
+
+def training_steps_per_second(model: SegmentationModel, size: int, steps: int, batch: int,
+                              precision: str = "auto", augment_in_step: bool = False) -> float:
+    """Steps/s of fine-tuning ``model``'s segmenter as the training job does (the first step not counted).
+    ``augment_in_step``: the loop as it was, each batch augmented in the step before it trains."""
+    from demo import world
+    from model.train import TrainConfig, _Trainer, finetune
+
+    samples, vocabulary = training_samples(size, batch), Vocabulary.from_labels(world.NAMES)
+    config = TrainConfig(steps=steps + 1, batch_size=batch, size=size, precision=precision)
+    with torch.enable_grad():
+        if augment_in_step:
+            trainer = _Trainer(model.segmenter().train(), model.clip, model.encoder, samples, vocabulary, config)
+            trainer.step(trainer.draw_batch())
+            started = time.perf_counter()
+            for _ in range(steps):
+                trainer.step(trainer.draw_batch())
+            return steps / (time.perf_counter() - started)
+        stamps = []
+        finetune(model.segmenter(), model.clip, model.encoder, samples, vocabulary, config,
+                 progress=lambda step, _: stamps.append(time.perf_counter()))
+    return steps / (stamps[-1] - stamps[0])
+
+
+def runtime_rows(args, clip, vocabulary: Vocabulary, picture: np.ndarray) -> dict[str, tuple[float, float]]:
+    """(ms, output difference from float32 torch in % of its range) of the bare tower under each runtime at the
+    photo's inference shape; and (ms, images/s) of the whole /predict of the photo, alone and in batches of 8,
+    under each PRECISION and RUNTIME the backend offers."""
+    from model.config import openvino_installed
+
+    rows = {}
+    shape = SegmentationModel(clip, ModelConfig(inference_size=args.size)).predictor().inference_shape(*picture.shape[:2])
+    towers = tower_runtimes(args.model, shape, args.compile)
+    reference = towers["torch fp32"][1]
+    for name, (call, output) in towers.items():
+        difference = float((output - reference).abs().max() / (reference.max() - reference.min())) * 100
+        rows[f"bare tower, {name}"] = (measure(call, args.images)[0], difference)
+        print(f"  bare tower, {name}: {rows[f'bare tower, {name}'][0]:.0f} ms", flush=True)
+    served = [("fp32", "torch"), ("bf16", "torch")] + ([("bf16", "openvino")] if openvino_installed() else [])
+    for precision, runtime in served:
+        options = {"precision": precision, "runtime": runtime}
+        model = SegmentationModel(clip, ModelConfig(inference_size=args.size, **options))
+        client = client_for(model, Settings(clip_model=args.model, clip_pretrained="random",
+                                            inference_size=args.size, **options))
+        one = measure(predict_call(client, [picture], vocabulary), args.images)[0]
+        eight = measure(predict_call(client, [picture] * 8, vocabulary, http=False), max(1, args.images // 2))[0]
+        rows[f"/predict, PRECISION={precision} RUNTIME={runtime}"] = (one, 8000 / eight)
+        print(f"  /predict {precision} {runtime}: {one:.0f} ms, {8000 / eight:.2f} images/s", flush=True)
+    model = SegmentationModel(clip, ModelConfig(inference_size=args.size))
+    rows["training, fp32, augmented in the step (the loop before)"] = (
+        training_steps_per_second(model, args.size, args.train_steps, 4, "fp32", augment_in_step=True), 0.0)
+    rows["training, PRECISION=auto, augmented in a thread"] = (
+        training_steps_per_second(model, args.size, args.train_steps, 4), 0.0)
+    rows["shape"] = shape
+    return rows
+
+
+def report_runtimes(args, rows: dict) -> None:
+    shape = rows.pop("shape")
+    tower = {k.removeprefix("bare tower, "): v for k, v in rows.items() if k.startswith("bare tower, ")}
+    served = {k.removeprefix("/predict, "): v for k, v in rows.items() if k.startswith("/predict, ")}
+    fp32, fastest = tower["torch fp32"][0], min(ms for ms, _ in tower.values())
+    print(f"\n{args.model}, the bare image tower at {shape[0]}x{shape[1]} (a {args.photo} photo's inference shape), "
+          f"{torch.get_num_threads()} threads, median of {args.images}\n")
+    print("| runtime | ms | vs torch fp32 | output difference (% of range) |\n|---|---|---|---|")
+    for name, (ms, difference) in tower.items():
+        print(f"| {name} | {ms:.0f} | {fp32 / ms:.2f}× | {difference:.2f} |")
+    print("\nthe whole /predict of the photo, 20 labels:\n\n| setting | ms | × fp32 bare tower | × fastest bare tower "
+          "| batches of 8, images/s |\n|---|---|---|---|---|")
+    for name, (ms, images_per_s) in served.items():
+        print(f"| {name} | {ms:.0f} | {ms / fp32:.2f} | {ms / fastest:.2f} | {images_per_s:.2f} |")
+    training = {k.removeprefix("training, "): v[0] for k, v in rows.items() if k.startswith("training, ")}
+    print("\nfine-tuning, batches of 4 at the inference size, the tower frozen:\n\n| loop | steps/s |\n|---|---|")
+    for name, steps_per_s in training.items():
+        print(f"| {name} | {steps_per_s:.3f} |")
+    before, now = training.values()
+    best = min(served, key=lambda name: served[name][0])
+    base = served["PRECISION=fp32 RUNTIME=torch"]
+    print(f"runtimes: fastest_tower={min(tower, key=lambda n: tower[n][0]).replace(' ', '_')} best='{best}' "
+          f"predict_over_fp32_bare={served[best][0] / fp32:.2f} predict_over_fastest_bare={served[best][0] / fastest:.2f} "
+          f"batch_images_per_s={served[best][1]:.2f} batch_speedup={served[best][1] / base[1]:.2f} "
+          f"training_speedup={now / before:.2f}")
 
 
 def text_encoder_ms(clip, vocabulary: Vocabulary) -> tuple[float, float, str]:
