@@ -309,10 +309,11 @@ def tower_runtimes(model_name: str, shape: tuple[int, int], compile_too: bool) -
     if openvino_installed():
         import openvino as ov
 
+        from model.openvino_tower import compile_for_cpu
+
         graph = ov.convert_model(tower, example_input=batch)
         for hint in ("f32", "bf16"):
-            compiled = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                             "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+            compiled = compile_for_cpu(graph, bf16=hint == "bf16")
             calls[f"OpenVINO {hint}"] = lambda compiled=compiled: torch.from_numpy(
                 compiled.create_infer_request().infer({0: batch.numpy()})[compiled.outputs[0]].copy())
     try:
@@ -377,7 +378,8 @@ def runtime_rows(args, clip, vocabulary: Vocabulary, picture: np.ndarray) -> dic
     from model.config import openvino_installed
 
     rows = {}
-    shape = SegmentationModel(clip, ModelConfig(inference_size=args.size)).predictor().inference_shape(*picture.shape[:2])
+    shape = SegmentationModel(clip, ModelConfig(inference_size=args.size, **REFERENCE)).predictor().inference_shape(
+        *picture.shape[:2])  # the reference runtime: no tower conversion just to learn a shape
     towers = tower_runtimes(args.model, shape, args.compile)
     reference = towers["torch fp32"][1]
     for name, (call, output) in towers.items():

@@ -37,6 +37,14 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
     return runtime
 
 
+def compile_for_cpu(graph, bf16: bool):
+    """An OpenVINO graph compiled for this CPU, in bfloat16 or float32, on as many threads as torch uses."""
+    import openvino as ov
+
+    return ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+                                                 "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+
+
 class _Outputs(nn.Module):
     """The tower's :class:`TowerOutput` as a flat tuple, which a traced graph returns."""
 
@@ -65,9 +73,7 @@ class OpenVinoTower:
         with torch.no_grad():
             graph = ov.convert_model(_Outputs(tower).eval(), example_input=torch.zeros(1, 3, side, side),
                                      input=[ov.PartialShape([-1, 3, -1, -1])])
-        self.compiled = ov.Core().compile_model(graph, "CPU", {
-            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
-            "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        self.compiled = compile_for_cpu(graph, bf16)
 
     def __call__(self, images: torch.Tensor) -> TowerOutput:
         outputs = self.compiled.create_infer_request().infer({0: images.detach().float().cpu().numpy()})
