@@ -37,14 +37,11 @@ from functools import cached_property
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model.config import NO_PRUNING, RegionRules
 from model.regions import nearest_upsample, regions, working_shape
-from model.superpixels import slic
+from model.superpixels import Superpixels, sample_at
 
-SUPERPIXEL_CELL_SHARE = 0.5  # a superpixel's width, in logit cells
-SUPERPIXEL_ITERATIONS = 3
 COLOUR_WEIGHT = 4.0  # cosine given up per unit of Lab distance (channels in [0, 1])
 MIN_SIMILARITY = 0.2  # the least similarity to a positive prototype of a superpixel that joins the label
 TEXT_SUPPORT = 0.1  # "all of this class": the least text probability of the label far from the click
@@ -157,7 +154,7 @@ class ImageState:
         return other
 
     @cached_property
-    def superpixels(self) -> "Superpixels":
+    def superpixels(self) -> Superpixels:
         """The image's superpixels at the working resolution (made on the first click)."""
         return Superpixels.of(self)
 
@@ -165,57 +162,6 @@ class ImageState:
         """The working-resolution (row, column) of the image pixel (x, y)."""
         height, width = self.image.shape[:2]
         return min(height - 1, int(y * height / self.height)), min(width - 1, int(x * width / self.width))
-
-
-@dataclass
-class Superpixels:
-    """SLIC superpixels (:func:`model.superpixels.slic`) of the working-resolution image, about
-    :data:`SUPERPIXEL_CELL_SHARE` of a logit cell wide, and what each one looks like.
-
-    Attributes:
-        labels: (H', W') int64, the superpixel of each pixel.
-        embedding: (N, D) the pixel embedding at each superpixel's centroid (bilinear), L2-normalised.
-        colour: (N, 3) its mean CIE Lab colour, each channel in [0, 1].
-        centre: (N, 2) its centroid (row, column) in working-resolution pixels.
-        size: (N,) its pixel count.
-    """
-
-    labels: torch.Tensor
-    embedding: torch.Tensor
-    colour: torch.Tensor
-    centre: torch.Tensor
-    size: torch.Tensor
-
-    @classmethod
-    def of(cls, state: ImageState) -> "Superpixels":
-        lab = cv2.cvtColor(state.image, cv2.COLOR_RGB2LAB)
-        width = max(3, round(SUPERPIXEL_CELL_SHARE * lab.shape[0] / state.logits.shape[1]))
-        labels = torch.unique(slic(lab, width, iterations=SUPERPIXEL_ITERATIONS), return_inverse=True)[1]
-        labels = labels.to(state.logits.device)
-        flat, count = labels.flatten(), int(labels.max()) + 1
-        size = torch.bincount(flat, minlength=count).clamp(min=1).float()
-        mean = lambda values: torch.bincount(flat, values.flatten().float(), count) / size  # noqa: E731
-        rows, cols = torch.meshgrid(torch.arange(labels.shape[0]), torch.arange(labels.shape[1]), indexing="ij")
-        centre = torch.stack([mean(rows), mean(cols)], 1)
-        colour = torch.stack([mean(torch.from_numpy(lab[..., k])) for k in range(3)], 1) / 255
-        embedding = F.normalize(_sample(state.embeddings, centre, labels.shape), dim=1)
-        return cls(labels, embedding, colour, centre, size)
-
-    def at(self, where: tuple[int, int]) -> int:
-        return int(self.labels[where])
-
-    def mean(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (embedding, colour) prototype of the superpixels in the bool ``members`` (N,), size-weighted."""
-        weight = (self.size * members)[:, None]
-        total = weight.sum().clamp(min=1)
-        return F.normalize((self.embedding * weight).sum(0), dim=0), (self.colour * weight).sum(0) / total
-
-
-def _sample(maps: torch.Tensor, points: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """maps (C, h, w) read bilinearly, as upsampling to ``shape`` places them, at (row, column) ``points``
-    (N, 2) of that shape → (N, C)."""
-    grid = torch.stack([(points[:, 1] + 0.5) / shape[1], (points[:, 0] + 0.5) / shape[0]], 1) * 2 - 1
-    return F.grid_sample(maps[None].float(), grid[None, None].to(maps.device), align_corners=False)[0, :, 0].T
 
 
 def _prototypes(state: ImageState, prompt: Prompt) -> tuple[list, list]:
@@ -309,13 +255,6 @@ def _superpixel_chance(state: ImageState, prompt: Prompt, start: torch.Tensor) -
     return chance
 
 
-def _likeness(state: ImageState, prompt: Prompt) -> torch.Tensor:
-    """(N,) each superpixel's rank in [0, 1] by its similarity to the prompt's nearest positive prototype."""
-    positive, _ = _prototypes(state, prompt)
-    similarity = _nearest(state.superpixels, positive)
-    return similarity.argsort().argsort().float() / max(1, len(similarity) - 1)
-
-
 def _confirmed(start: torch.Tensor, state: ImageState, prompt: Prompt) -> torch.Tensor:
     """The connected parts of the (H', W') bool ``start`` that the positive clicks confirm: one a positive
     click lands in, or one that looks like them (its superpixels' mean :func:`_likeness` at least
@@ -347,7 +286,7 @@ def _text_chance(state: ImageState, label: int) -> torch.Tensor:
     """(N,) the label's calibrated text probability at each superpixel's centroid."""
     probability = (state.logits.float() - state.presence.to(state.logits.device)[:, None, None]).softmax(0)[label]
     pixels = state.superpixels
-    return _sample(probability[None], pixels.centre, pixels.labels.shape)[:, 0]
+    return sample_at(probability[None], pixels.centre, pixels.labels.shape)[:, 0]
 
 
 def _part(region: torch.Tensor, where: tuple[int, int]) -> torch.Tensor:

@@ -4,11 +4,25 @@ Each superpixel starts as a cell of a ``size``-pixel grid; at each iteration eve
 nearest of the centres of its own grid cell and the eight around it, by CIE Lab distance plus
 ``compactness`` × spatial distance / ``size``, and the centres move to their pixels' means. The
 search window is the one SLIC uses (2 × size); superpixels are not forced to be connected.
+
+:class:`Superpixels` cuts an interactive state's working-resolution image into them and keeps what each
+looks like: the pass's pixel embedding at its centroid and its mean colour (:mod:`model.refinement`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from model.refinement import ImageState
+
+SUPERPIXEL_CELL_SHARE = 0.5  # a superpixel's width, in logit cells
+SUPERPIXEL_ITERATIONS = 3
 
 
 def slic(lab: np.ndarray, size: int, compactness: float = 10.0, iterations: int = 5) -> torch.Tensor:
@@ -35,3 +49,55 @@ def slic(lab: np.ndarray, size: int, compactness: float = 10.0, iterations: int 
         distances = torch.stack([((features - centres[c]) ** 2 * weights).sum(1) for c in candidates])
         labels = torch.stack(candidates).gather(0, distances.argmin(0, keepdim=True))[0]
     return labels.reshape(height, width)
+
+
+@dataclass
+class Superpixels:
+    """SLIC superpixels (:func:`slic`) of the working-resolution image, about
+    :data:`SUPERPIXEL_CELL_SHARE` of a logit cell wide, and what each one looks like.
+
+    Attributes:
+        labels: (H', W') int64, the superpixel of each pixel.
+        embedding: (N, D) the pixel embedding at each superpixel's centroid (bilinear), L2-normalised.
+        colour: (N, 3) its mean CIE Lab colour, each channel in [0, 1].
+        centre: (N, 2) its centroid (row, column) in working-resolution pixels.
+        size: (N,) its pixel count.
+    """
+
+    labels: torch.Tensor
+    embedding: torch.Tensor
+    colour: torch.Tensor
+    centre: torch.Tensor
+    size: torch.Tensor
+
+    @classmethod
+    def of(cls, state: ImageState) -> Superpixels:
+        """From an interactive state (:class:`model.refinement.ImageState`): its image and its pass's embeddings."""
+        lab = cv2.cvtColor(state.image, cv2.COLOR_RGB2LAB)
+        width = max(3, round(SUPERPIXEL_CELL_SHARE * lab.shape[0] / state.logits.shape[1]))
+        labels = torch.unique(slic(lab, width, iterations=SUPERPIXEL_ITERATIONS), return_inverse=True)[1]
+        labels = labels.to(state.logits.device)
+        flat, count = labels.flatten(), int(labels.max()) + 1
+        size = torch.bincount(flat, minlength=count).clamp(min=1).float()
+        mean = lambda values: torch.bincount(flat, values.flatten().float(), count) / size  # noqa: E731
+        rows, cols = torch.meshgrid(torch.arange(labels.shape[0]), torch.arange(labels.shape[1]), indexing="ij")
+        centre = torch.stack([mean(rows), mean(cols)], 1)
+        colour = torch.stack([mean(torch.from_numpy(lab[..., k])) for k in range(3)], 1) / 255
+        embedding = F.normalize(sample_at(state.embeddings, centre, labels.shape), dim=1)
+        return cls(labels, embedding, colour, centre, size)
+
+    def at(self, where: tuple[int, int]) -> int:
+        return int(self.labels[where])
+
+    def mean(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (embedding, colour) prototype of the superpixels in the bool ``members`` (N,), size-weighted."""
+        weight = (self.size * members)[:, None]
+        total = weight.sum().clamp(min=1)
+        return F.normalize((self.embedding * weight).sum(0), dim=0), (self.colour * weight).sum(0) / total
+
+
+def sample_at(maps: torch.Tensor, points: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """maps (C, h, w) read bilinearly, as upsampling to ``shape`` places them, at (row, column) ``points``
+    (N, 2) of that shape → (N, C)."""
+    grid = torch.stack([(points[:, 1] + 0.5) / shape[1], (points[:, 0] + 0.5) / shape[0]], 1) * 2 - 1
+    return F.grid_sample(maps[None].float(), grid[None, None].to(maps.device), align_corners=False)[0, :, 0].T
