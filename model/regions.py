@@ -17,6 +17,8 @@ Three steps, on the logits' device:
 """
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 import torch
@@ -32,7 +34,26 @@ GUIDED_FILTER_EPS = 1e-3  # on [0, 1] colours: edges of about 3% contrast are ke
 
 
 def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """The mean of ``x`` (..., H, W) over (2·radius + 1)² windows clipped at the borders, in O(H·W)."""
+    """The mean of ``x`` (..., H, W) over (2·radius + 1)² windows clipped at the borders, in O(H·W): OpenCV's
+    box filter on the CPU (10x the cumulative sums there, and most of the guided filter's time), torch's elsewhere."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return _box_mean_opencv(x, radius)
+    return _box_mean_torch(x, radius)
+
+
+def _box_mean_opencv(x: torch.Tensor, radius: int) -> torch.Tensor:
+    planes = x.reshape(-1, *x.shape[-2:]).contiguous().numpy()
+    window = (2 * radius + 1, 2 * radius + 1)
+    box_sum = functools.partial(cv2.boxFilter, ddepth=-1, ksize=window, normalize=False, borderType=cv2.BORDER_CONSTANT)
+    inverse_count = 1 / box_sum(np.ones(planes.shape[1:], planes.dtype))
+    means = np.empty_like(planes)
+    for plane, mean in zip(planes, means, strict=True):
+        box_sum(plane, dst=mean)
+        np.multiply(mean, inverse_count, out=mean)
+    return torch.from_numpy(means).reshape(x.shape)
+
+
+def _box_mean_torch(x: torch.Tensor, radius: int) -> torch.Tensor:
     for dim in (-1, -2):
         length = x.shape[dim]
         padded = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.cumsum(dim)], dim)

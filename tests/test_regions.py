@@ -5,7 +5,7 @@ import torch
 
 from model.config import RegionRules
 from model.predictor import Predictor
-from model.regions import box_mean, guided_filter
+from model.regions import _box_mean_torch, box_mean, guided_filter
 from model.task_scores import TASK_SCORES, task_score
 from model.vocabulary import UNLABELED
 
@@ -76,14 +76,16 @@ def test_refinement_keeps_a_single_label_map_whole():
     assert (refined.label_map == 1).all() and refined.confidence.shape == (40, 50)
 
 
-def test_box_mean_is_the_mean_over_clipped_windows():
-    x = torch.rand(2, 9, 13, dtype=torch.float64)
+@pytest.mark.parametrize("box", [box_mean, _box_mean_torch], ids=["served on the CPU (OpenCV)", "on other devices"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_box_mean_is_the_mean_over_clipped_windows(box, dtype):
+    x = torch.rand(2, 3, 9, 13, dtype=dtype)
     radius = 2
     expected = torch.empty_like(x)
     for i in range(9):
         for j in range(13):
-            expected[:, i, j] = x[:, max(0, i - radius):i + radius + 1, max(0, j - radius):j + radius + 1].mean((1, 2))
-    assert torch.allclose(box_mean(x, radius), expected)
+            expected[..., i, j] = x[..., max(0, i - radius):i + radius + 1, max(0, j - radius):j + radius + 1].mean((-2, -1))
+    assert torch.allclose(box(x, radius), expected, atol=1e-6)
 
 
 def test_the_guided_filter_keeps_a_constant_and_follows_a_linear_function_of_the_guide():
