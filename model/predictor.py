@@ -59,10 +59,8 @@ class SemanticPrediction:
     def region_scores(self) -> dict[int, float]:
         """The mean confidence of each predicted class's pixels, by vocabulary index (computed once:
         the task score and every control tag's results read it)."""
-        labels = self.label_map.ravel().astype(np.int64)
-        kept = labels >= 0
-        counts = np.bincount(labels[kept])
-        sums = np.bincount(labels[kept], self.confidence.ravel()[kept].astype(np.float64))
+        bins = self.label_map.ravel().astype(np.intp) + 1  # UNLABELED (-1) → bin 0; no masked copies of a photo
+        counts, sums = np.bincount(bins)[1:], np.bincount(bins, self.confidence.ravel())[1:]
         return {int(c): float(sums[c] / counts[c]) for c in np.flatnonzero(counts)}
 
     @property
