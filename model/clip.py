@@ -121,7 +121,10 @@ def load_clip(model: str = "ViT-B-16", pretrained: str = "openai", device: str |
     name = open_clip_name(model)
     weights = _weights(name, pretrained)
     try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+        with torch.random.fork_rng(devices=[]):
+            if weights is None:  # random weights, the same in every run: what a benchmark times depends on them
+                torch.manual_seed(0)  # (how many labels survive pruning, so the post-processing's cost)
+            clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
     except Exception as error:  # open_clip raises several kinds when a download is impossible
         raise ClipWeightsMissing(
             f"could not load CLIP weights {pretrained!r} for {name}: {error}. Without internet, download the "
