@@ -185,61 +185,96 @@ def states_for(predictor, scenes) -> list[ImageState]:
                                                    strict=True)]
 
 
+class ClickSession:
+    """A photo's task through the backend (Flask test client): its opening /predict, clicks and batches, each
+    call timed in seconds, with or without a click tool in the project's config."""
+
+    CLICK = {"result": [{"type": "keypointlabels", "to_name": "image", "from_name": "click", "is_positive": True,
+                         "value": {"x": 50.0, "y": 60.0, "width": 0.5, "keypointlabels": ["road"]}}]}
+
+    def __init__(self, client, picture: np.ndarray, vocabulary: Vocabulary):
+        from bench.speed import brush_config, data_uri
+
+        self.client, self.service = client, client.application.config["service"]
+        self.task = {"id": 1, "data": {"image": data_uri(picture)}}
+        self.plain = brush_config(vocabulary)
+        labels = "".join(f'<Label value="{name}"/>' for name in vocabulary.labels)
+        self.clicking = self.plain.replace(
+            "</View>", f'<KeyPointLabels name="click" toName="image" smart="true">{labels}</KeyPointLabels></View>')
+
+    def timed(self, context=None, tasks=None, clicks: bool = True) -> float:
+        params = {"context": context} if context else {}
+        payload = {"tasks": list(tasks or (self.task,)), "label_config": self.clicking if clicks else self.plain,
+                   "params": params}
+        started = time.perf_counter()
+        response = self.client.post("/predict", json=payload)
+        elapsed = time.perf_counter() - started
+        assert response.status_code == 200 and "result" in response.get_json()["results"][0], response.get_json()
+        return elapsed
+
+    @staticmethod
+    def settle() -> None:
+        """Wait for the last opening's superpixels, made beside its answer."""
+        for thread in threading.enumerate():
+            if thread.name == "superpixels":
+                thread.join()
+
+    def forget(self) -> None:
+        self.settle()
+        self.service.passes.clear()
+
+    def opened(self, click_after: float | None = None) -> float:
+        """The opening /predict, or with ``click_after`` a first click that many seconds after it."""
+        self.forget()
+        if click_after is None:
+            return self.timed()
+        self.timed()
+        time.sleep(click_after)  # the annotator looks at the pre-label
+        return self.timed(self.CLICK)
+
+    def cold_click(self) -> float:
+        self.forget()
+        return self.timed(self.CLICK)
+
+    def batched(self) -> float:
+        """Per task of a batch of two."""
+        return self.timed(tasks=(self.task, {**self.task, "id": 2})) / 2
+
+
 def click_speed(model_name: str, size: int, picture_size: tuple[int, int], repeats: int) -> None:
-    """Through the backend (Flask test client, random weights): a whole /predict of one photo against the
-    clicks on it. A /predict of one task (an annotator opening it) keeps its pass where the config has a click
-    tool, and makes the superpixels beside its answer: its cost shows against the same config without a click
-    tool and against a task in a batch. A cold click has no kept pass (a new image, or one evicted); the first
-    click after opening reuses the /predict's pass (at once: it waits for the superpixels); later ones reuse all."""
-    from bench.speed import brush_config, client_for, data_uri, measure, photo
+    """Through the backend (random weights): a whole /predict of one photo against the clicks on it. A /predict
+    of one task (an annotator opening it) keeps its pass where the config has a click tool, and makes the
+    superpixels beside its answer: its cost shows against the same config without a click tool and against a
+    task in a batch. A cold click has no kept pass (a new image, or one evicted); the first click after opening
+    reuses the /predict's pass (at once: it waits for the superpixels); later ones reuse all. The calls are
+    timed in interleaved rounds, each started with no superpixels still being made, so the ratios compare calls
+    made under the same conditions."""
+    from bench.speed import client_for, photo
 
     vocabulary = Vocabulary.from_labels(world.NAMES)
     model = SegmentationModel(load_clip(model_name, "random"), ModelConfig(inference_size=size, refine_boundaries=False))
     client = client_for(model, Settings(clip_model=model_name, clip_pretrained="random", inference_size=size))
-    service = client.application.config["service"]
-    task = {"id": 1, "data": {"image": data_uri(photo(*picture_size))}}
-    click = {"result": [{"type": "keypointlabels", "to_name": "image", "from_name": "click", "is_positive": True,
-                         "value": {"x": 50.0, "y": 60.0, "width": 0.5, "keypointlabels": ["road"]}}]}
-    plain = brush_config(vocabulary)
-    labels = "".join(f'<Label value="{name}"/>' for name in vocabulary.labels)
-    clicking = plain.replace("</View>", f'<KeyPointLabels name="click" toName="image" smart="true">{labels}'
-                                        "</KeyPointLabels></View>")
-
-    def post(context=None, tasks=(task,), config=clicking):
-        params = {"context": context} if context else {}
-        response = client.post("/predict", json={"tasks": list(tasks), "label_config": config, "params": params})
-        assert response.status_code == 200 and "result" in response.get_json()["results"][0], response.get_json()
-
-    def forget():
-        for thread in threading.enumerate():  # the last opening's superpixels, made beside its answer
-            if thread.name == "superpixels":
-                thread.join()
-        service.passes.clear()
-
-    def opened_then_click(pause: float):
-        forget()
-        post()
-        time.sleep(pause)  # the annotator looks at the pre-label
-        started = time.perf_counter()
-        post(click)
-        return time.perf_counter() - started
-
-    whole = measure(lambda: (forget(), post()), repeats)[0]
-    without = measure(lambda: post(config=plain), repeats)[0]
-    batched = measure(lambda: post(tasks=(task, {**task, "id": 2})), repeats)[0] / 2
-    cold = measure(lambda: (forget(), post(click)), repeats)[0]
-    at_once = 1000 * float(np.median([opened_then_click(0.0) for _ in range(repeats)]))
-    first = 1000 * float(np.median([opened_then_click(1.0) for _ in range(repeats)]))
-    later = measure(lambda: post(click), repeats)[0]
+    session = ClickSession(client, photo(*picture_size), vocabulary)
+    calls = {"whole /predict of the task, config with a click tool (keeps its pass)": session.opened,
+             "the same, config without a click tool (keeps nothing)": lambda: session.timed(clicks=False),
+             "the same, per task of a batch of two (keeps nothing)": session.batched,
+             "a click, cold (no kept pass)": session.cold_click,
+             "the first click, at once after opening (waits for the superpixels)": lambda: session.opened(0.0),
+             "the first click, 1 s after opening": lambda: session.opened(1.0),
+             "each later click": lambda: session.timed(session.CLICK)}
+    seconds = {name: [] for name in calls}
+    for round_ in range(repeats + 1):  # the first is a warm-up
+        for name, call in calls.items():
+            session.settle()
+            elapsed = call()
+            if round_:
+                seconds[name].append(elapsed)
+    ms = {name: 1000 * float(np.median(values)) for name, values in seconds.items()}
+    whole = next(iter(ms.values()))
     print(f"\nclick speed: {model_name} (random weights) at {size} px, a {picture_size[0]}x{picture_size[1]} photo, "
           f"{len(vocabulary.labels)} labels, CPU ({torch.get_num_threads()} threads), median of {repeats}\n\n"
           "| call | ms | share of a whole /predict |\n|---|---|---|")
-    for name, value in (("whole /predict of the task, config with a click tool (keeps its pass)", whole),
-                        ("the same, config without a click tool (keeps nothing)", without),
-                        ("the same, per task of a batch of two (keeps nothing)", batched),
-                        ("a click, cold (no kept pass)", cold),
-                        ("the first click, at once after opening (waits for the superpixels)", at_once),
-                        ("the first click, 1 s after opening", first), ("each later click", later)):
+    for name, value in ms.items():
         print(f"| {name} | {value:.0f} | {value / whole:.0%} |", flush=True)
 
 
