@@ -207,11 +207,11 @@ def bare_forward(model_name: str, shape: tuple[int, int], device: str = "cpu", b
     return call
 
 
-def photo(width: int, height: int) -> np.ndarray:
+def photo(width: int, height: int, seed: int = 3) -> np.ndarray:
     """A demo-world scene scaled up to a photo's size (smooth regions and edges, as photos have)."""
     from demo import world
 
-    return np.asarray(Image.fromarray(world.test_scenes(1, seed=3)[0][0]).resize((width, height), Image.BICUBIC))
+    return np.asarray(Image.fromarray(world.test_scenes(1, seed=seed)[0][0]).resize((width, height), Image.BICUBIC))
 
 
 def photo_designs(args, model: SegmentationModel, vocabulary: Vocabulary, picture: np.ndarray) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 COMMANDS = ["backend", "backend check", "backend.training", "backend.prelabel", "backend.worker", "demo", "demo.train_clip", "bench.postprocess",
             "bench.speed", "bench.prelabel_quality", "bench.interactive", "bench.accuracy", "bench.calibration", "bench.active_learning",
-            "bench.queue", "bench.attack", "bench.precision", "bench.gpu"]
+            "bench.queue", "bench.attack", "bench.precision", "bench.gpu", "bench.throughput"]
 
 
 def test_every_command_answers_help_without_side_effects(tmp_path):
@@ -45,3 +45,16 @@ def test_the_gpu_benchmark_runs_on_the_cpu_with_quick():
     assert summary[:2] == ["gpu:", "device=cpu"], result.stdout[-1000:]
     figures = dict(item.split("=") for item in summary[1:])
     assert all(float(figures[key]) > 0 for key in ("predict_ms", "images_per_s", "large_over_bare", "train_steps_per_s"))
+
+
+def test_the_prelabel_throughput_benchmark_prelabels_every_task_over_http():
+    from demo.train_clip import DEMO_CLIP
+
+    result = subprocess.run([sys.executable, "-m", "bench.throughput", "--model", str(DEMO_CLIP.config), "--size", "128",
+                             "--images", "3", "--batch", "2", "--photo", "320x180"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]  # it checks that every task was predicted and uploaded
+    summary = result.stdout.splitlines()[-1].split()
+    assert summary[0] == "throughput:", result.stdout[-1000:]
+    rates = dict(item.split("=") for item in summary[1:])
+    assert set(rates) == {"fp32_torch", "auto_auto"} and all(float(rate) > 0 for rate in rates.values())
