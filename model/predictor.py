@@ -59,9 +59,10 @@ class SemanticPrediction:
     def region_scores(self) -> dict[int, float]:
         """The mean confidence of each predicted class's pixels, by vocabulary index (computed once:
         the task score and every control tag's results read it)."""
-        bins = self.label_map.ravel().astype(np.intp) + 1  # UNLABELED (-1) → bin 0; no masked copies of a photo
-        counts, sums = np.bincount(bins)[1:], np.bincount(bins, self.confidence.ravel())[1:]
-        return {int(c): float(sums[c] / counts[c]) for c in np.flatnonzero(counts)}
+        bins = torch.from_numpy(self.label_map.ravel()) + 1  # UNLABELED (-1) → bin 0; int16: no wide copy of a photo
+        counts = torch.bincount(bins)[1:]
+        sums = torch.bincount(bins, torch.from_numpy(self.confidence.ravel()).double())[1:]
+        return {int(c): float(sums[c] / counts[c]) for c in torch.nonzero(counts).flatten()}
 
     @property
     def found_scores(self) -> dict[int, float]:
