@@ -58,6 +58,7 @@ demo: setup setup-ls
 
 bench: setup
 	$(PY) -m bench.speed
+	$(PY) -m bench.throughput
 	$(PY) -m bench.postprocess
 	$(PY) -m bench.prelabel_quality
 	$(PY) -m bench.interactive
