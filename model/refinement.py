@@ -6,9 +6,9 @@ The working-resolution image (:func:`model.regions.working_shape`) is cut into S
 forward pass at its centroid, a point in CLIP's joint space, and its mean Lab colour. A click is the
 prototype of its superpixel: similarity to it is the embedding cosine less :data:`COLOUR_WEIGHT` ×
 the colour distance, the embedding saying what a region is, the colour where it ends. A superpixel
-is *the label's* when its most similar prototype is one of the label's (positive clicks, a box's
-centre) and at least :data:`MIN_SIMILARITY`; the others (negative clicks, a box's surrounding ring)
-speak against it.
+is *the label's* when its most similar prototype is one of the label's (positive clicks; a box's
+centre and the spot inside it where the label's text is likeliest) and at least :data:`MIN_SIMILARITY`;
+the others (negative clicks, a box's surrounding ring) speak against it.
 
 The mask starts as the label's region in the served pre-label, or as the parts of it that the positive
 clicks confirm: a part a positive click lands in, or one that looks like the clicks (more alike than
@@ -165,14 +165,16 @@ class ImageState:
 
 
 def _prototypes(state: ImageState, prompt: Prompt) -> tuple[list, list]:
-    """The (embedding, colour) prototypes for the label and against it: the clicked superpixels, and
-    each box's centre (its middle third) and surrounding ring (one superpixel wide)."""
+    """The (embedding, colour) prototypes for the label and against it: the clicked superpixels; for each box,
+    its centre (its middle third) and the superpixel inside it where the label's text is likeliest (the centre
+    may lie on something else: a dog behind a candle), against its surrounding ring (one superpixel wide)."""
     pixels = state.superpixels
     own = lambda index: (pixels.embedding[index], pixels.colour[index])  # noqa: E731
     positive = [own(pixels.at(state.working_pixel(x, y))) for x, y, sign in prompt.clicks if sign]
     negative = [own(pixels.at(state.working_pixel(x, y))) for x, y, sign in prompt.clicks if not sign]
     row, col = pixels.centre[:, 0], pixels.centre[:, 1]
     band = max(2.0, float(pixels.size.mean().sqrt()))
+    text = _text_chance(state, prompt.label) if prompt.boxes else None
     for box in prompt.boxes:
         (top, left), (bottom, right) = state.working_pixel(box[0], box[1]), state.working_pixel(box[2], box[3])
         middle_row, middle_col = (top + bottom) / 2, (left + right) / 2
@@ -180,8 +182,11 @@ def _prototypes(state: ImageState, prompt: Prompt) -> tuple[list, list]:
                ((col - middle_col).abs() <= max(1.0, (right - left) / 6))
         core[pixels.at((int(middle_row), int(middle_col)))] = True
         positive.append(pixels.mean(core))
+        inside = (row >= top) & (row <= bottom) & (col >= left) & (col <= right)
+        if inside.any():
+            positive.append(own(int(torch.where(inside, text, -1.0).argmax())))
         near = (row > top - band) & (row < bottom + band) & (col > left - band) & (col < right + band)
-        ring = near & ~((row >= top) & (row <= bottom) & (col >= left) & (col <= right))
+        ring = near & ~inside
         if ring.any():
             negative.append(pixels.mean(ring))
     return positive, negative
