@@ -9,8 +9,10 @@ Auto-Annotation on. For the labels whose pre-label is worst it picks the smart t
 Auto-Detect button) and the label in the key-point row, then makes the click simulator's clicks
 (``bench.interactive.next_click`` on the label's region as the editor holds it) with Ctrl held, so a
 click on a pre-label region places a key point instead of selecting the region (Ctrl+Alt: negative),
-until IoU 0.9 or ``--clicks``. Each suggestion is accepted with its ✓ on the canvas, zooming out
-where that ✓ lies under the image. It prints each step's IoU with the ground truth and the regions
+until IoU 0.9 or ``--clicks``. Then, on the next worst ``--boxes`` labels, it picks the smart rectangle
+(the smart button's second press) and drags a box around the label's largest part, with Ctrl held as
+for the clicks. Each suggestion is accepted with
+its ✓ on the canvas, zooming out where that ✓ lies under the image. It prints each step's IoU with the ground truth and the regions
 per label, and saves screenshots to ``--shots``. Needs Debian's ``chromium`` and ``chromium-driver``
 and selenium (``requirements-dev.txt``).
 """
@@ -21,6 +23,7 @@ import re
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from backend.control_tags import BrushLabels
@@ -31,6 +34,7 @@ from demo.__main__ import SCENE_NAME
 ROOT = Path(__file__).resolve().parents[1]
 SELECTED_TOOL = ("const t = Htx.annotationStore.selected.names.get('image').getToolsManager().findSelectedTool();"
                  "return t ? t.fullName : null")
+SMART_TOOLS = {"click": "KeyPointTool-dynamic", "box": "RectangleTool-dynamic"}  # the demo's tags, in config order
 # The image's place on the stage: its size at zoom 1, the zoom and the offset of its top-left corner.
 VIEW = ("const i = Htx.annotationStore.selected.names.get('image');"
         "return [i.stageWidth, i.stageHeight, i.zoomScale, i.zoomingPositionX, i.zoomingPositionY]")
@@ -110,23 +114,36 @@ class Editor:
                 mask |= BrushLabels.mask(result, *shape)
         return mask
 
-    def pick(self, label: str) -> str | None:
-        """The smart tool (the toolbar's smart button), then ``label`` of the key-point tag; the tool chosen."""
+    def pick(self, label: str, tag: str = "click") -> str | None:
+        """The smart tool of ``tag`` (the toolbar's smart button: its first press picks the smart key point, the
+        second the smart rectangle), then ``label`` of that tag; the tool chosen."""
         from selenium.webdriver.common.by import By
-        if self.js(SELECTED_TOOL) != "KeyPointTool-dynamic":
+        tool = SMART_TOOLS[tag]
+        for _ in range(3):
+            if self.js(SELECTED_TOOL) == tool:
+                break
             self.driver.find_element(By.CSS_SELECTOR, "button.lsf-tool_smart").click()
             time.sleep(0.4)
-        if label not in self.js("return Htx.annotationStore.selected.names.get('click').selectedLabels"
+        if label not in self.js(f"return Htx.annotationStore.selected.names.get('{tag}').selectedLabels"
                                 ".map(l => l.value)"):
             chips = [e for e in self.driver.find_elements(
                 By.XPATH, f"//span[contains(@class, 'label__text') and normalize-space(text())='{label}']")
                 if e.is_displayed()]
-            chip = chips[1]  # the tags' label rows in config order: brush, key point, box
+            chip = chips[list(SMART_TOOLS).index(tag) + 1]  # the tags' label rows in config order: brush, key point, box
             self.js("arguments[0].scrollIntoView({block: 'center'})", chip)
             time.sleep(0.3)
             chip.click()
             time.sleep(0.4)
         return self.js(SELECTED_TOOL)
+
+    def _on_stage(self, x: float, y: float, natural: tuple[int, int]) -> tuple[int, int]:
+        """Image pixel (x, y) as an offset from the stage's centre, kept inside the stage: the editor may show
+        the image a little zoomed in, its outermost pixels out of reach."""
+        from selenium.webdriver.common.by import By
+        stage = self.driver.find_element(By.CSS_SELECTOR, ".konvajs-content").size
+        width, height, zoom, left, top = self.js(VIEW)
+        return (int(min(max(x / natural[1] * width * zoom + left, 2), stage["width"] - 3) - stage["width"] / 2),
+                int(min(max(y / natural[0] * height * zoom + top, 2), stage["height"] - 3) - stage["height"] / 2))
 
     def click(self, x: float, y: float, positive: bool, natural: tuple[int, int]) -> bool:
         """A Ctrl-click (and Alt for a negative one) at image pixel (x, y); whether a suggestion came back."""
@@ -134,17 +151,34 @@ class Editor:
         from selenium.webdriver.common.by import By
         from selenium.webdriver.common.keys import Keys
         stage = self.driver.find_element(By.CSS_SELECTOR, ".konvajs-content")
-        width, height, zoom, left, top = self.js(VIEW)
-        offset = (int(x / natural[1] * width * zoom + left - stage.size["width"] / 2),
-                  int(y / natural[0] * height * zoom + top - stage.size["height"] / 2))
         keys = [Keys.CONTROL] + ([] if positive else [Keys.ALT])
-        chain = ActionChains(self.driver).move_to_element_with_offset(stage, *offset)
+        chain = ActionChains(self.driver).move_to_element_with_offset(stage, *self._on_stage(x, y, natural))
         for key in keys:
             chain = chain.key_down(key)
         chain = chain.click()
         for key in keys:
             chain = chain.key_up(key)
         chain.perform()
+        return self._suggested()
+
+    def drag(self, box: tuple[float, float, float, float], natural: tuple[int, int]) -> bool:
+        """A Ctrl-drag from the box's top-left image pixel to its bottom-right (left, top, right, bottom);
+        whether a suggestion came back. Without Ctrl the drag also selects the pre-label's region under its start,
+        and the ✓ then gives the suggestion that region's label."""
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+        stage = self.driver.find_element(By.CSS_SELECTOR, ".konvajs-content")
+        start, end = self._on_stage(*box[:2], natural), self._on_stage(*box[2:], natural)
+        chain = (ActionChains(self.driver).move_to_element_with_offset(stage, *start).key_down(Keys.CONTROL)
+                 .click_and_hold().pause(0.2))
+        for share in (0.25, 0.5, 0.75, 1.0):  # the editor draws the rectangle as the pointer moves
+            chain = chain.move_to_element_with_offset(stage, int(start[0] + share * (end[0] - start[0])),
+                                                      int(start[1] + share * (end[1] - start[1]))).pause(0.05)
+        chain.release().key_up(Keys.CONTROL).perform()
+        return self._suggested()
+
+    def _suggested(self) -> bool:
         found = self.wait("return Htx.annotationStore.selected.suggestions.size > 0", 30)
         time.sleep(0.8)
         return bool(found)
@@ -201,17 +235,35 @@ def check_label(editor: Editor, prefix: str, label: str, target: np.ndarray, cli
     return rows
 
 
-def check_task(editor: Editor, project: int, task: dict, truth: np.ndarray, labels: int, clicks: int) -> list[list]:
+def check_box(editor: Editor, prefix: str, label: str, target: np.ndarray) -> list[dict]:
+    """One box around the label's largest part, its suggestion accepted; the rows as :func:`check_label`'s."""
+    rows = [{"step": "opened", "IoU": iou(editor.mask(label, target.shape), target),
+             "regions": editor.regions_per_label(), "shot": editor.shot(f"{prefix}-0-opened").name}]
+    count, _, stats, _ = cv2.connectedComponentsWithStats(target.astype(np.uint8), connectivity=8)
+    left, top, width, height = stats[1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])), :4]
+    tool = editor.pick(label, "box")
+    suggested = editor.drag((left, top, left + width, top + height), target.shape)
+    shot = editor.shot(f"{prefix}-1a-suggestion").name
+    how = editor.accept() if suggested else "no suggestion"
+    rows.append({"step": f"box ({tool}), {how}", "suggested": suggested, "IoU": iou(editor.mask(label, target.shape), target),
+                 "regions": editor.regions_per_label(), "shot": shot + ", " + editor.shot(f"{prefix}-1b-accepted").name})
+    return rows
+
+
+def check_task(editor: Editor, project: int, task: dict, truth: np.ndarray, labels: int, clicks: int,
+               boxes: int = 0) -> list[list]:
     """The flow on one task, for its ``labels`` labels (of 1 % of the image or more) whose pre-label is
-    worst, below IoU 0.9."""
+    worst, below IoU 0.9, then one box on each of the next ``boxes`` such labels."""
     editor.open_task(project, task["id"])
     opened = {c: iou(editor.mask(world.NAMES[c], truth.shape), truth == c)
               for c in np.unique(truth) if c < len(world.NAMES) and (truth == c).mean() >= 0.01}
-    chosen = [c for c in sorted(opened, key=opened.get) if opened[c] < 0.9][:labels]
+    worst = [c for c in sorted(opened, key=opened.get) if opened[c] < 0.9]
     print(f"\ntask {task['id']}:", flush=True)
     steps = []
-    for c in chosen:
-        rows = check_label(editor, f"task{task['id']}-{world.NAMES[c]}", world.NAMES[c], truth == c, clicks)
+    for index, c in enumerate(worst[:labels + boxes]):
+        prefix = f"task{task['id']}-{world.NAMES[c]}"
+        rows = (check_label(editor, prefix, world.NAMES[c], truth == c, clicks) if index < labels
+                else check_box(editor, prefix + "-box", world.NAMES[c], truth == c))
         print(f"  {world.NAMES[c]!r}:")
         for row in rows:
             print(f"    {row['step']}: IoU {row['IoU']:.2f}, regions per label {row['regions']}  [{row['shot']}]",
@@ -231,6 +283,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--labels", type=int, default=3, help="labels clicked per task, worst pre-label first")
     parser.add_argument("--clicks", type=int, default=3, help="the most clicks per label")
+    parser.add_argument("--boxes", type=int, default=1, help="labels boxed per task, after the clicked ones")
     parser.add_argument("--images", type=int, default=24, help="the demo's --images (the scenes' draw)")
     parser.add_argument("--shots", type=Path, default=ROOT / ".demo" / "editor-shots")
     args = parser.parse_args(argv)
@@ -243,10 +296,16 @@ def main(argv=None) -> None:
         labels = []
         for task in label_studio.tasks(args.project)[:args.tasks]:
             _, truth = scenes[int(re.search(SCENE_NAME, task["data"]["image"]).group(1))]
-            labels += check_task(editor, args.project, task, truth, args.labels, args.clicks)
+            labels += check_task(editor, args.project, task, truth, args.labels, args.clicks, args.boxes)
     finally:
         editor.close()
+    boxed = [rows for rows in labels if rows[-1]["step"].startswith("box")]
+    labels = [rows for rows in labels if not rows[-1]["step"].startswith("box")]
     steps = [row for rows in labels for row in rows[1:]]
+    if boxed:
+        print(f"\n{len(boxed)} boxes: a suggestion for {sum(rows[1]['suggested'] for rows in boxed)}; IoU "
+              f"{np.mean([rows[0]['IoU'] for rows in boxed]):.2f} as opened, {np.mean([rows[1]['IoU'] for rows in boxed]):.2f} "
+              f"after; most brush regions of one label after: {max(max(rows[1]['regions'].values()) for rows in boxed)}")
     print(f"\n{len(labels)} labels on {args.tasks} tasks, {len(steps)} clicks: a suggestion for "
           f"{sum(row['suggested'] for row in steps)}; IoU {np.mean([rows[0]['IoU'] for rows in labels]):.2f} as "
           f"opened, {np.mean([rows[-1]['IoU'] for rows in labels]):.2f} after the clicks; most brush regions of one "
