@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from model.config import NO_PRUNING, RegionRules
-from model.regions import nearest_upsample, regions, working_shape
-from model.superpixels import Superpixels, sample_at
+from model.regions import GUIDED_FILTER_EPS, guided_filter, nearest_upsample, regions, working_shape
+from model.superpixels import SUPERPIXEL_CELL_SHARE, Superpixels, sample_at
 
 COLOUR_WEIGHT = 4.0  # cosine given up per unit of Lab distance (channels in [0, 1])
 MIN_SIMILARITY = 0.2  # the least similarity to a positive prototype of a superpixel that joins the label
@@ -227,7 +227,8 @@ def refine(state: ImageState, prompt: Prompt, rules: RegionRules = NO_PRUNING,
     # A label the pre-label missed: the label's superpixels elsewhere that its text supports join with the example.
     elsewhere = (ours & (_text_chance(state, prompt.label) >= TEXT_SUPPORT)[superpixels]
                  if find_all and from_prelabel and not prompt.boxes and not bool(start.any()) else None)
-    mask = ours & _inside(state, prompt.boxes) if prompt.boxes else _confirmed(start, state, prompt)
+    inside = _inside(state, prompt.boxes) if prompt.boxes else None
+    mask = ours & inside if inside is not None else _confirmed(start, state, prompt)
     for x, y, positive in prompt.clicks:
         where = state.working_pixel(x, y)
         if positive:
@@ -237,6 +238,9 @@ def refine(state: ImageState, prompt: Prompt, rules: RegionRules = NO_PRUNING,
                 elsewhere = None
         else:
             mask &= ~_part(mask & ~ours, where)
+    mask = _follow_edges(state, mask, prompt)
+    if inside is not None:
+        mask &= inside
     probability = torch.where(mask, chance[superpixels].clamp(min=0.5), chance[superpixels].clamp(max=0.5))
     mask, probability = nearest_upsample((mask, probability), state.height, state.width)
     return mask.cpu().numpy(), probability.cpu().numpy().astype(np.float32)
@@ -300,6 +304,19 @@ def _part(region: torch.Tensor, where: tuple[int, int]) -> torch.Tensor:
         return torch.zeros_like(region)
     _, components = cv2.connectedComponents(region.cpu().numpy().astype(np.uint8), connectivity=8)
     return torch.from_numpy(components == components[where]).to(region.device)
+
+
+def _follow_edges(state: ImageState, mask: torch.Tensor, prompt: Prompt) -> torch.Tensor:
+    """The (H', W') bool mask's edges moved from the superpixels' to the image's: the mask guided-filtered by the
+    working-resolution image over a superpixel's width, as pre-labels are (:func:`model.regions.guided_filter`);
+    clicked pixels keep their sign. A superpixel straddling a small object's edge otherwise flips whole at each
+    click, and the object never reaches a tight mask."""
+    guide = torch.from_numpy(state.image).to(mask.device).permute(2, 0, 1).float() / 255
+    radius = max(1, round(SUPERPIXEL_CELL_SHARE * mask.shape[0] / state.logits.shape[1]))
+    followed = guided_filter(guide, mask[None].float(), radius, GUIDED_FILTER_EPS)[0] > 0.5
+    for x, y, positive in prompt.clicks:
+        followed[state.working_pixel(x, y)] = positive
+    return followed
 
 
 def _inside(state: ImageState, boxes) -> torch.Tensor:
