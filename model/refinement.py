@@ -311,9 +311,18 @@ def _follow_edges(state: ImageState, mask: torch.Tensor, prompt: Prompt) -> torc
     working-resolution image over a superpixel's width, as pre-labels are (:func:`model.regions.guided_filter`);
     clicked pixels keep their sign. A superpixel straddling a small object's edge otherwise flips whole at each
     click, and the object never reaches a tight mask."""
-    guide = torch.from_numpy(state.image).to(mask.device).permute(2, 0, 1).float() / 255
     radius = max(1, round(SUPERPIXEL_CELL_SHARE * mask.shape[0] / state.logits.shape[1]))
-    followed = guided_filter(guide, mask[None].float(), radius, GUIDED_FILTER_EPS)[0] > 0.5
+    # Only pixels within two radii of the mask's edge can change: the filter runs on their bounding box.
+    edge = mask ^ (torch.nn.functional.max_pool2d(mask[None, None].float(), 3, 1, 1)[0, 0] > 0)
+    if not bool(edge.any()):
+        return mask
+    rows, cols = torch.nonzero(edge, as_tuple=True)
+    top, left = max(0, int(rows.min()) - 2 * radius - 1), max(0, int(cols.min()) - 2 * radius - 1)
+    bottom, right = int(rows.max()) + 2 * radius + 2, int(cols.max()) + 2 * radius + 2
+    guide = torch.from_numpy(state.image[top:bottom, left:right]).to(mask.device).permute(2, 0, 1).float() / 255
+    followed = mask.clone()
+    followed[top:bottom, left:right] = guided_filter(guide, mask[None, top:bottom, left:right].float(), radius,
+                                                     GUIDED_FILTER_EPS)[0] > 0.5
     for x, y, positive in prompt.clicks:
         followed[state.working_pixel(x, y)] = positive
     return followed
