@@ -178,6 +178,14 @@ def one_example(states: list[ImageState], scenes, rules) -> None:
         print(f"| {name} | {100 * values[:, 0].mean():.1f} | {100 * values[:, 1].mean():.1f}% |")
 
 
+def largest_part(target: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The bool ``target``'s largest 8-connected part, and its bounding box (left, top, right, bottom), exclusive."""
+    _, parts, stats, _ = cv2.connectedComponentsWithStats(target.astype(np.uint8), connectivity=8)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    left, top, width, height = (int(v) for v in stats[largest, :4])
+    return parts == largest, (left, top, left + width, top + height)
+
+
 def one_box(states: list[ImageState], scenes, rules) -> dict[str, float]:
     """Each object's largest part boxed as an annotator draws it (2 px outside it), one box and no click: the
     mean IoU of the answer with that part, and the share of parts reaching 85 %."""
@@ -186,12 +194,10 @@ def one_box(states: list[ImageState], scenes, rules) -> dict[str, float]:
         for label in np.unique(truth):
             if label >= len(world.NAMES) or (truth == label).mean() < MIN_OBJECT:
                 continue
-            count, parts, stats, _ = cv2.connectedComponentsWithStats((truth == label).astype(np.uint8), connectivity=8)
-            largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-            left, top, width, height = stats[largest, :4]
-            box = (max(0.0, left - 2.0), max(0.0, top - 2.0), min(state.width, left + width + 2.0),
-                   min(state.height, top + height + 2.0))
-            ious.append(iou(refine(state, Prompt(int(label), boxes=(box,)), rules)[0], parts == largest))
+            part, (left, top, right, bottom) = largest_part(truth == label)
+            box = (max(0.0, left - 2.0), max(0.0, top - 2.0), min(state.width, right + 2.0),
+                   min(state.height, bottom + 2.0))
+            ious.append(iou(refine(state, Prompt(int(label), boxes=(box,)), rules)[0], part))
     return {"objects": len(ious), "IoU": 100 * float(np.mean(ious)), "IoU>=85": 100 * float(np.mean(np.array(ious) >= 0.85))}
 
 

@@ -11,10 +11,10 @@ Auto-Detect button) and the label in the key-point row, then makes the click sim
 click on a pre-label region places a key point instead of selecting the region (Ctrl+Alt: negative),
 until IoU 0.9 or ``--clicks``. Then, on the next worst ``--boxes`` labels, it picks the smart rectangle
 (the smart button's second press) and drags a box around the label's largest part, with Ctrl held as
-for the clicks. Each suggestion is accepted with
-its ✓ on the canvas, zooming out where that ✓ lies under the image. It prints each step's IoU with the ground truth and the regions
-per label, and saves screenshots to ``--shots``. Needs Debian's ``chromium`` and ``chromium-driver``
-and selenium (``requirements-dev.txt``).
+for the clicks. Each suggestion is accepted with its ✓ on the canvas, zooming out where that ✓ lies
+under the image. It prints each step's IoU with the ground truth and the regions per label, and saves
+screenshots to ``--shots``. Needs Debian's ``chromium`` and ``chromium-driver`` and selenium
+(``requirements-dev.txt``).
 """
 from __future__ import annotations
 
@@ -23,11 +23,10 @@ import re
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from backend.control_tags import BrushLabels
-from bench.interactive import iou, next_click
+from bench.interactive import iou, largest_part, next_click
 from demo import world
 from demo.__main__ import SCENE_NAME
 
@@ -239,10 +238,8 @@ def check_box(editor: Editor, prefix: str, label: str, target: np.ndarray) -> li
     """One box around the label's largest part, its suggestion accepted; the rows as :func:`check_label`'s."""
     rows = [{"step": "opened", "IoU": iou(editor.mask(label, target.shape), target),
              "regions": editor.regions_per_label(), "shot": editor.shot(f"{prefix}-0-opened").name}]
-    count, _, stats, _ = cv2.connectedComponentsWithStats(target.astype(np.uint8), connectivity=8)
-    left, top, width, height = stats[1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])), :4]
     tool = editor.pick(label, "box")
-    suggested = editor.drag((left, top, left + width, top + height), target.shape)
+    suggested = editor.drag(largest_part(target)[1], target.shape)
     shot = editor.shot(f"{prefix}-1a-suggestion").name
     how = editor.accept() if suggested else "no suggestion"
     rows.append({"step": f"box ({tool}), {how}", "suggested": suggested, "IoU": iou(editor.mask(label, target.shape), target),
