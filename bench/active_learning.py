@@ -2,6 +2,7 @@
 
     python -m bench.active_learning [--clip NAME] [--pools uniform,long-tailed] [--budgets 10,20,50]
                                     [--rounds 1,2] [--arms random,lowest,stream,acquire] [--random-draws 5]
+                                    [--seeds 1]
 
 A pool of scenes (``uniform``: every concept alike; ``long-tailed``: :func:`demo.world.long_tailed_scenes`)
 is pre-labeled as served; a budget of tasks is annotated (from ground truth, every label) in 1 or 2
@@ -15,6 +16,9 @@ third of the pool's labels, and the labels the picked tasks cover. Arms:
   the lowest task score: ``projects/functions/next_task.py``);
 * ``typical`` / ``uncertain``: :func:`model.acquisition.acquire` always typical-first / never;
 * ``acquire``: :func:`model.acquisition.acquire` as the backend serves it.
+
+The clustered arms run once per k-means seed (``--seeds``); a row gives their mean and spread, as random's
+draws do.
 """
 from __future__ import annotations
 
@@ -82,24 +86,27 @@ class Loop:
         task scores."""
         images = [image for image, _ in self.scenes]
         passes = predictor.logits_and_priors(images, self.vocabulary)
-        predictions = predictor.semantic(images, [scores for scores, _ in passes], self.rules)
+        rules = self.rules if predictor is self.zero_shot else Settings().region_rules(zero_shot=False)
+        predictions = predictor.semantic(images, [scores for scores, _ in passes], rules, [p for _, p in passes])
         views = [TaskView.of(p, prior.numpy()) for p, (_, prior) in zip(predictions, passes, strict=True)]
         pool = Pool.of(views, np.isin(np.arange(len(self.scenes)), chosen))
         if self.features is not None:
             pool = dataclasses.replace(pool, features=self.features)
         return pool, np.array([task_score(p, Settings().task_score) for p in predictions])
 
-    def pick(self, arm: str, predictor: Predictor, chosen: list[int], count: int, typical_below: int) -> list[int]:
+    def pick(self, arm: str, predictor: Predictor, chosen: list[int], count: int, typical_below: int,
+             seed: int = 0) -> list[int]:
         pool, scores = self.pool(predictor, chosen)
         counts = self.shows[chosen].sum(0) if chosen else np.zeros(len(world.NAMES))
         if arm == "lowest":
             return [int(i) for i in np.argsort(scores) if i not in chosen][:count]
         below = {"typical": 10 ** 9, "uncertain": 0}.get(arm, typical_below)
         if arm == "stream":
-            return label_stream(cluster_tasks(pool, count), scores, pool.annotated, count)
-        return acquire(pool, count, counts, below).order[:count]
+            return label_stream(cluster_tasks(pool, count, seed), scores, pool.annotated, count)
+        return acquire(pool, count, counts, below, seed).order[:count]
 
     def run(self, arm: str, budget: int, rounds: int, typical_below: int, draw: int = 0) -> dict:
+        """One pick of ``budget`` tasks trained on and measured; ``draw`` seeds random's page or the clusters."""
         chosen, predictor = [], self.zero_shot
         if arm == "random":
             chosen = [int(i) for i in np.random.default_rng(draw).choice(len(self.scenes), budget, replace=False)]
@@ -107,7 +114,7 @@ class Loop:
         else:
             for round_ in range(rounds):
                 count = budget * (round_ + 1) // rounds - len(chosen)
-                chosen += self.pick(arm, predictor, chosen, count, typical_below)
+                chosen += self.pick(arm, predictor, chosen, count, typical_below, draw)
                 predictor = self.trained_on(chosen)
         return {**self.measure(predictor), "covered": int(self.shows[chosen].any(0).sum())}
 
@@ -129,6 +136,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", default="1,2", help="annotate, train, re-predict this many times")
     parser.add_argument("--arms", default="random,lowest,stream,acquire")
     parser.add_argument("--random-draws", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=1, help="k-means seeds of each clustered arm")
     parser.add_argument("--typical-below", type=int, default=30,
                         help="acquire: typical-first while fewer tasks than this are annotated")
     parser.add_argument("--test-images", type=int, default=60)
@@ -148,7 +156,7 @@ def main(argv=None) -> None:
         for budget in map(int, args.budgets.split(",")):
             for arm in args.arms.split(","):
                 for rounds in ([1] if arm == "random" else map(int, args.rounds.split(","))):
-                    draws = range(args.random_draws) if arm == "random" else [0]
+                    draws = range({"random": args.random_draws, "lowest": 1}.get(arm, args.seeds))
                     started = time.time()
                     runs = [loop.run(arm, budget, rounds, args.typical_below, draw) for draw in draws]
                     row = {"clip": args.clip, "pool": pool_name, "budget": budget, "arm": arm, "rounds": rounds,
