@@ -153,20 +153,18 @@ class PredictPipeline:
         if not loaded:
             return
         predictor, images = serving.predictor, list(loaded.values())
-        state, priors = None, None
+        state = None
         if keep:
             (scores,) = predictor.logits_and_embeddings(images, group[0].vocabulary)
             state = ImageState.from_image(*scores, images[0], predictor)
-            logits = [scores[0]]
-        elif views:
-            logits, priors = zip(*predictor.logits_and_priors(images, group[0].vocabulary), strict=True)
+            logits, priors = [state.logits], [state.prior]
         else:
-            logits = predictor.logits(images, group[0].vocabulary)
+            logits, priors = zip(*predictor.logits_and_priors(images, group[0].vocabulary), strict=True)
         by_rules: dict[RegionRules, list] = {}
         for target in group:
             rules = target.rules(serving.region_rules(self.settings, target.vocabulary.labels))
             if rules not in by_rules:
-                by_rules[rules] = predictor.semantic(images, logits, rules)
+                by_rules[rules] = predictor.semantic(images, list(logits), rules, list(priors))
             for index, prediction in zip(loaded, by_rules[rules], strict=True):
                 parts[index]["result"].extend(target.build(prediction))
         if state is not None:
@@ -174,7 +172,7 @@ class PredictPipeline:
         unsure_below = self.settings.unsure_below
         for position, (index, prediction) in enumerate(zip(loaded, next(iter(by_rules.values())), strict=True)):
             parts[index]["scores"].append(task_score(prediction, self.settings.task_score, unsure_below or 0.5))
-            if priors is not None and "view" not in parts[index]:  # the first target's, as the task score
+            if views and "view" not in parts[index]:  # the first target's, as the task score
                 parts[index]["view"] = TaskView.of(prediction, priors[position].cpu().numpy())
             if unsure_below:
                 parts[index]["unsure"].append(unsure_fraction(prediction.confidence, unsure_below))

@@ -68,7 +68,7 @@ class Serving:
         which spares the ``labels`` its annotations never showed (unless ``MIN_REGION_SCORE`` is set)."""
         if self.version is None:
             return settings.region_rules()
-        rules = settings.region_rules(self.version.summary.get("min_region_score"))
+        rules = settings.region_rules(self.version.summary.get("min_region_score"), zero_shot=False)
         trained = set(self.version.summary.get("classes") or labels)
         unscored = () if settings.min_region_score is not None else tuple(
             index for index, label in enumerate(labels) if label not in trained)

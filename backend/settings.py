@@ -108,6 +108,8 @@ class Settings:
     # Unset: 0 zero-shot (the presence prior decides), and what each version's training fitted on its annotations.
     min_region_score: float | None = field(default_factory=lambda: _optional_float("MIN_REGION_SCORE"))
     min_region_area: float = field(default_factory=lambda: float(_env("MIN_REGION_AREA", "0.01")))
+    # Zero-shot, regions the frozen CLIP's whole-image view does not show are left unlabeled (model.presence).
+    presence_cut: bool = field(default_factory=lambda: _flag("PRESENCE_CUT", True))
     refine_boundaries: bool = field(default_factory=lambda: _flag("REFINE_BOUNDARIES", DEFAULTS.refine_boundaries))
     # Interactive refinement (see README: "Clicks and boxes"): memory for the images annotators click on
     interactive_cache_bytes: int = field(default_factory=lambda: int(_env("INTERACTIVE_CACHE_BYTES",
@@ -211,11 +213,11 @@ class Settings:
                            text_cache_vocabularies=self.text_cache_vocabularies,
                            text_cache_disk_bytes=self.text_cache_disk_bytes)
 
-    def region_rules(self, fitted_min_score: float | None = None) -> RegionRules:
+    def region_rules(self, fitted_min_score: float | None = None, zero_shot: bool = True) -> RegionRules:
         """The pruning of pre-labels whose control tag sets none of its own: ``MIN_REGION_SCORE`` if set, else
-        the ``fitted_min_score`` of the version serving (None: zero-shot, 0)."""
+        the ``fitted_min_score`` of the version serving (None: 0); zero-shot, ``PRESENCE_CUT`` too."""
         min_score = self.min_region_score if self.min_region_score is not None else fitted_min_score
-        return RegionRules(min_score or 0.0, self.min_region_area)
+        return RegionRules(min_score or 0.0, self.min_region_area, presence_cut=zero_shot and self.presence_cut)
 
     @property
     def cache_dir(self) -> Path:

@@ -184,8 +184,8 @@ def fit_region_rule(predictor, samples: list[Sample], vocabulary: Vocabulary, se
     found, present = [], []
     for start in range(0, len(samples), chunk):
         batch = samples[start:start + chunk]
-        for prediction, sample in zip(predictor.predict([s.image for s in batch], vocabulary,
-                                                        settings.region_rules(0.0)), batch, strict=True):
+        predictions = predictor.predict([s.image for s in batch], vocabulary, settings.region_rules(0.0, zero_shot=False))
+        for prediction, sample in zip(predictions, batch, strict=True):
             found.append(prediction.found_scores)
             present.append({int(c) for c in np.unique(sample.labels) if c >= 0})
     return fit_min_score(found, present)

@@ -20,6 +20,7 @@ models: zero-shot at the demo CLIP's temperature, and fine-tuned with GKC on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 
@@ -130,7 +131,7 @@ class Bench:
         calibrate(predictor, [i for i, _ in scenes], [t for _, t in scenes], VOCABULARY)
         settings = Settings()
         predictor.refine_boundaries = settings.refine_boundaries  # the rule is fitted as pre-labels are served
-        rules = settings.region_rules(fit_region_rule(predictor, samples, VOCABULARY, settings))
+        rules = settings.region_rules(fit_region_rule(predictor, samples, VOCABULARY, settings), zero_shot=False)
         predictor.refine_boundaries = False
         return predictor, rules
 
@@ -142,7 +143,7 @@ class Bench:
         unprimed = [presence.apply(out, prior, temperature, 0.0) for out, prior in passes]
         # What a CLIP got before the label-free rules: no prior, TEMPERATURE unset (1) or the fitted one, 0.25.
         previous = [presence.apply(out, prior, predictor.temperature or 1.0, 0.0) for out, prior in passes]
-        default = f"min_score {chosen.min_score}, min_area {chosen.min_area}"
+        default = f"min_score {chosen.min_score}, min_area {chosen.min_area}" + (", presence cut" * chosen.presence_cut)
         unprimed_row = "no presence prior, no pruning, refined"
         previous_row = "previous defaults (no prior, T 1 unless fitted, min_score 0.25, min_area 0.01)"
         sources = {unprimed_row: unprimed, previous_row: previous}
@@ -153,13 +154,14 @@ class Bench:
                 "pruned and refined, looser: min_score 0.2, min_area 0.01": (RegionRules(0.2, 0.01), True),
                 "pruned and refined, unlikely regions' pixels to the best label that stays instead of unlabeled":
                     (RegionRules(chosen.min_score, chosen.min_area, reassign_unlikely=True), True)}
+        if chosen.presence_cut:
+            rows["pruned and refined, no presence cut"] = (dataclasses.replace(chosen, presence_cut=False), True)
         print(f"\n{name}: {len(scenes)} scenes, T = {temperature:.3f}\n\n| post-processing | regions / image | region precision | mIoU |\n|---|---|---|---|")
         kept = {}
         for row, (rules, refine) in rows.items():
             scores = sources.get(row, logits)
-            predictions = [Predictor.to_semantic(out, *image.shape[:2], 1.0, rules,
-                                                 image if refine else None)
-                           for out, (image, _) in zip(scores, scenes, strict=True)]
+            predictions = [Predictor.to_semantic(out, *image.shape[:2], 1.0, rules, image if refine else None, prior)
+                           for out, (_, prior), (image, _) in zip(scores, passes, scenes, strict=True)]
             pairs = [(p.label_map, truth) for p, (_, truth) in zip(predictions, scenes, strict=True)]
             count, precision = region_precision(pairs)
             print(f"| {row} | {count:.2f} | {precision:.3f} | {miou(pairs):.2f} |", flush=True)

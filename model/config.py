@@ -38,12 +38,16 @@ class RegionRules:
             being unlabeled (measured worse; kept for ``bench.prelabel_quality``'s comparison).
         unscored: the labels (vocabulary indices) ``min_score`` spares: those a fine-tuned version's
             annotations never showed, which the rule it fitted on them knows nothing of.
+        presence_cut: a label the frozen CLIP's whole-image view does not count among the image's
+            (:func:`model.presence.shown_labels`), and less sure than the labels it does count, is left
+            unlabeled; zero-shot only (a fine-tuned version knows labels that view does not).
     """
 
     min_score: float = 0.0
     min_area: float = 0.0
     reassign_unlikely: bool = False
     unscored: tuple[int, ...] = ()
+    presence_cut: bool = False
 
 
 NO_PRUNING = RegionRules()

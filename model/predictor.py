@@ -159,13 +159,13 @@ class Predictor:
 
     def logits_and_embeddings(self, images: list[np.ndarray],
                               vocabulary: Vocabulary) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per image, :meth:`logits`, the pixel embeddings they classify, (D, h, w) L2-normalised, and the
-        presence prior's share of the logits (C,): what interactive refinement (:mod:`model.refinement`)
-        reuses, from the same one pass."""
+        """Per image, :meth:`logits`, the pixel embeddings they classify, (D, h, w) L2-normalised, and the frozen
+        CLIP's (C,) image-level log-probabilities of the labels: what interactive refinement
+        (:mod:`model.refinement`) reuses, from the same one pass."""
         classes = len(vocabulary.labels)
         passes = self.passes(images, vocabulary, with_embeddings=True)
         logits = self._calibrated([(out[:classes], prior) for out, prior in passes], vocabulary)
-        return [(scores, F.normalize(out[classes:], dim=0), self.presence_weight * prior)
+        return [(scores, F.normalize(out[classes:], dim=0), prior)
                 for scores, (out, prior) in zip(logits, passes, strict=True)]
 
     def temperature_for(self, vocabulary: Vocabulary, passes=()) -> float:
@@ -241,20 +241,24 @@ class Predictor:
 
     @staticmethod
     def to_semantic(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
-                    rules: RegionRules = NO_PRUNING, image: np.ndarray | None = None) -> SemanticPrediction:
+                    rules: RegionRules = NO_PRUNING, image: np.ndarray | None = None,
+                    prior: torch.Tensor | None = None) -> SemanticPrediction:
         """(C, h, w) logits → the argmax and probability of ``softmax(upsampled logits / temperature)`` at
         (height, width), on the logits' device, in time and memory that do not grow with C; regions
-        pruned by ``rules`` and, given the RGB ``image``, boundaries refined (:func:`model.regions.regions`)."""
-        return SemanticPrediction(*regions(logits, height, width, temperature, rules, image))
+        pruned by ``rules`` (given the image-level ``prior`` where they cut by it) and, given the RGB ``image``,
+        boundaries refined (:func:`model.regions.regions`)."""
+        return SemanticPrediction(*regions(logits, height, width, temperature, rules, image, prior))
 
     def predict(self, images: list[np.ndarray], vocabulary: Vocabulary,
                 rules: RegionRules = NO_PRUNING) -> list[SemanticPrediction]:
         """images: RGB uint8 arrays (H, W, 3) of any sizes → one prediction per image."""
-        return self.semantic(images, self.logits(images, vocabulary), rules)
+        logits, priors = zip(*self.logits_and_priors(images, vocabulary), strict=True) if images else ((), ())
+        return self.semantic(images, list(logits), rules, list(priors))
 
-    def semantic(self, images: list[np.ndarray], logits: list[torch.Tensor],
-                 rules: RegionRules = NO_PRUNING) -> list[SemanticPrediction]:
-        """:meth:`logits`' output for ``images`` → their predictions (refined if :attr:`refine_boundaries`)."""
-        return [self.to_semantic(out, *image.shape[:2], 1.0, rules,
-                                 image if self.refine_boundaries else None)
-                for image, out in zip(images, logits, strict=True)]
+    def semantic(self, images: list[np.ndarray], logits: list[torch.Tensor], rules: RegionRules = NO_PRUNING,
+                 priors: list[torch.Tensor] | None = None) -> list[SemanticPrediction]:
+        """:meth:`logits`' output for ``images`` → their predictions (refined if :attr:`refine_boundaries`);
+        ``priors``: :meth:`logits_and_priors`' image-level log-probabilities, for ``rules.presence_cut``."""
+        return [self.to_semantic(out, *image.shape[:2], 1.0, rules, image if self.refine_boundaries else None,
+                                 None if priors is None else priors[index])
+                for index, (image, out) in enumerate(zip(images, logits, strict=True))]

@@ -1,6 +1,6 @@
 """What the frozen CLIP says of the whole image, used where no annotation can say anything.
 
-Two label-free rules for whatever CLIP a user brings, with no constant tied to one of them:
+Label-free rules for whatever CLIP a user brings, with no constant tied to one of them:
 
 * **A presence prior.** CLIP was trained to match one global image embedding with text; its
   image-level softmax over the project's labels (at its own learned logit scale) is its
@@ -8,6 +8,9 @@ Two label-free rules for whatever CLIP a user brings, with no constant tied to o
   get ``weight × log p_image(label)`` added (a product of experts, like FC-CLIP's ensemble),
   so pixels go to labels the image as a whole supports, and a label the image does not show
   loses its scattered pixels to one it does.
+* **A cut of what the image does not show** (zero-shot, ``PRESENCE_CUT``): a region whose label is
+  outside the image's perplexity-many likeliest labels by that same view, and less sure than the
+  regions inside them, is left unlabeled (:func:`shown_labels`).
 * **A temperature fitted without labels.** Per vocabulary, the temperature T whose pixel
   probabilities ``softmax(logits / T)``, averaged over each image, best match the image-level
   probabilities (the least summed KL divergence), pooled over the first
@@ -33,6 +36,18 @@ TEMPERATURES = torch.exp(torch.linspace(math.log(0.01), math.log(1000.0), 151))
 def log_prior(image_logits: torch.Tensor) -> torch.Tensor:
     """(..., C) image-level logits → (..., C) log-probabilities of each label over the vocabulary."""
     return image_logits.float().log_softmax(-1)
+
+
+def shown_labels(prior: torch.Tensor) -> torch.Tensor:
+    """(C,) image-level log-probabilities → (C,) bool: the labels the image shows to CLIP's whole-image view, as
+    many of the likeliest as the distribution's perplexity (its effective number of labels), rounded up: a
+    confident view counts its label and the runner-up, one spread evenly over four counts four. No threshold on
+    one CLIP's probabilities."""
+    prior = prior.float()
+    perplexity = float(torch.exp(-(prior.exp() * prior).sum()))
+    shown = torch.zeros(prior.shape, dtype=torch.bool, device=prior.device)
+    shown[prior.argsort(descending=True)[:max(1, math.ceil(perplexity - 1e-4))]] = True  # 4.00001 is 4 spread
+    return shown
 
 
 def apply(logits: torch.Tensor, prior: torch.Tensor, temperature: float, weight: float) -> torch.Tensor:

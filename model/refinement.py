@@ -94,6 +94,7 @@ class ImageState:
         image: (H', W', 3) uint8 RGB, the image at the working resolution.
         height, width: the image's own size.
         refined: whether the predictor's pre-labels follow the image's edges (``refine_boundaries``).
+        prior: (C,) the frozen CLIP's image-level log-probabilities (pre-labels cut by them, zero-shot).
     """
 
     logits: torch.Tensor
@@ -103,16 +104,18 @@ class ImageState:
     height: int
     width: int
     refined: bool = True
+    prior: torch.Tensor | None = None
     _prelabels: dict[RegionRules, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_image(cls, logits: torch.Tensor, embeddings: torch.Tensor, presence: torch.Tensor, image: np.ndarray,
+    def from_image(cls, logits: torch.Tensor, embeddings: torch.Tensor, prior: torch.Tensor, image: np.ndarray,
                    predictor) -> "ImageState":
         """From ``predictor``'s :meth:`~model.predictor.Predictor.logits_and_embeddings` for the RGB ``image``."""
         height, width = image.shape[:2]
         shape = working_shape(logits, height, width)
         small = cv2.resize(np.ascontiguousarray(image), shape[::-1], interpolation=cv2.INTER_AREA)
-        return cls(logits, embeddings, presence, small, height, width, predictor.refine_boundaries)
+        return cls(logits, embeddings, predictor.presence_weight * prior, small, height, width,
+                   predictor.refine_boundaries, prior)
 
     @property
     def nbytes(self) -> int:
@@ -126,7 +129,7 @@ class ImageState:
         """The served pre-label's label map at the working resolution (computed once per rules)."""
         if rules not in self._prelabels:
             label_map, _, _ = regions(self.logits, *self.image.shape[:2], 1.0, rules,
-                                      self.image if self.refined else None)
+                                      self.image if self.refined else None, self.prior)
             self._keep(rules, torch.from_numpy(label_map).to(self.logits.device))
         return self._prelabels[rules]
 

@@ -14,6 +14,8 @@ Three steps, on the logits' device:
 3. **Unlikely regions become unlabeled.** A label whose pixels' mean confidence is under
    ``min_score`` is removed, its pixels left unlabeled: an annotator would delete it anyway,
    and giving its pixels to another label measured worse (that label is often wrong too).
+   Zero-shot, so is a label the image as a whole does not show (``presence_cut``,
+   :func:`model.presence.shown_labels`) that is less sure than the labels it does show.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import NO_PRUNING, RegionRules
+from model.presence import shown_labels
 from model.upsample import label_map_and_confidence
 from model.vocabulary import UNLABELED
 
@@ -159,6 +162,15 @@ def _refine(logits: torch.Tensor, image: np.ndarray, label_map: torch.Tensor, te
     return labels[index].to(torch.int16), best.clamp(0, 1)
 
 
+def _not_shown(present: torch.Tensor, scores: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
+    """(C,) bool: the labels found that the image does not show and that are less sure than the mean of those
+    found that it does (none when it shows none of them: the whole-image view then disagrees with every region)."""
+    trusted = present & shown
+    if not trusted.any():
+        return torch.zeros_like(present)
+    return present & ~shown & (scores < scores[trusted].mean())
+
+
 def working_shape(logits: torch.Tensor, height: int, width: int) -> tuple[int, int]:
     """The refinement's resolution: :data:`REFINE_CELL_PIXELS` per logit cell, at most the image's size."""
     scale = min(1.0, REFINE_CELL_PIXELS * logits.shape[1] / height, REFINE_CELL_PIXELS * logits.shape[2] / width)
@@ -166,21 +178,24 @@ def working_shape(logits: torch.Tensor, height: int, width: int) -> tuple[int, i
 
 
 def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
-            rules: RegionRules = NO_PRUNING,
-            image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
+            rules: RegionRules = NO_PRUNING, image: np.ndarray | None = None,
+            prior: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
     """logits (C, h, w) → (label map (height, width) int16 with ``UNLABELED`` where pruned,
     confidence (height, width) float32, the score of every label found before unlikely ones were
     unlabeled), after pruning by ``rules`` and, given the RGB ``image`` (height, width, 3),
-    boundary refinement."""
+    boundary refinement. ``prior``: the image's (C,) image-level log-probabilities, which ``rules.presence_cut``
+    reads (without it nothing is cut)."""
     shape = (height, width) if image is None else working_shape(logits, height, width)
     label_map, confidence = _reassign(logits, *shape, temperature, rules)
     if image is not None:
         label_map, confidence = _refine(logits, image, label_map, temperature, rules.min_area)
     counts, scores = _label_stats(label_map, confidence, logits.shape[0])
     found = {int(c): float(scores[c]) for c in torch.nonzero(counts).flatten()}
-    if rules.min_score > 0:
-        unlikely = (counts > 0) & (scores < rules.min_score)
-        unlikely[list(rules.unscored)] = False
+    unlikely = (counts > 0) & (scores < rules.min_score)
+    unlikely[list(rules.unscored)] = False
+    if rules.presence_cut and prior is not None:
+        unlikely |= _not_shown(counts > 0, scores, shown_labels(prior).to(scores.device))
+    if unlikely.any():
         label_map = torch.where(unlikely[label_map.long()], torch.full_like(label_map, UNLABELED), label_map)
     if shape != (height, width):  # nearest: the working resolution's boundaries, undisturbed
         label_map, confidence = nearest_upsample((label_map, confidence), height, width)

@@ -206,10 +206,10 @@ def test_bad_prompts_are_refused(states, prompt, message):
 def test_the_served_prelabel_is_kept_exactly(predictor, scenes):
     image = np.asarray(cv2.resize(scenes[0][0], (700, 450)))  # larger than the working resolution
     vocabulary = parse_targets(LABEL_CONFIG)[0].vocabulary
-    (logits, embeddings, presence), = predictor.logits_and_embeddings([image], vocabulary)
-    made = ImageState.from_image(logits, embeddings, presence, image, predictor)
-    kept = ImageState.from_image(logits, embeddings, presence, image, predictor)
-    served = predictor.semantic([image], [logits], RULES)[0].label_map
+    (logits, embeddings, prior), = predictor.logits_and_embeddings([image], vocabulary)
+    made = ImageState.from_image(logits, embeddings, prior, image, predictor)
+    kept = ImageState.from_image(logits, embeddings, prior, image, predictor)
+    served = predictor.semantic([image], [logits], RULES, [prior])[0].label_map
     kept.keep_prelabel(RULES, served)
     assert made.image.shape[:2] != image.shape[:2]
     assert torch.equal(kept.prelabel(RULES), made.prelabel(RULES))

@@ -1,10 +1,13 @@
 """The label-free zero-shot rules (model.presence), the rule each version fits (model.calibration), and
 refinement that keeps the specks pruning removed (model.regions)."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from backend.settings import Settings
 from demo import world
 from demo.train_clip import DENSE_METHOD
 from model import presence
@@ -54,6 +57,47 @@ def test_the_presence_prior_takes_pixels_from_a_label_the_image_does_not_show():
     served = Predictor.to_semantic(presence.apply(logits, prior, 1.0, 0.5), 10, 10).label_map
     assert (without == 1).sum() > 0 and (served == 1).sum() == 0
     assert (served[:, :5] == 0).all() and (served[:, 5:] == 2).all()
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_the_labels_an_image_shows_are_as_many_as_its_prior_spreads_over(scale):
+    # The image-level logits of one CLIP and of another whose logit scale is 100 times larger: each counts as
+    # many labels as its own distribution's perplexity, with no threshold on either's probabilities.
+    logits = torch.tensor([3.0, 2.9, 0.0, -1.0, 2.95]) / (1.0 if scale == 1 else 0.01 * 3)
+    prior = presence.log_prior(logits)
+    perplexity = float(torch.exp(-(prior.exp() * prior).sum()))
+    shown = presence.shown_labels(prior)
+    assert int(shown.sum()) == int(np.ceil(perplexity))
+    assert shown[prior.argsort(descending=True)[:int(shown.sum())]].all()
+    sure = presence.shown_labels(torch.tensor([0.01, 0.97, 0.01, 0.005, 0.005]).log())  # perplexity 1.2
+    assert sure.tolist() == [True, True, False, False, False]
+    spread = presence.shown_labels(torch.tensor([0.25, 0.25, 1e-9, 0.25, 0.25]).log())  # 4, to float rounding
+    assert spread.tolist() == [True, True, False, True, True]
+
+
+def test_the_presence_cut_unlabels_a_region_the_image_does_not_show_and_that_is_less_sure():
+    # Left half label 0 (sure), right half label 1 (unsure); labels 2 and 3 win nowhere.
+    logits = torch.full((4, 8, 8), -4.0)
+    logits[0, :, :4], logits[1, :, 4:], logits[2, :, 4:] = 6.0, 1.0, 0.5
+    label_map = lambda rules, prior=None: Predictor.to_semantic(logits, 8, 8, rules=rules, prior=prior).label_map  # noqa: E731
+    shows = lambda *p: torch.tensor(p).log()  # noqa: E731  (each perplexity under 2: two labels shown)
+    cut = RegionRules(presence_cut=True)
+    assert set(np.unique(label_map(RegionRules(), shows(0.9, 0.01, 0.08, 0.01)))) == {0, 1}  # without the rule
+    served = Predictor.to_semantic(logits, 8, 8, rules=cut, prior=shows(0.9, 0.01, 0.08, 0.01))  # shows 0 and 2
+    assert (served.label_map[:, :4] == 0).all() and (served.label_map[:, 4:] == -1).all()
+    assert set(served.found_scores) == {0, 1}  # what was found is still scored
+    # A region the image does not show but surer than those it does stays; so does every region when the image
+    # shows none of them, or when no prior is given.
+    assert set(np.unique(label_map(cut, shows(0.01, 0.9, 0.08, 0.01)))) == {0, 1}  # shows 1 and 2
+    assert set(np.unique(label_map(cut, shows(0.01, 0.01, 0.08, 0.9)))) == {0, 1}  # shows 3 and 2
+    assert set(np.unique(label_map(cut))) == {0, 1}
+
+
+def test_the_presence_cut_is_zero_shot_only():
+    settings = Settings()
+    assert settings.region_rules().presence_cut
+    assert not settings.region_rules(0.3, zero_shot=False).presence_cut
+    assert not dataclasses.replace(settings, presence_cut=False).region_rules().presence_cut
 
 
 def test_the_prior_comes_from_the_same_pass_and_is_the_clips_own_image_classification(demo_clip):
