@@ -157,14 +157,15 @@ class PredictPipeline:
         if keep:
             (scores,) = predictor.logits_and_embeddings(images, group[0].vocabulary)
             state = ImageState.from_image(*scores, images[0], predictor)
-            logits, priors = [state.logits], [state.prior]
+            passes = [(state.logits, state.prior)]
         else:
-            logits, priors = zip(*predictor.logits_and_priors(images, group[0].vocabulary), strict=True)
+            passes = predictor.logits_and_priors(images, group[0].vocabulary)
+        logits, priors = [scores for scores, _ in passes], [prior for _, prior in passes]
         by_rules: dict[RegionRules, list] = {}
         for target in group:
             rules = target.rules(serving.region_rules(self.settings, target.vocabulary.labels))
             if rules not in by_rules:
-                by_rules[rules] = predictor.semantic(images, list(logits), rules, list(priors))
+                by_rules[rules] = predictor.semantic(images, logits, rules, priors)
             for index, prediction in zip(loaded, by_rules[rules], strict=True):
                 parts[index]["result"].extend(target.build(prediction))
         if state is not None:

@@ -55,7 +55,7 @@ class Loop:
         self.model = self.clip.model(refine_boundaries=Settings().refine_boundaries)
         self.scenes, self.test, self.steps = scenes, test, steps
         self.vocabulary = Vocabulary.from_labels(world.NAMES)
-        self.rules = Settings().region_rules()
+        self.rules, self.tuned_rules = Settings().region_rules(), Settings().region_rules(zero_shot=False)
         shows = np.array([[c in np.unique(labels) for c in range(len(world.NAMES))] for _, labels in scenes])
         self.shows = shows  # (N, C) the ground truth's labels per task
         self.rare = [int(c) for c in np.argsort(shows.sum(0), kind="stable")[:len(world.NAMES) // 3]]
@@ -86,7 +86,7 @@ class Loop:
         task scores."""
         images = [image for image, _ in self.scenes]
         passes = predictor.logits_and_priors(images, self.vocabulary)
-        rules = self.rules if predictor is self.zero_shot else Settings().region_rules(zero_shot=False)
+        rules = self.rules if predictor is self.zero_shot else self.tuned_rules
         predictions = predictor.semantic(images, [scores for scores, _ in passes], rules, [p for _, p in passes])
         views = [TaskView.of(p, prior.numpy()) for p, (_, prior) in zip(predictions, passes, strict=True)]
         pool = Pool.of(views, np.isin(np.arange(len(self.scenes)), chosen))

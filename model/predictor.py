@@ -252,8 +252,8 @@ class Predictor:
     def predict(self, images: list[np.ndarray], vocabulary: Vocabulary,
                 rules: RegionRules = NO_PRUNING) -> list[SemanticPrediction]:
         """images: RGB uint8 arrays (H, W, 3) of any sizes → one prediction per image."""
-        logits, priors = zip(*self.logits_and_priors(images, vocabulary), strict=True) if images else ((), ())
-        return self.semantic(images, list(logits), rules, list(priors))
+        passes = self.logits_and_priors(images, vocabulary)
+        return self.semantic(images, [scores for scores, _ in passes], rules, [prior for _, prior in passes])
 
     def semantic(self, images: list[np.ndarray], logits: list[torch.Tensor], rules: RegionRules = NO_PRUNING,
                  priors: list[torch.Tensor] | None = None) -> list[SemanticPrediction]:

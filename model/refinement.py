@@ -90,21 +90,21 @@ class ImageState:
     Attributes:
         logits: (C, h, w) the predictor's calibrated scores for the vocabulary (their softmax is served).
         embeddings: (D, h, w) the L2-normalised pixel embeddings they classify.
-        presence: (C,) the presence prior's share of ``logits``.
+        prior: (C,) the frozen CLIP's image-level log-probabilities (zero-shot pre-labels are cut by them).
         image: (H', W', 3) uint8 RGB, the image at the working resolution.
         height, width: the image's own size.
+        presence_weight: the predictor's weight of ``prior`` in ``logits``.
         refined: whether the predictor's pre-labels follow the image's edges (``refine_boundaries``).
-        prior: (C,) the frozen CLIP's image-level log-probabilities (pre-labels cut by them, zero-shot).
     """
 
     logits: torch.Tensor
     embeddings: torch.Tensor
-    presence: torch.Tensor
+    prior: torch.Tensor
     image: np.ndarray
     height: int
     width: int
+    presence_weight: float
     refined: bool = True
-    prior: torch.Tensor | None = None
     _prelabels: dict[RegionRules, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -114,13 +114,18 @@ class ImageState:
         height, width = image.shape[:2]
         shape = working_shape(logits, height, width)
         small = cv2.resize(np.ascontiguousarray(image), shape[::-1], interpolation=cv2.INTER_AREA)
-        return cls(logits, embeddings, predictor.presence_weight * prior, small, height, width,
-                   predictor.refine_boundaries, prior)
+        return cls(logits, embeddings, prior, small, height, width, predictor.presence_weight,
+                   predictor.refine_boundaries)
+
+    @property
+    def presence(self) -> torch.Tensor:
+        """(C,) the presence prior's share of ``logits``."""
+        return self.presence_weight * self.prior
 
     @property
     def nbytes(self) -> int:
         """What it holds in memory, superpixels and pre-labels included once made."""
-        tensors = [self.logits, self.embeddings, self.presence, *self._prelabels.values()]
+        tensors = [self.logits, self.embeddings, self.prior, *self._prelabels.values()]
         if "superpixels" in self.__dict__:
             tensors += list(vars(self.superpixels).values())
         return self.image.nbytes + sum(t.numel() * t.element_size() for t in tensors)

@@ -216,8 +216,9 @@ def test_the_served_prelabel_is_kept_exactly(predictor, scenes):
 
 
 def test_image_state_work_is_kept(states):
-    state = ImageState(states[0].logits, states[0].embeddings, states[0].presence,
-                       np.zeros((states[0].height, states[0].width, 3), np.uint8), states[0].height, states[0].width)
+    state = ImageState(states[0].logits, states[0].embeddings, states[0].prior,
+                       np.zeros((states[0].height, states[0].width, 3), np.uint8), states[0].height, states[0].width,
+                       states[0].presence_weight)
     before = state.nbytes
     refine(state, Prompt(0, ((3.0, 3.0, True),)), RULES)
     assert state.nbytes > before and "superpixels" in state.__dict__
