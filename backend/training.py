@@ -69,7 +69,8 @@ def pull_annotations(settings: Settings, store: Store, project: str) -> int:
 
 def build_samples(annotations: list[dict], label_config: str, fetcher: ImageFetcher,
                   skipped: list[dict] | None = None) -> tuple[list[Sample], Vocabulary]:
-    """Annotated images as training samples, in the vocabulary of the classes that occur in them.
+    """Annotated images as samples, in the vocabulary of every label of the config (the one pre-labels are served
+    in; :func:`restrict_to_annotated` gives the classes training learns).
 
     Every segmentation target of the config is learnt from: the targets reading one image are
     painted into one label map, over all their labels. An annotation that can't be used (an
@@ -92,7 +93,7 @@ def build_samples(annotations: list[dict], label_config: str, fetcher: ImageFetc
             log.warning("task %s skipped: %s", annotation["task_id"], reason)
             if skipped is not None:
                 skipped.append({"task_id": annotation["task_id"], "reason": reason[:300]})
-    return restrict_to_annotated(samples, vocabulary)
+    return samples, vocabulary
 
 
 def _annotation_samples(annotation: dict, by_image: dict[str, list[ControlTag]],
@@ -159,14 +160,13 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
             write_progress(progress, state="training", pid=os.getpid(), started=started,
                            **{**losses, "steps": config.steps})
 
-    summary = finetune(segmenter, model.clip, model.encoder, samples, vocabulary, config, progress=report)
+    trained_samples, trained = restrict_to_annotated(samples, vocabulary)
+    summary = finetune(segmenter, model.clip, model.encoder, trained_samples, trained, config, progress=report)
     write_progress(progress, state="calibrating", pid=os.getpid(), started=started)
     # The fine-tuned model's own annotations calibrate it about as well as held-out ones would
     # (bench.calibration), so no annotation is set aside from training.
-    predictor = model.predictor(segmenter, temperature=1.0)
-    summary.update(calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], vocabulary))
-    summary["min_region_score"] = fit_region_rule(predictor, samples, vocabulary, settings)
-    summary.update(images=len(samples), classes=list(vocabulary.labels), skipped_annotations=len(skipped),
+    summary.update(fit_serving_rules(model.predictor(segmenter, temperature=1.0), samples, vocabulary, settings))
+    summary.update(images=len(samples), classes=list(trained.labels), skipped_annotations=len(skipped),
                    skipped=skipped[:20])
     version = store.add_version(project, summary, lambda number, path: save_checkpoint(
         path, segmenter, model.identity, project=project, version=number, **summary))
@@ -178,15 +178,31 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
     return version
 
 
+def fit_serving_rules(predictor, samples: list[Sample], vocabulary: Vocabulary, settings: Settings) -> dict:
+    """Calibrate a fine-tuned ``predictor`` (temperature, presence weight) and fit its ``min_region_score`` on
+    the annotations, in the ``vocabulary`` its pre-labels are served in: every label of the config, not only
+    those the annotations show. Fitted in the annotated labels alone, the fit never sees the others take
+    pixels from them, and weighs the frozen CLIP's image-level view, which keeps those labels, near zero.
+
+    Returns:
+        :func:`model.calibration.calibrate`'s summary with ``min_region_score``.
+    """
+    summary = calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], vocabulary)
+    summary["min_region_score"] = fit_region_rule(predictor, samples, vocabulary, settings)
+    return summary
+
+
 def fit_region_rule(predictor, samples: list[Sample], vocabulary: Vocabulary, settings: Settings,
                     chunk: int = 32) -> float:
-    """The version's ``min_region_score``, fitted on its annotations as its pre-labels are served."""
+    """The version's ``min_region_score``, fitted on its annotations as its pre-labels are served. Only regions of
+    labels some annotation shows count: the rule spares the others when served (``RegionRules.unscored``)."""
+    annotated = {int(c) for s in samples for c in np.unique(s.labels) if c >= 0}
     found, present = [], []
     for start in range(0, len(samples), chunk):
         batch = samples[start:start + chunk]
         predictions = predictor.predict([s.image for s in batch], vocabulary, settings.region_rules(0.0, zero_shot=False))
         for prediction, sample in zip(predictions, batch, strict=True):
-            found.append(prediction.found_scores)
+            found.append({c: score for c, score in prediction.found_scores.items() if c in annotated})
             present.append({int(c) for c in np.unique(sample.labels) if c >= 0})
     return fit_min_score(found, present)
 

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from backend.training import restrict_to_annotated
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
 from model.calibration import calibrate
@@ -39,6 +40,7 @@ VARIANTS = {
     "+ distillation": dict(diversify=False, distill=True),
     "+ both (GKC)": dict(diversify=True, distill=True),
 }
+VOCABULARY = Vocabulary.from_labels(world.NAMES)
 BASE = [world.NAMES.index(n) for n in world.BASE]
 NOVEL = [world.NAMES.index(n) for n in world.NOVEL]
 ENSEMBLE = " + ensemble"
@@ -46,22 +48,21 @@ CALIBRATED = ", calibrated (as served)"
 
 
 def base_only_samples(count: int, seed: int, absent: bool = False) -> list[Sample]:
-    """Scenes whose annotations name base classes only, indexed in the base vocabulary.
+    """Scenes whose annotations name base classes only, indexed in the whole vocabulary (as a project's are).
 
     ``absent``: the scenes themselves show base classes only (every pixel annotated).
     """
-    to_base = np.full(256, -1, np.int64)
-    to_base[BASE] = np.arange(len(BASE))
+    base_only = np.full(256, -1, np.int64)
+    base_only[BASE] = BASE
     scenes = world.test_scenes(count, seed=seed, classes=BASE if absent else None)
-    return [Sample(image, to_base[labels]) for image, labels in scenes]
+    return [Sample(image, base_only[labels]) for image, labels in scenes]
 
 
 def evaluate(predictor: Predictor, scenes) -> dict[str, float]:
     confusion = ConfusionMatrix(len(world.NAMES))
-    vocabulary = Vocabulary.from_labels(world.NAMES)
     for start in range(0, len(scenes), 16):
         chunk = scenes[start:start + 16]
-        for (_, truth), prediction in zip(chunk, predictor.predict([image for image, _ in chunk], vocabulary), strict=True):
+        for (_, truth), prediction in zip(chunk, predictor.predict([image for image, _ in chunk], VOCABULARY), strict=True):
             confusion.update(truth, prediction.label_map)
     base, novel = confusion.miou(BASE), confusion.miou(NOVEL)
     return {"base": base, "novel": novel, "hmean": 2 * base * novel / (base + novel), "all": confusion.miou()}
@@ -85,13 +86,15 @@ class Runner:
         """One fine-tuning run, evaluated without and with the ensemble."""
         started = time.time()
         segmenter = self.model.segmenter(seed=seed, unfreeze_blocks=self.args.unfreeze_blocks)
-        finetune(segmenter, self.model.clip, self.model.encoder, samples, Vocabulary.from_labels(world.BASE),
+        trained_samples, trained = restrict_to_annotated(samples, VOCABULARY)
+        finetune(segmenter, self.model.clip, self.model.encoder, trained_samples, trained,
                  TrainConfig(steps=self.args.steps, size=self.args.size, seed=seed, lr=self.args.lr,
                              **VARIANTS[name]))
         with_ensemble = evaluate(self.model.predictor(segmenter), self.test)
-        # As a training job serves it: temperature and presence weight fitted on the same annotations.
+        # As a training job serves it: temperature and presence weight fitted on the same annotations, in the
+        # vocabulary it serves (the rule it fits is left out: these figures are unpruned).
         predictor = self.model.predictor(segmenter, temperature=1.0)
-        calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], Vocabulary.from_labels(world.BASE))
+        calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], VOCABULARY)
         served = evaluate(predictor, self.test)
         segmenter.seen_weight = segmenter.unseen_weight = 0.0  # the fine-tuned classifier alone
         alone = evaluate(self.model.predictor(segmenter), self.test)

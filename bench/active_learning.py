@@ -73,12 +73,13 @@ class Loop:
         return np.stack(out)
 
     def trained_on(self, indices: list[int]) -> Predictor:
-        samples, classes = restrict_to_annotated([Sample(*self.scenes[i]) for i in indices], self.vocabulary)
+        samples = [Sample(*self.scenes[i]) for i in indices]
         segmenter = self.model.segmenter()
-        finetune(segmenter, self.model.clip, self.model.encoder, samples, classes,
+        finetune(segmenter, self.model.clip, self.model.encoder, *restrict_to_annotated(samples, self.vocabulary),
                  TrainConfig(steps=self.steps, size=self.clip.inference_size))
         predictor = self.model.predictor(segmenter)
-        calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], classes)  # as training jobs do
+        # As training jobs do: in the whole vocabulary (their region rule is left out: min_score 0 here).
+        calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], self.vocabulary)
         return predictor
 
     def pool(self, predictor: Predictor, chosen: list[int]) -> tuple[Pool, np.ndarray]:

@@ -31,12 +31,11 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from backend.settings import Settings
-from backend.training import fit_region_rule
+from backend.training import fit_serving_rules
 from bench.calibration import task_miou
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
 from model import presence
-from model.calibration import calibrate
 from model.config import NO_PRUNING, RegionRules
 from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
@@ -128,10 +127,10 @@ class Bench:
         finetune(segmenter, self.model.clip, self.model.encoder, samples, VOCABULARY,
                  TrainConfig(steps=self.args.steps, size=self.clip.inference_size))
         predictor = self.model.predictor(segmenter)
-        calibrate(predictor, [i for i, _ in scenes], [t for _, t in scenes], VOCABULARY)
         settings = Settings()
         predictor.refine_boundaries = settings.refine_boundaries  # the rule is fitted as pre-labels are served
-        rules = settings.region_rules(fit_region_rule(predictor, samples, VOCABULARY, settings), zero_shot=False)
+        rules = settings.region_rules(fit_serving_rules(predictor, samples, VOCABULARY, settings)["min_region_score"],
+                                      zero_shot=False)
         predictor.refine_boundaries = False
         return predictor, rules
 

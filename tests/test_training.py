@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from label_studio_sdk.converter.brush import mask2rle
 
 from backend.images import ImageFetcher
-from backend.training import build_samples
+from backend.settings import Settings
+from backend.training import build_samples, fit_serving_rules, restrict_to_annotated
 from model.build import SegmentationModel
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import ModelConfig
@@ -245,6 +247,41 @@ def test_training_learns_every_segmentation_tag_of_the_config():
     uri = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
     samples, vocabulary = build_samples([{"task_id": 1, "data": {"image": uri}, "result": results}], config,
                                         ImageFetcher())
-    assert vocabulary.labels == ("grass", "car")  # both tags' annotated labels, none of the others
+    assert vocabulary.labels == ("grass", "sky", "car")  # the config's labels, as pre-labels are served
+    samples, trained = restrict_to_annotated(samples, vocabulary)
+    assert trained.labels == ("grass", "car")  # both tags' annotated labels, none of the others
     (sample,) = samples
     assert (sample.labels[30, 50], sample.labels[5, 15], sample.labels[2, 2]) == (0, 1, -1)
+
+
+class _RecordingPredictor:
+    """Flat logits and prior; every prediction finds labels 0, 1 and 2 at scores 0.6, 0.2 and 0.1."""
+
+    temperature, presence_weight = 1.0, 0.5
+
+    def __init__(self):
+        self.vocabularies = []
+
+    def passes(self, images, vocabulary):
+        self.vocabularies.append(vocabulary.labels)
+        classes = len(vocabulary.labels)
+        return [(torch.zeros(classes, 4, 4), torch.full((classes,), -math.log(classes))) for _ in images]
+
+    def predict(self, images, vocabulary, rules):
+        self.vocabularies.append(vocabulary.labels)
+        return [SimpleNamespace(found_scores={0: 0.6, 1: 0.2, 2: 0.1}) for _ in images]
+
+
+def test_a_version_is_calibrated_in_every_label_it_serves_and_its_rule_on_the_annotated_ones():
+    """The fit sees the labels no annotation shows compete (they are served), and the region rule does not
+    count them: served, the rule spares them."""
+    both, only_a = np.zeros((8, 8), np.int64), np.zeros((8, 8), np.int64)
+    both[4:] = 1
+    samples = [Sample(np.zeros((8, 8, 3), np.uint8), labels) for labels in [both, only_a] * 3]
+    predictor = _RecordingPredictor()
+    summary = fit_serving_rules(predictor, samples, Vocabulary.from_labels(["a", "b", "c"]), Settings())
+    assert set(predictor.vocabularies) == {("a", "b", "c")}
+    # "b" found where it is not (0.2) is counted; "c", which no annotation shows (0.1), is not: with it the
+    # threshold would fall halfway to it (0.15), without it every annotated label's region is kept.
+    assert summary["min_region_score"] == 0.0
+    assert summary["calibration_images"] == 6
