@@ -196,14 +196,13 @@ def fit_region_rule(predictor, samples: list[Sample], vocabulary: Vocabulary, se
                     chunk: int = 32) -> float:
     """The version's ``min_region_score``, fitted on its annotations as its pre-labels are served. Only regions of
     labels some annotation shows count: the rule spares the others when served (``RegionRules.unscored``)."""
-    annotated = {int(c) for s in samples for c in np.unique(s.labels) if c >= 0}
-    found, present = [], []
+    present = [{int(c) for c in np.unique(s.labels) if c >= 0} for s in samples]
+    annotated = set().union(*present)
+    found = []
     for start in range(0, len(samples), chunk):
         batch = samples[start:start + chunk]
         predictions = predictor.predict([s.image for s in batch], vocabulary, settings.region_rules(0.0, zero_shot=False))
-        for prediction, sample in zip(predictions, batch, strict=True):
-            found.append({c: score for c, score in prediction.found_scores.items() if c in annotated})
-            present.append({int(c) for c in np.unique(sample.labels) if c >= 0})
+        found += [{c: score for c, score in p.found_scores.items() if c in annotated} for p in predictions]
     return fit_min_score(found, present)
 
 
