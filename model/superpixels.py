@@ -101,10 +101,11 @@ class Superpixels:
         """From an interactive state (:class:`model.refinement.ImageState`): its image and its pass's embeddings."""
         lab = cv2.cvtColor(state.image, cv2.COLOR_RGB2LAB)
         width = max(3, round(SUPERPIXEL_CELL_SHARE * lab.shape[0] / state.logits.shape[1]))
-        labels = torch.unique(slic(lab, width, iterations=SUPERPIXEL_ITERATIONS), return_inverse=True)[1]
-        labels = labels.to(state.logits.device)
-        flat, count = labels.flatten(), int(labels.max()) + 1
-        size = torch.bincount(flat, minlength=count).clamp(min=1).float()
+        cells = slic(lab, width, iterations=SUPERPIXEL_ITERATIONS)
+        present = torch.bincount(cells.flatten()) > 0
+        labels = (present.cumsum(0) - 1)[cells].to(state.logits.device)  # numbered without gaps
+        flat, count = labels.flatten(), int(present.sum())
+        size = torch.bincount(flat, minlength=count).float()
         mean = lambda values: torch.bincount(flat, values.flatten().float(), count) / size  # noqa: E731
         rows, cols = torch.meshgrid(torch.arange(labels.shape[0]), torch.arange(labels.shape[1]), indexing="ij")
         centre = torch.stack([mean(rows), mean(cols)], 1)

@@ -1,5 +1,6 @@
 """Interactive refinement: clicks and boxes → one label's mask (model.refinement), and Label Studio's
 smart-tool protocol around it (backend.smart_tools, /predict with a context)."""
+import os
 import re
 import threading
 import time
@@ -331,15 +332,17 @@ def test_opening_a_task_keeps_its_pass_for_the_clicks(make_client, file_server, 
     assert len(service.passes) == 0  # nor a config without a tool that clicks
     made_in = []
     original = Superpixels.of
-    monkeypatch.setattr("model.refinement.Superpixels.of",
-                        lambda state: made_in.append(threading.current_thread().name) or original(state))
+    monkeypatch.setattr("model.refinement.Superpixels.of", lambda state: made_in.append(
+        (threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        or original(state))
     client.post("/predict", json={"tasks": tasks[:1], "label_config": SMART_CONFIG, "project": "1.1"})
     assert len(service.passes) == 1
     (state,) = service.passes._states.values()
     deadline = time.time() + 30
     while "superpixels" not in vars(state) and time.time() < deadline:
         time.sleep(0.05)
-    assert made_in == ["superpixels"]  # beside the answer, not in the request before it
+    # beside the answer, not in the request before it, and on the cores it leaves idle
+    assert made_in == [("superpixels", 19)]
     passes = _count_passes(monkeypatch)
     remade = []
     monkeypatch.setattr("model.refinement.regions", lambda *args: remade.append(1))
