@@ -4,7 +4,8 @@ change on a CPU with AMX or AVX512-BF16.
     python -m bench.precision [--clip demo-clip] [--test-images 80] [--train-images 100] [--steps 300]
 
 For each setting (fp32 torch, bf16 torch, bf16 OpenVINO where installed), the zero-shot model and one
-fine-tuned (in that precision, as the training job does; training always runs in torch) on ``--train-images`` annotated scenes, both served as the backend serves them (label-free
+fine-tuned (in that precision and runtime, as the training job does: the frozen tower in the runtime, the rest
+in torch) on ``--train-images`` annotated scenes, both served as the backend serves them (label-free
 temperature zero-shot; temperature and presence weight fitted on the training images after
 fine-tuning): mIoU, pixel ECE (%), Spearman(task score, task mIoU) on ``--test-images`` held-out
 scenes, ms per image of the forward pass, and training steps/s. The last line holds the deltas.
@@ -95,8 +96,10 @@ def main(argv=None) -> None:
     deltas = " ".join(f"{model}_{'_'.join(setting)}_{key}_delta={rows[(model, *setting)][key] - rows[(model, *REFERENCE)][key]:+.2f}"
                       for setting in settings[1:] for model in ("zero-shot", "fine-tuned")
                       for key in ("miou", "ece", "spearman"))
-    speedup = rows["fine-tuned", "bf16", "torch"]["steps_per_s"] / rows[("fine-tuned", *REFERENCE)]["steps_per_s"]
-    print(f"precision: clip={args.clip} {deltas} training_speedup={speedup:.2f}")
+    speedups = " ".join(f"training_speedup_{'_'.join(setting)}="
+                        f"{rows[('fine-tuned', *setting)]['steps_per_s'] / rows[('fine-tuned', *REFERENCE)]['steps_per_s']:.2f}"
+                        for setting in settings[1:])
+    print(f"precision: clip={args.clip} {deltas} {speedups}")
 
 
 if __name__ == "__main__":

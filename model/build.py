@@ -41,11 +41,14 @@ class SegmentationModel:
         return model_identity(self.clip.identity, self.config.dense_method)
 
     def segmenter(self, seed: int = 0, **options) -> Segmenter:
-        """A new, untrained segmenter (``options``: :func:`build_segmenter`'s, over the config's)."""
+        """A new, untrained segmenter (``options``: :func:`build_segmenter`'s, over the config's), its frozen tower
+        run by the configured runtime, in training as in inference."""
         config = self.config
         options = {"dense_method": config.dense_method, "seen_weight": config.seen_weight,
                    "unseen_weight": config.unseen_weight, **options}
-        return build_segmenter(self.clip, seed=seed, **options)
+        segmenter = build_segmenter(self.clip, seed=seed, **options)
+        self._compile_tower(segmenter)
+        return segmenter
 
     def predictor(self, segmenter: Segmenter | None = None, temperature: float | None = None) -> Predictor:
         """A predictor for ``segmenter`` (default: a new untrained one, i.e. zero-shot), its frozen tower run by

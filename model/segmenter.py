@@ -95,7 +95,7 @@ class Segmenter(nn.Module):
         self.trained_labels: tuple[str, ...] | None = None
         self.seen_weight = seen_weight
         self.unseen_weight = unseen_weight
-        # The frozen tower compiled for another runtime (model.openvino_tower), used outside training.
+        # The frozen tower compiled for another runtime (model.openvino_tower), in training too.
         self.compiled_tower = None
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ class Segmenter(nn.Module):
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`embed`, and the CLIP's global image embedding (B, D), L2-normalised."""
         tower_frozen = not any(p.requires_grad for p in self.image_tower.parameters())
-        compiled = self.compiled_tower is not None and tower_frozen and not self.training
+        compiled = self.compiled_tower is not None and tower_frozen  # no gradient goes through it
         with torch.no_grad() if tower_frozen else nullcontext():
             out = (self.compiled_tower if compiled else self.image_tower)(images)
         tuned = out.dense + self.decoder(out.features, out.dense)

@@ -53,7 +53,7 @@ def test_openvinos_tower_gives_torchs_outputs_at_any_size_and_batch(demo_clip):
 
 
 @needs_openvino
-def test_versions_that_keep_the_frozen_tower_share_the_compiled_one_and_training_runs_torch(demo_clip):
+def test_versions_that_keep_the_frozen_tower_share_the_compiled_one_in_training_too(demo_clip):
     model = SegmentationModel(demo_clip, ModelConfig(dense_method=DENSE_METHOD, runtime="openvino"))
     zero_shot, tuned = model.predictor(), model.predictor(model.segmenter(seed=3))
     assert zero_shot.segmenter.compiled_tower is tuned.segmenter.compiled_tower is not None
@@ -61,8 +61,11 @@ def test_versions_that_keep_the_frozen_tower_share_the_compiled_one_and_training
     assert unfrozen.segmenter.compiled_tower is None  # its last block is its own: it runs in torch
     assert SegmentationModel(demo_clip, ModelConfig(runtime="torch")).predictor().segmenter.compiled_tower is None
 
-    segmenter = tuned.segmenter.train()
-    calls = []
-    segmenter.compiled_tower = lambda images: calls.append(images)
-    segmenter.embed(torch.zeros(1, 3, 64, 64))
-    assert not calls, "training must run the torch tower"
+    training = model.segmenter(seed=4).train()  # a training job's, before any predictor
+    compiled, calls = training.compiled_tower, []
+    assert compiled is zero_shot.segmenter.compiled_tower
+    training.compiled_tower = lambda images: calls.append(images) or compiled(images)
+    tuned_embedding, _ = training.embed(torch.zeros(1, 3, 64, 64))
+    assert len(calls) == 1  # no gradient goes through a frozen tower: training runs it where inference does
+    tuned_embedding.sum().backward()
+    assert all(p.grad is not None for p in training.decoder.parameters() if p.requires_grad)
