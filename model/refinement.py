@@ -163,7 +163,7 @@ class ImageState:
 
     @cached_property
     def superpixels(self) -> Superpixels:
-        """The image's superpixels at the working resolution (made on the first click)."""
+        """The image's superpixels at the working resolution (made beside an opened task's answer, or on the first click)."""
         return Superpixels.of(self)
 
     def working_pixel(self, x: float, y: float) -> tuple[int, int]:
