@@ -77,7 +77,8 @@ class SegmentationModel:
         segmenter.compiled_tower = self._compiled_towers[method]
 
     def load_predictor(self, checkpoint: str | Path) -> Predictor:
-        """The predictor of a fine-tuned version, at the temperature and presence weight its training fitted.
+        """The predictor of a fine-tuned version, at the temperature, presence weight and trust in the frozen CLIP
+        its training fitted.
 
         Raises:
             model.checkpoint.CheckpointError: the file can't serve this model (another CLIP or dense method).
@@ -86,6 +87,7 @@ class SegmentationModel:
         metadata = load_checkpoint(checkpoint, segmenter, self.identity)
         predictor = self.predictor(segmenter, temperature=metadata.get("temperature", 1.0))
         predictor.presence_weight = metadata.get("presence_weight", predictor.presence_weight)
+        segmenter.frozen_trust = metadata.get("frozen_trust", {})  # versions from before it: α for every label
         return predictor
 
 

@@ -95,11 +95,26 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(gap.sum() / max(1, count.sum()) * 100)
 
 
+def fit_frozen_trust(predictor, images: list[np.ndarray], labels: list[np.ndarray], vocabulary,
+                     chunk: int = 32) -> dict[str, float]:
+    """Per label the annotations show: the share of its annotated pixels the frozen CLIP alone names right
+    (its dense scores plus the image-level prior at ``predictor``'s presence weight), which scales its share
+    in a fine-tuned segmenter's ensemble (:meth:`model.segmenter.Segmenter.ensemble_weights`). The frozen CLIP
+    never trained on these images, so its share is what it would get right on others; a label it never names
+    would only have its annotations vetoed.
+    """
+    passes = [out for start in range(0, len(images), chunk)
+              for out in predictor.passes(images[start:start + chunk], vocabulary, frozen_only=True)]
+    x, y, o = _flatten([out for out, _ in passes], labels, 200_000, seed=2, offsets=[prior for _, prior in passes])
+    named = (x + predictor.presence_weight * o).argmax(1)
+    return {vocabulary.labels[c]: round(float((named[y == c] == c).float().mean()), 3) for c in y.unique().tolist()}
+
+
 def calibrate(predictor, images: list[np.ndarray], labels: list[np.ndarray], vocabulary,
               min_images: int = 5, chunk: int = 32) -> dict:
-    """Fit ``predictor``'s temperature and presence weight on annotated images and set them: how much the
-    frozen CLIP's image-level prior should still count is what the annotations say (a model fine-tuned on
-    them often knows better).
+    """Fit a fine-tuned ``predictor``'s trust in the frozen CLIP per label (:func:`fit_frozen_trust`), then its
+    temperature and presence weight, on annotated images, and set them: how much the frozen CLIP's image-level
+    prior should still count is what the annotations say (a model fine-tuned on them often knows better).
 
     Args:
         predictor: a :class:`model.predictor.Predictor`.
@@ -108,12 +123,15 @@ def calibrate(predictor, images: list[np.ndarray], labels: list[np.ndarray], voc
         min_images: below this many images the temperature stays 1 (and the weight as it is).
 
     Returns:
-        ``temperature``, ``presence_weight`` and the pixel ECE (%) on these annotations before (T = 1, the
-        weight as it was) and after.
+        ``temperature``, ``presence_weight``, ``frozen_trust`` (fine-tuned only) and the pixel ECE (%) on these
+        annotations before (T = 1, the weight as it was) and after.
     """
     if len(images) < min_images:
         predictor.temperature = 1.0
         return {"temperature": 1.0, "presence_weight": predictor.presence_weight, "calibration_images": len(images)}
+    trust = {}
+    if predictor.segmenter.trained_labels is not None:
+        trust = predictor.segmenter.frozen_trust = fit_frozen_trust(predictor, images, labels, vocabulary, chunk)
     passes = [out for start in range(0, len(images), chunk)
               for out in predictor.passes(images[start:start + chunk], vocabulary)]
     logits, priors = [out for out, _ in passes], [prior for _, prior in passes]
@@ -127,6 +145,7 @@ def calibrate(predictor, images: list[np.ndarray], labels: list[np.ndarray], voc
     before = ece(1.0, predictor.presence_weight)
     predictor.temperature, predictor.presence_weight = temperature, weight
     return {"temperature": round(temperature, 4), "presence_weight": round(weight, 4),
+            **({"frozen_trust": trust} if trust else {}),
             "calibration_images": len(images), "ece_before": before, "ece_after": ece(temperature, weight)}
 
 

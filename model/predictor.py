@@ -180,12 +180,14 @@ class Predictor:
         return [presence.apply(out, prior, temperature, self.presence_weight) for out, prior in passes]
 
     @torch.no_grad()
-    def passes(self, images: list[np.ndarray], vocabulary: Vocabulary,
-               with_embeddings: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image, the segmenter's (C[+D], h, w) logits (and embeddings) before any calibration, and the
-        frozen CLIP's (C,) image-level log-probabilities of the labels."""
+    def passes(self, images: list[np.ndarray], vocabulary: Vocabulary, with_embeddings: bool = False,
+               frozen_only: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image, the segmenter's (C[+D], h, w) logits (and embeddings) before any calibration (``frozen_only``:
+        the frozen CLIP's log-probabilities alone), and the frozen CLIP's (C,) image-level log-probabilities of
+        the labels."""
         text = self.text_encoder.embed(vocabulary)
-        seen = self.segmenter.seen_classes(vocabulary.labels)
+        weights = (torch.ones(len(vocabulary.labels)) if frozen_only
+                   else self.segmenter.ensemble_weights(vocabulary.labels))
         jobs = []  # (image index, window corner or None, tensor)
         for index, image in enumerate(images):
             shape = self.inference_shape(*image.shape[:2])
@@ -196,7 +198,7 @@ class Predictor:
                     jobs.append((index, (y, x, shape), crop))
             else:
                 jobs.append((index, None, tensor))
-        outputs = self._forward(jobs, text, seen, with_embeddings)
+        outputs = self._forward(jobs, text, weights, with_embeddings)
         maps = self._merge_windows(jobs, [out for out, _ in outputs], len(images))
         priors: list[list[torch.Tensor]] = [[] for _ in images]
         for (index, _, _), (_, image_logits) in zip(jobs, outputs, strict=True):
@@ -204,7 +206,7 @@ class Predictor:
         # A windowed image's prior: the windows' mean log-probability, renormalised.
         return [(out, presence.log_prior(torch.stack(p).mean(0))) for out, p in zip(maps, priors, strict=True)]
 
-    def _forward(self, jobs: list, text: torch.Tensor, seen: torch.Tensor | None,
+    def _forward(self, jobs: list, text: torch.Tensor, frozen_weights: torch.Tensor | None,
                  with_embeddings: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The segmenter's (logits, image-level logits) for each job's tensor, batching tensors of one shape;
         kept on the device."""
@@ -217,7 +219,7 @@ class Predictor:
                 for start in range(0, len(members), self.batch_size):
                     chunk = members[start:start + self.batch_size]
                     batch = torch.stack([jobs[j][2] for j in chunk])
-                    maps, image_logits = self.segmenter(batch, text.to(self.device), seen, with_embeddings)
+                    maps, image_logits = self.segmenter(batch, text.to(self.device), frozen_weights, with_embeddings)
                     for j, out, image in zip(chunk, maps.float(), image_logits.float(), strict=True):
                         outputs[j] = (out, image)
         return outputs

@@ -13,10 +13,12 @@ Fine-tuning moves E for the annotated classes while the distillation regulariser
 
 At inference a fine-tuned segmenter combines both classifiers of the same pass, as
 FC-CLIP's geometric ensemble does (Yu et al., NeurIPS 2023): a class it was trained on
-scores ``(1-α)·log p_tuned + α·log p_frozen``, a class it never saw ``(1-β)·log p_tuned +
+scores ``(1-α_c)·log p_tuned + α_c·log p_frozen``, a class it never saw ``(1-β)·log p_tuned +
 β·log p_frozen``. Training never tells the decoder anything about the unseen classes, so
 their scores come (mostly) from the frozen CLIP, and no correction of other labels can
-erase them.
+erase them. ``α_c = α · trust_c``, where ``trust_c`` is how much of class c's annotated
+pixels the frozen CLIP names right on its own (:func:`model.calibration.fit_frozen_trust`):
+a frozen CLIP that never sees a class would only veto what its annotations taught.
 
 The same pass also classifies the CLIP's own global image embedding (the frozen CLIP's
 image-level probability of each label), which the predictor uses as a presence prior
@@ -90,9 +92,10 @@ class Segmenter(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
         self.frozen_logit_scale = logit_scale  # the frozen CLIP's own temperature, never trained
         self.stride = image_tower.stride
-        # The labels fine-tuning saw (None: not fine-tuned) and the ensemble's weights of the frozen
-        # CLIP for seen (α) and unseen (β) classes; see the module docstring.
+        # The labels fine-tuning saw (None: not fine-tuned), the ensemble's weights of the frozen CLIP for
+        # seen (α) and unseen (β) classes, and its trust in each seen one; see the module docstring.
         self.trained_labels: tuple[str, ...] | None = None
+        self.frozen_trust: dict[str, float] = {}
         self.seen_weight = seen_weight
         self.unseen_weight = unseen_weight
         # The frozen tower compiled for another runtime (model.openvino_tower), in training too.
@@ -122,30 +125,34 @@ class Segmenter(nn.Module):
         scale = self.log_logit_scale.exp() if scale is None else scale
         return scale * torch.einsum("bdhw,cd->bchw", embeddings, text.to(embeddings))
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, seen: torch.Tensor | None = None,
+    def forward(self, images: torch.Tensor, text: torch.Tensor, frozen_weights: torch.Tensor | None = None,
                 with_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W), text (C, D) → (logits (B, C, H/stride, W/stride), the frozen CLIP's
         image-level logits (B, C) at its own logit scale).
 
-        With ``seen`` ((C,) bool: the classes fine-tuning saw), the geometric ensemble of the
-        fine-tuned and frozen classifiers, as log-probabilities. ``with_embeddings``: the
-        fine-tuned embeddings E follow as D more channels, (B, C + D, H/stride, W/stride).
+        With ``frozen_weights`` ((C,): the frozen CLIP's share of each class, :meth:`ensemble_weights`), the
+        geometric ensemble of the fine-tuned and frozen classifiers, as log-probabilities (all ones: the frozen
+        CLIP's alone). ``with_embeddings``: the fine-tuned embeddings E follow as D more channels,
+        (B, C + D, H/stride, W/stride).
         """
         tuned, frozen, image = self._embed(images)
         logits = self.classify(tuned, text)
-        if seen is not None:
+        if frozen_weights is not None:
             frozen_logits = self.classify(frozen, text, self.frozen_logit_scale)
-            weight = torch.where(seen.to(logits.device), self.seen_weight, self.unseen_weight).view(1, -1, 1, 1)
+            weight = frozen_weights.to(logits).view(1, -1, 1, 1)
             logits = (1 - weight) * logits.log_softmax(1) + weight * frozen_logits.log_softmax(1)
         image_logits = self.frozen_logit_scale * image @ text.to(image).T
         return (torch.cat([logits, tuned], 1) if with_embeddings else logits), image_logits
 
-    def seen_classes(self, labels: tuple[str, ...]) -> torch.Tensor | None:
-        """(C,) bool: which of ``labels`` fine-tuning saw; None for a segmenter that was not fine-tuned."""
+    def ensemble_weights(self, labels: tuple[str, ...]) -> torch.Tensor | None:
+        """(C,) the frozen CLIP's share in the ensemble of each of ``labels``: α times its trust in a label
+        fine-tuning saw (1 where none was fitted), β for one it never saw; None for a segmenter that was not
+        fine-tuned."""
         if self.trained_labels is None:
             return None
         trained = set(self.trained_labels)
-        return torch.tensor([label in trained for label in labels])
+        return torch.tensor([self.seen_weight * self.frozen_trust.get(label, 1.0) if label in trained
+                             else self.unseen_weight for label in labels])
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters fine-tuning changes (the decoder, the temperature, any unfrozen tower part)."""

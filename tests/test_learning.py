@@ -91,6 +91,9 @@ def test_annotations_train_a_new_version_that_is_served(service, file_server):
     assert summary["temperature"] > 0 and summary["ece_after"] <= min(5.0, summary["ece_before"] + 0.5)
     serving = service.runtime.serving("7")
     assert serving.predictor.temperature == pytest.approx(summary["temperature"], abs=1e-3)
+    # Its trust in the frozen CLIP, per label it was trained on, is the version's too.
+    assert set(summary["frozen_trust"]) == set(summary["classes"])
+    assert serving.predictor.segmenter.frozen_trust == summary["frozen_trust"]
     # The pruning rule fitted on the annotations is the version's, served unless MIN_REGION_SCORE is set.
     assert 0 < summary["min_region_score"] < 1
     assert serving.region_rules(service.settings).min_score == summary["min_region_score"]

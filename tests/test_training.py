@@ -212,12 +212,12 @@ def test_fine_tuned_segmenter_ensembles_with_the_frozen_clip(demo_clip, tmp_path
     segmenter = build_segmenter(demo_clip, seed=1, seen_weight=0.0, unseen_weight=1.0)
     torch.nn.init.normal_(segmenter.decoder.out.weight, std=0.5)  # a decoder that moves the embeddings
     x, text = torch.randn(1, 3, 64, 64), F.normalize(torch.randn(3, demo_clip.model.visual.output_dim), dim=1)
-    assert segmenter.seen_classes(("a", "b", "c")) is None  # not fine-tuned: no ensemble
+    assert segmenter.ensemble_weights(("a", "b", "c")) is None  # not fine-tuned: no ensemble
     tuned_logits, _ = segmenter(x, text)
     segmenter.trained_labels = ("a", "c")
-    seen = segmenter.seen_classes(("a", "b", "c"))
-    assert seen.tolist() == [True, False, True]
-    ensembled, _ = segmenter(x, text, seen)
+    weights = segmenter.ensemble_weights(("a", "b", "c"))
+    assert weights.tolist() == [0.0, 1.0, 0.0]
+    ensembled, _ = segmenter(x, text, weights)
     _, frozen = segmenter.embed(x)
     frozen_logits = segmenter.frozen_logit_scale * torch.einsum("bdhw,cd->bchw", frozen, text)
     # Weight 0 for seen classes: the fine-tuned classifier's; weight 1 for unseen: the frozen CLIP's.
@@ -228,6 +228,9 @@ def test_fine_tuned_segmenter_ensembles_with_the_frozen_clip(demo_clip, tmp_path
     restored = build_segmenter(demo_clip)
     load_checkpoint(path, restored, demo_clip.identity)
     assert restored.trained_labels == ("a", "c")  # a served version knows which labels it saw
+    # A seen label's weight is α scaled by the trust fitted in it (1 where none was).
+    segmenter.seen_weight, segmenter.frozen_trust = 0.4, {"a": 0.5}
+    assert segmenter.ensemble_weights(("a", "b", "c")).tolist() == pytest.approx([0.2, 1.0, 0.4])
 
 
 def test_training_learns_every_segmentation_tag_of_the_config():
@@ -255,14 +258,16 @@ def test_training_learns_every_segmentation_tag_of_the_config():
 
 
 class _RecordingPredictor:
-    """Flat logits and prior; every prediction finds labels 0, 1 and 2 at scores 0.6, 0.2 and 0.1."""
+    """A version fine-tuned on "a" and "b": flat logits and prior (every pixel's argmax is label 0); every
+    prediction finds labels 0, 1 and 2 at scores 0.6, 0.2 and 0.1."""
 
     temperature, presence_weight = 1.0, 0.5
 
     def __init__(self):
         self.vocabularies = []
+        self.segmenter = SimpleNamespace(trained_labels=("a", "b"), frozen_trust={})
 
-    def passes(self, images, vocabulary):
+    def passes(self, images, vocabulary, frozen_only=False):
         self.vocabularies.append(vocabulary.labels)
         classes = len(vocabulary.labels)
         return [(torch.zeros(classes, 4, 4), torch.full((classes,), -math.log(classes))) for _ in images]
@@ -285,3 +290,5 @@ def test_a_version_is_calibrated_in_every_label_it_serves_and_its_rule_on_the_an
     # threshold would fall halfway to it (0.15), without it every annotated label's region is kept.
     assert summary["min_region_score"] == 0.0
     assert summary["calibration_images"] == 6
+    # The frozen CLIP names all of "a"'s annotated pixels and none of "b"'s: the version trusts it in "a" alone.
+    assert summary["frozen_trust"] == predictor.segmenter.frozen_trust == {"a": 1.0, "b": 0.0}
