@@ -95,6 +95,12 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(gap.sum() / max(1, count.sum()) * 100)
 
 
+def _chunked_passes(predictor, images: list[np.ndarray], vocabulary, chunk: int, **options) -> list:
+    """``predictor.passes`` over ``images``, ``chunk`` at a time (bounded memory)."""
+    return [out for start in range(0, len(images), chunk)
+            for out in predictor.passes(images[start:start + chunk], vocabulary, **options)]
+
+
 def fit_frozen_trust(predictor, images: list[np.ndarray], labels: list[np.ndarray], vocabulary,
                      chunk: int = 32) -> dict[str, float]:
     """Per label the annotations show: the share of its annotated pixels the frozen CLIP alone names right
@@ -103,8 +109,7 @@ def fit_frozen_trust(predictor, images: list[np.ndarray], labels: list[np.ndarra
     never trained on these images, so its share is what it would get right on others; a label it never names
     would only have its annotations vetoed.
     """
-    passes = [out for start in range(0, len(images), chunk)
-              for out in predictor.passes(images[start:start + chunk], vocabulary, frozen_only=True)]
+    passes = _chunked_passes(predictor, images, vocabulary, chunk, frozen_only=True)
     x, y, o = _flatten([out for out, _ in passes], labels, 200_000, seed=2, offsets=[prior for _, prior in passes])
     named = (x + predictor.presence_weight * o).argmax(1)
     return {vocabulary.labels[c]: round(float((named[y == c] == c).float().mean()), 3) for c in y.unique().tolist()}
@@ -132,8 +137,7 @@ def calibrate(predictor, images: list[np.ndarray], labels: list[np.ndarray], voc
     trust = {}
     if predictor.segmenter.trained_labels is not None:
         trust = predictor.segmenter.frozen_trust = fit_frozen_trust(predictor, images, labels, vocabulary, chunk)
-    passes = [out for start in range(0, len(images), chunk)
-              for out in predictor.passes(images[start:start + chunk], vocabulary)]
+    passes = _chunked_passes(predictor, images, vocabulary, chunk)
     logits, priors = [out for out, _ in passes], [prior for _, prior in passes]
     temperature, weight = fit_scores(logits, labels, priors)
     x, y, o = _flatten(logits, labels, 200_000, seed=1, offsets=priors)
