@@ -159,7 +159,9 @@ class Bench:
         kept = {}
         for row, (rules, refine) in rows.items():
             scores = sources.get(row, logits)
-            predictions = [Predictor.to_semantic(out, *image.shape[:2], 1.0, rules, image if refine else None, prior)
+            weight = 0.0 if row in sources else predictor.presence_weight
+            predictions = [Predictor.to_semantic(out, *image.shape[:2], 1.0, rules, image if refine else None, prior,
+                                                 weight)
                            for out, (_, prior), (image, _) in zip(scores, passes, scenes, strict=True)]
             pairs = [(p.label_map, truth) for p, (_, truth) in zip(predictions, scenes, strict=True)]
             count, precision = region_precision(pairs)

@@ -49,11 +49,15 @@ class SemanticPrediction:
         confidence: (H, W) float32, the winning class's probability per pixel.
         found: the score of every label the model found, by vocabulary index, including those then
             left unlabeled for scoring under the pruning's ``min_score`` (None: the region scores).
+        missed: zero-shot (under the presence cut), the labels the pre-label leaves out that the cut's views see
+            (the dense map without the prior, the whole-image view: :func:`model.regions.seen_labels`) or that
+            it cut, by vocabulary index; the task score counts them 0.
     """
 
     label_map: np.ndarray
     confidence: np.ndarray
     found: dict[int, float] | None = None
+    missed: frozenset[int] = frozenset()
 
     @cached_property
     def region_scores(self) -> dict[int, float]:
@@ -244,12 +248,12 @@ class Predictor:
     @staticmethod
     def to_semantic(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
                     rules: RegionRules = NO_PRUNING, image: np.ndarray | None = None,
-                    prior: torch.Tensor | None = None) -> SemanticPrediction:
+                    prior: torch.Tensor | None = None, presence_weight: float = 0.0) -> SemanticPrediction:
         """(C, h, w) logits → the argmax and probability of ``softmax(upsampled logits / temperature)`` at
         (height, width), on the logits' device, in time and memory that do not grow with C; regions
-        pruned by ``rules`` (given the image-level ``prior`` where they cut by it) and, given the RGB ``image``,
-        boundaries refined (:func:`model.regions.regions`)."""
-        return SemanticPrediction(*regions(logits, height, width, temperature, rules, image, prior))
+        pruned by ``rules`` (given the image-level ``prior``, in ``logits`` at ``presence_weight``, where they cut
+        by it) and, given the RGB ``image``, boundaries refined (:func:`model.regions.regions`)."""
+        return SemanticPrediction(*regions(logits, height, width, temperature, rules, image, prior, presence_weight))
 
     def predict(self, images: list[np.ndarray], vocabulary: Vocabulary,
                 rules: RegionRules = NO_PRUNING) -> list[SemanticPrediction]:
@@ -262,5 +266,5 @@ class Predictor:
         """:meth:`logits`' output for ``images`` → their predictions (refined if :attr:`refine_boundaries`);
         ``priors``: :meth:`logits_and_priors`' image-level log-probabilities, for ``rules.presence_cut``."""
         return [self.to_semantic(out, *image.shape[:2], 1.0, rules, image if self.refine_boundaries else None,
-                                 None if priors is None else priors[index])
+                                 None if priors is None else priors[index], self.presence_weight)
                 for index, (image, out) in enumerate(zip(images, logits, strict=True))]

@@ -133,8 +133,8 @@ class ImageState:
     def prelabel(self, rules: RegionRules) -> torch.Tensor:
         """The served pre-label's label map at the working resolution (computed once per rules)."""
         if rules not in self._prelabels:
-            label_map, _, _ = regions(self.logits, *self.image.shape[:2], 1.0, rules,
-                                      self.image if self.refined else None, self.prior)
+            label_map, *_ = regions(self.logits, *self.image.shape[:2], 1.0, rules,
+                                    self.image if self.refined else None, self.prior, self.presence_weight)
             self._keep(rules, torch.from_numpy(label_map).to(self.logits.device))
         return self._prelabels[rules]
 

@@ -179,12 +179,14 @@ def working_shape(logits: torch.Tensor, height: int, width: int) -> tuple[int, i
 
 def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
             rules: RegionRules = NO_PRUNING, image: np.ndarray | None = None,
-            prior: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
+            prior: torch.Tensor | None = None,
+            presence_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict[int, float], frozenset[int]]:
     """logits (C, h, w) → (label map (height, width) int16 with ``UNLABELED`` where pruned,
     confidence (height, width) float32, the score of every label found before unlikely ones were
-    unlabeled), after pruning by ``rules`` and, given the RGB ``image`` (height, width, 3),
-    boundary refinement. ``prior``: the image's (C,) image-level log-probabilities, which ``rules.presence_cut``
-    reads (without it nothing is cut)."""
+    unlabeled, the labels the presence cut's views see that the pre-label misses (:func:`seen_labels`)), after
+    pruning by ``rules`` and, given the RGB ``image`` (height, width, 3), boundary refinement. ``prior``: the
+    image's (C,) image-level log-probabilities, in ``logits`` at ``presence_weight``, which ``rules.presence_cut``
+    reads (without it nothing is cut or missed)."""
     shape = (height, width) if image is None else working_shape(logits, height, width)
     label_map, confidence = _reassign(logits, *shape, temperature, rules)
     if image is not None:
@@ -193,13 +195,31 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
     found = {int(c): float(scores[c]) for c in torch.nonzero(counts).flatten()}
     unlikely = (counts > 0) & (scores < rules.min_score)
     unlikely[list(rules.unscored)] = False
+    missed = frozenset()
     if rules.presence_cut and prior is not None:
         unlikely |= _not_shown(counts > 0, scores, shown_labels(prior).to(scores.device))
+        kept = torch.nonzero((counts > 0) & ~unlikely).flatten().tolist()
+        missed = (seen_labels(logits, prior, presence_weight, rules.min_area) | found.keys()) - set(kept)
     if unlikely.any():
         label_map = torch.where(unlikely[label_map.long()], torch.full_like(label_map, UNLABELED), label_map)
     if shape != (height, width):  # nearest: the working resolution's boundaries, undisturbed
         label_map, confidence = nearest_upsample((label_map, confidence), height, width)
-    return label_map.cpu().numpy(), confidence.cpu().numpy(), found
+    return label_map.cpu().numpy(), confidence.cpu().numpy(), found, frozenset(missed)
+
+
+def seen_labels(logits: torch.Tensor, prior: torch.Tensor, presence_weight: float, min_area: float) -> frozenset[int]:
+    """The labels one pass sees in an image by the two views the presence cut weighs: those of its dense map
+    without the presence prior that cover at least ``min_area`` of it, and those the whole-image view shows
+    (:func:`model.presence.shown_labels`).
+
+    Args:
+        logits: (C, h, w) calibrated scores, ``presence_weight`` × ``prior`` included.
+        prior: (C,) the image-level log-probabilities.
+    """
+    dense = logits - (presence_weight * prior.to(logits.device))[:, None, None]
+    counts = torch.bincount(dense.argmax(0).flatten(), minlength=logits.shape[0])
+    seen = ((counts > 0) & (counts >= min_area * counts.sum())) | shown_labels(prior).to(counts.device)
+    return frozenset(torch.nonzero(seen).flatten().tolist())
 
 
 def nearest_upsample(maps: tuple[torch.Tensor, ...], height: int, width: int) -> tuple[torch.Tensor, ...]:

@@ -15,9 +15,13 @@ import numpy as np
 def mean_score(prediction, sure_at: float = 0.5) -> float:
     """The mean score of every label the model found, those then left unlabeled as unlikely included, each
     counting once: a task whose image the model hesitates over scores low however clean its pruned pre-label
-    looks."""
-    scores = list(prediction.found_scores.values())
-    return float(np.mean(scores)) if scores else 0.0
+    looks. Zero-shot, each label the pre-label misses (:attr:`~model.predictor.SemanticPrediction.missed`)
+    counts 0: there what a pre-label gets wrong is mostly the labels it leaves out, which no score of its
+    regions reads."""
+    missed = prediction.missed
+    scores = [score for label, score in prediction.found_scores.items() if label not in missed]
+    counted = len(scores) + len(missed)
+    return float(sum(scores) / counted) if counted else 0.0
 
 
 def product_score(prediction, sure_at: float = 0.5) -> float:

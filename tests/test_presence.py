@@ -15,6 +15,7 @@ from model.build import SegmentationModel
 from model.calibration import fit_min_score
 from model.config import ModelConfig, RegionRules
 from model.predictor import Predictor
+from model.task_scores import task_score
 from model.vocabulary import Vocabulary
 
 
@@ -57,6 +58,24 @@ def test_the_presence_prior_takes_pixels_from_a_label_the_image_does_not_show():
     served = Predictor.to_semantic(presence.apply(logits, prior, 1.0, 0.5), 10, 10).label_map
     assert (without == 1).sum() > 0 and (served == 1).sum() == 0
     assert (served[:, :5] == 0).all() and (served[:, 5:] == 2).all()
+
+
+def test_zero_shot_a_pre_label_misses_what_the_presence_cuts_views_see_and_no_region_has():
+    # Label 1 wins 16 % of the pixels by a hair and the prior takes them; the whole-image view shows 0, 3 and 2.
+    logits = torch.zeros(4, 10, 10)
+    logits[0, :, :5], logits[2, :, 5:] = 2.0, 2.0
+    logits[1, ::3, ::3] = 2.2
+    prior = torch.tensor([0.55, 0.01, 0.04, 0.40]).log()
+    calibrated = presence.apply(logits, prior, 1.0, 0.5)
+    semantic = lambda rules: Predictor.to_semantic(calibrated, 10, 10, rules=rules, prior=prior,  # noqa: E731
+                                                   presence_weight=0.5)
+    served = semantic(RegionRules(presence_cut=True))
+    assert set(np.unique(served.label_map)) == {0, 2}
+    assert served.missed == {1, 3}  # 1: the dense map without the prior; 3: the whole-image view
+    assert task_score(served) == pytest.approx(sum(served.region_scores.values()) / 4)
+    # A label of the dense map under min_area is not seen; without the presence cut nothing is missed.
+    assert semantic(RegionRules(min_area=0.2, presence_cut=True)).missed == {3}
+    assert semantic(RegionRules()).missed == frozenset()
 
 
 @pytest.mark.parametrize("scale", [1.0, 100.0])
