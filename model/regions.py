@@ -183,7 +183,7 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
             presence_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict[int, float], frozenset[int]]:
     """logits (C, h, w) → (label map (height, width) int16 with ``UNLABELED`` where pruned,
     confidence (height, width) float32, the score of every label found before unlikely ones were
-    unlabeled, the labels the presence cut's views see that the pre-label misses (:func:`seen_labels`)), after
+    unlabeled, the labels the pre-label misses (:attr:`model.predictor.SemanticPrediction.missed`)), after
     pruning by ``rules`` and, given the RGB ``image`` (height, width, 3), boundary refinement. ``prior``: the
     image's (C,) image-level log-probabilities, in ``logits`` at ``presence_weight``, which ``rules.presence_cut``
     reads (without it nothing is cut or missed)."""
