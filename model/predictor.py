@@ -50,7 +50,7 @@ class SemanticPrediction:
         found: the score of every label the model found, by vocabulary index, including those then
             left unlabeled for scoring under the pruning's ``min_score`` (None: the region scores).
         missed: zero-shot (under the presence cut), the labels the pre-label leaves out that the cut's views see
-            (the dense map without the prior, the whole-image view: :func:`model.regions.seen_labels`) or that
+            (the dense map without the prior, :func:`model.regions.dense_labels`; the whole-image view) or that
             it cut, by vocabulary index; the task score counts them 0.
     """
 

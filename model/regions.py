@@ -197,29 +197,29 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
     unlikely[list(rules.unscored)] = False
     missed = frozenset()
     if rules.presence_cut and prior is not None:
-        unlikely |= _not_shown(counts > 0, scores, shown_labels(prior).to(scores.device))
-        kept = torch.nonzero((counts > 0) & ~unlikely).flatten().tolist()
-        missed = (seen_labels(logits, prior, presence_weight, rules.min_area) | found.keys()) - set(kept)
+        shown = shown_labels(prior).to(scores.device)
+        unlikely |= _not_shown(counts > 0, scores, shown)
+        seen = shown | dense_labels(logits, presence_weight * prior, rules.min_area).to(scores.device)
+        kept = (counts > 0) & ~unlikely
+        missed = frozenset(torch.nonzero((seen | (counts > 0)) & ~kept).flatten().tolist())
     if unlikely.any():
         label_map = torch.where(unlikely[label_map.long()], torch.full_like(label_map, UNLABELED), label_map)
     if shape != (height, width):  # nearest: the working resolution's boundaries, undisturbed
         label_map, confidence = nearest_upsample((label_map, confidence), height, width)
-    return label_map.cpu().numpy(), confidence.cpu().numpy(), found, frozenset(missed)
+    return label_map.cpu().numpy(), confidence.cpu().numpy(), found, missed
 
 
-def seen_labels(logits: torch.Tensor, prior: torch.Tensor, presence_weight: float, min_area: float) -> frozenset[int]:
-    """The labels one pass sees in an image by the two views the presence cut weighs: those of its dense map
-    without the presence prior that cover at least ``min_area`` of it, and those the whole-image view shows
-    (:func:`model.presence.shown_labels`).
+def dense_labels(logits: torch.Tensor, presence: torch.Tensor, min_area: float) -> torch.Tensor:
+    """(C,) bool: the labels of the dense map without the presence prior that cover at least ``min_area`` of it,
+    one of the two views the presence cut weighs (the other: :func:`model.presence.shown_labels`).
 
     Args:
-        logits: (C, h, w) calibrated scores, ``presence_weight`` × ``prior`` included.
-        prior: (C,) the image-level log-probabilities.
+        logits: (C, h, w) calibrated scores, ``presence`` included.
+        presence: (C,) the presence prior's share of them (its weight × the image-level log-probabilities).
     """
-    dense = logits - (presence_weight * prior.to(logits.device))[:, None, None]
+    dense = logits - presence.to(logits.device)[:, None, None]
     counts = torch.bincount(dense.argmax(0).flatten(), minlength=logits.shape[0])
-    seen = ((counts > 0) & (counts >= min_area * counts.sum())) | shown_labels(prior).to(counts.device)
-    return frozenset(torch.nonzero(seen).flatten().tolist())
+    return (counts > 0) & (counts >= min_area * counts.sum())
 
 
 def nearest_upsample(maps: tuple[torch.Tensor, ...], height: int, width: int) -> tuple[torch.Tensor, ...]:
