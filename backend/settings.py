@@ -108,6 +108,8 @@ class Settings:
     # Unset: 0 zero-shot (the presence prior decides), and what each version's training fitted on its annotations.
     min_region_score: float | None = field(default_factory=lambda: _optional_float("MIN_REGION_SCORE"))
     min_region_area: float = field(default_factory=lambda: float(_env("MIN_REGION_AREA", "0.01")))
+    # The beta of the F-beta each training job's min_region_score maximises: under 1, fewer wrong regions kept.
+    region_recall_weight: float = field(default_factory=lambda: float(_env("REGION_RECALL_WEIGHT", "1")))
     # Zero-shot, regions the frozen CLIP's whole-image view does not show are left unlabeled (model.presence).
     presence_cut: bool = field(default_factory=lambda: _flag("PRESENCE_CUT", True))
     refine_boundaries: bool = field(default_factory=lambda: _flag("REFINE_BOUNDARIES", DEFAULTS.refine_boundaries))
@@ -151,6 +153,8 @@ class Settings:
         for name in ("min_region_score", "min_region_area"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be in [0, 1), not {getattr(self, name)}")
+        if self.region_recall_weight <= 0:
+            raise ValueError(f"REGION_RECALL_WEIGHT must be positive, not {self.region_recall_weight}")
         if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"TEMPERATURE must be positive, not {self.temperature}")
         if self.presence_weight < 0:

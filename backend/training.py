@@ -185,10 +185,12 @@ def fit_serving_rules(predictor, samples: list[Sample], vocabulary: Vocabulary, 
     pixels from them, and weighs the frozen CLIP's image-level view, which keeps those labels, near zero.
 
     Returns:
-        :func:`model.calibration.calibrate`'s summary with ``min_region_score``.
+        :func:`model.calibration.calibrate`'s summary with ``min_region_score`` and the ``region_recall_weight``
+        it was fitted with.
     """
     summary = calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], vocabulary)
     summary["min_region_score"] = fit_region_rule(predictor, samples, vocabulary, settings)
+    summary["region_recall_weight"] = settings.region_recall_weight
     return summary
 
 
@@ -203,7 +205,7 @@ def fit_region_rule(predictor, samples: list[Sample], vocabulary: Vocabulary, se
         batch = samples[start:start + chunk]
         predictions = predictor.predict([s.image for s in batch], vocabulary, settings.region_rules(0.0, zero_shot=False))
         found += [{c: score for c, score in p.found_scores.items() if c in annotated} for p in predictions]
-    return fit_min_score(found, present)
+    return fit_min_score(found, present, settings.region_recall_weight)
 
 
 def _project_samples(settings: Settings, store: Store, project: str) -> tuple[list[Sample], Vocabulary, list[dict]]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from backend.settings import Settings
-from backend.training import fit_serving_rules
+from backend.training import fit_region_rule, fit_serving_rules
 from bench.calibration import task_miou
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
@@ -119,8 +119,9 @@ class Bench:
         self.worlds = {"demo world": world.test_scenes(args.test_images),
                        "shifted world": world.shifted_scenes(args.test_images)}
 
-    def fine_tuned(self) -> tuple[Predictor, RegionRules]:
-        """Fine-tuned and calibrated as a training job does; with the pruning it fits and serves."""
+    def fine_tuned(self) -> tuple[Predictor, RegionRules, dict[str, RegionRules]]:
+        """Fine-tuned and calibrated as a training job does; with the pruning it fits and serves, and that rule
+        fitted at ``--recall-weight`` (by row name)."""
         scenes = world.test_scenes(self.args.train_images, seed=777)
         samples = [Sample(i, t) for i, t in scenes]
         segmenter = self.model.segmenter()
@@ -131,11 +132,17 @@ class Bench:
         predictor.refine_boundaries = settings.refine_boundaries  # the rule is fitted as pre-labels are served
         rules = settings.region_rules(fit_serving_rules(predictor, samples, VOCABULARY, settings)["min_region_score"],
                                       zero_shot=False)
+        weight = self.args.recall_weight
+        preciser = settings.region_rules(fit_region_rule(
+            predictor, samples, VOCABULARY, dataclasses.replace(settings, region_recall_weight=weight)), zero_shot=False)
         predictor.refine_boundaries = False
-        return predictor, rules
+        return predictor, rules, {f"pruned and refined, min_score fitted at REGION_RECALL_WEIGHT={weight} "
+                                  f"({preciser.min_score})": preciser}
 
-    def pruning(self, name: str, predictor: Predictor, scenes, chosen: RegionRules) -> dict:
-        """Regions, precision and mIoU under several rules, refined as served; the served predictions."""
+    def pruning(self, name: str, predictor: Predictor, scenes, chosen: RegionRules,
+                alternatives: dict[str, RegionRules] | None = None) -> dict:
+        """Regions, precision and mIoU under several rules, ``alternatives`` among them, refined as served; the
+        served predictions."""
         passes = predictor.passes([image for image, _ in scenes], VOCABULARY)
         temperature = predictor.temperature_for(VOCABULARY, passes)
         logits = [presence.apply(out, prior, temperature, predictor.presence_weight) for out, prior in passes]
@@ -153,6 +160,7 @@ class Bench:
                 "pruned and refined, looser: min_score 0.2, min_area 0.01": (RegionRules(0.2, 0.01), True),
                 "pruned and refined, unlikely regions' pixels to the best label that stays instead of unlabeled":
                     (RegionRules(chosen.min_score, chosen.min_area, reassign_unlikely=True), True)}
+        rows.update({row: (rules, True) for row, rules in (alternatives or {}).items()})
         if chosen.presence_cut:
             rows["pruned and refined, no presence cut"] = (dataclasses.replace(chosen, presence_cut=False), True)
         print(f"\n{name}: {len(scenes)} scenes, T = {temperature:.3f}\n\n| post-processing | regions / image | region precision | mIoU |\n|---|---|---|---|")
@@ -227,6 +235,8 @@ def main(argv=None) -> None:
     parser.add_argument("--boundary-images", type=int, default=20)
     parser.add_argument("--train-images", type=int, default=100)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--recall-weight", type=float, default=0.5,
+                        help="the fine-tuned rows also show the region rule fitted at this REGION_RECALL_WEIGHT")
     add_clip_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -234,13 +244,14 @@ def main(argv=None) -> None:
     bench = Bench(args)
     zero_shot = bench.model.predictor()
     with torch.enable_grad():
-        tuned, tuned_rules = bench.fine_tuned()
+        tuned, tuned_rules, alternatives = bench.fine_tuned()
     print(f"fine-tuned version: T = {tuned.temperature:.3f}, fitted min_score = {tuned_rules.min_score}")
     served = {}
     for world_name, scenes in bench.worlds.items():
-        for model_name, predictor, rules in (("zero-shot", zero_shot, Settings().region_rules()),
-                                             ("fine-tuned", tuned, tuned_rules)):
-            served[world_name, model_name] = bench.pruning(f"{world_name}, {model_name}", predictor, scenes, rules)
+        for model_name, predictor, rules, others in (("zero-shot", zero_shot, Settings().region_rules(), None),
+                                                     ("fine-tuned", tuned, tuned_rules, alternatives)):
+            served[world_name, model_name] = bench.pruning(f"{world_name}, {model_name}", predictor, scenes, rules,
+                                                           others)
     size = 4 * bench.clip.inference_size
     rng = np.random.default_rng(2025)
     large = {"demo world": [world.render_scene(rng, size=size) for _ in range(args.boundary_images)],

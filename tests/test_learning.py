@@ -95,7 +95,7 @@ def test_annotations_train_a_new_version_that_is_served(service, file_server):
     assert set(summary["frozen_trust"]) == set(summary["classes"])
     assert serving.predictor.segmenter.frozen_trust == summary["frozen_trust"]
     # The pruning rule fitted on the annotations is the version's, served unless MIN_REGION_SCORE is set.
-    assert 0 < summary["min_region_score"] < 1
+    assert 0 < summary["min_region_score"] < 1 and summary["region_recall_weight"] == 1.0
     assert serving.region_rules(service.settings).min_score == summary["min_region_score"]
     assert serving.region_rules(dataclasses.replace(service.settings, min_region_score=0.7)).min_score == 0.7
     assert client.get("/health").get_json()["training"]["7"]["state"] == "finished"

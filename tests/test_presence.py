@@ -155,6 +155,16 @@ def test_the_fitted_min_score_keeps_what_the_annotations_show_and_drops_what_the
     assert fit_min_score([{}], [set()]) == 0.0
 
 
+def test_a_recall_weight_under_one_fits_a_rule_that_keeps_fewer_surer_regions():
+    # Sorted: 0.9 right, 0.8 right, 0.5 wrong, 0.4 right, 0.1 wrong. F1 keeps down to 0.4, the wrong 0.5
+    # with it; at beta 0.5 a wrong region kept costs four times a right one dropped: down to 0.8 only.
+    found = [{0: 0.9, 1: 0.5, 2: 0.1}, {0: 0.8, 3: 0.4}]
+    present = [{0}, {0, 3}]
+    assert fit_min_score(found, present) == 0.25
+    assert fit_min_score(found, present, recall_weight=0.5) == 0.65
+    assert fit_min_score(found, present, recall_weight=2.0) == 0.25
+
+
 def test_no_region_under_min_area_survives_refinement_at_1920x1080():
     # Label 2 covers 1.3% of the image after pruning; its pixels look like label 0's, so the guided filter
     # shrinks it to about 0.6%: a speck under MIN_REGION_AREA that refinement must give away too.

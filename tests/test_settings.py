@@ -55,6 +55,7 @@ def test_settings_load_no_torch():
     ("DEVICE", "gpu", "DEVICE must be cpu, cuda"),
     ("REFINE_BOUNDARIES", "ture", "REFINE_BOUNDARIES must be one of"),
     ("DISTILLATION", "nope", "DISTILLATION must be one of"),
+    ("REGION_RECALL_WEIGHT", "0", "REGION_RECALL_WEIGHT must be positive"),
 ])
 def test_settings_with_fixed_values_are_checked_at_startup(monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)

@@ -289,6 +289,7 @@ def test_a_version_is_calibrated_in_every_label_it_serves_and_its_rule_on_the_an
     # "b" found where it is not (0.2) is counted; "c", which no annotation shows (0.1), is not: with it the
     # threshold would fall halfway to it (0.15), without it every annotated label's region is kept.
     assert summary["min_region_score"] == 0.0
+    assert summary["region_recall_weight"] == 1.0  # what the rule was fitted with, shown in /versions
     assert summary["calibration_images"] == 6
     # The frozen CLIP names all of "a"'s annotated pixels and none of "b"'s: the version trusts it in "a" alone.
     assert summary["frozen_trust"] == predictor.segmenter.frozen_trust == {"a": 1.0, "b": 0.0}
