@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from model import presence
 from model.config import DEFAULTS, NO_PRUNING, PRECISIONS, RegionRules
 from model.regions import regions
+from model.segmenter import EnsembleWeights
 from model.vocabulary import TextEncoder, Vocabulary
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class Predictor:
         the frozen CLIP's log-probabilities alone), and the frozen CLIP's (C,) image-level log-probabilities of
         the labels."""
         text = self.text_encoder.embed(vocabulary)
-        weights = (torch.ones(len(vocabulary.labels)) if frozen_only
+        weights = (EnsembleWeights.frozen_only(len(vocabulary.labels)) if frozen_only
                    else self.segmenter.ensemble_weights(vocabulary.labels))
         jobs = []  # (image index, window corner or None, tensor)
         for index, image in enumerate(images):
@@ -210,7 +211,7 @@ class Predictor:
         # A windowed image's prior: the windows' mean log-probability, renormalised.
         return [(out, presence.log_prior(torch.stack(p).mean(0))) for out, p in zip(maps, priors, strict=True)]
 
-    def _forward(self, jobs: list, text: torch.Tensor, frozen_weights: torch.Tensor | None,
+    def _forward(self, jobs: list, text: torch.Tensor, frozen_weights: EnsembleWeights | None,
                  with_embeddings: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The segmenter's (logits, image-level logits) for each job's tensor, batching tensors of one shape;
         kept on the device."""

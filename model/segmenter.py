@@ -16,9 +16,13 @@ FC-CLIP's geometric ensemble does (Yu et al., NeurIPS 2023): a class it was trai
 scores ``(1-α_c)·log p_tuned + α_c·log p_frozen``, a class it never saw ``(1-β)·log p_tuned +
 β·log p_frozen``. Training never tells the decoder anything about the unseen classes, so
 their scores come (mostly) from the frozen CLIP, and no correction of other labels can
-erase them. ``α_c = α · trust_c``, where ``trust_c`` is how much of class c's annotated
-pixels the frozen CLIP names right on its own (:func:`model.calibration.fit_frozen_trust`):
-a frozen CLIP that never sees a class would only veto what its annotations taught.
+erase them. Among the classes it was trained on, ``α_c = α · trust_c``, where ``trust_c`` is how
+much of class c's annotated pixels the frozen CLIP names right on its own
+(:func:`model.calibration.fit_frozen_trust`): a frozen CLIP that never sees a class would only veto
+what its annotations taught. The trust decides *which* trained class a pixel is, not *whether* it is
+one: how much of a pixel goes to the trained classes as a group, and how it splits among the others,
+stays the α/β ensemble's, since no annotation shows what the frozen CLIP's veto keeps of the classes
+nobody annotated (:class:`EnsembleWeights`).
 
 The same pass also classifies the CLIP's own global image embedding (the frozen CLIP's
 image-level probability of each label), which the predictor uses as a presence prior
@@ -29,6 +33,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +41,38 @@ from torch import nn
 
 from model.clip import normalize_pixels
 from model.config import DEFAULTS
+
+
+@dataclass(frozen=True)
+class EnsembleWeights:
+    """The frozen CLIP's share in a fine-tuned segmenter's scores, (C,) each.
+
+    Attributes:
+        label: in each trained class's score among the trained classes (α · trust_c).
+        group: in every class's score for the split between trained and untrained classes, and among the
+            untrained ones (α trained, β untrained).
+        seen: the classes fine-tuning saw.
+    """
+
+    label: torch.Tensor
+    group: torch.Tensor
+    seen: torch.Tensor
+
+    @classmethod
+    def frozen_only(cls, count: int) -> EnsembleWeights:
+        """The frozen CLIP's scores alone."""
+        return cls(torch.ones(count), torch.ones(count), torch.zeros(count, dtype=torch.bool))
+
+    def combine(self, tuned: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) log-probabilities of both classifiers → the ensemble's, normalised over C."""
+        group, label = (w.to(tuned).view(1, -1, 1, 1) for w in (self.group, self.label))
+        flat = ((1 - group) * tuned + group * frozen).log_softmax(1)
+        if not self.seen.any():
+            return flat
+        seen = self.seen.to(tuned.device).view(1, -1, 1, 1)
+        mass = flat.masked_fill(~seen, -math.inf).logsumexp(1, keepdim=True)  # the trained classes' share
+        own = ((1 - label) * tuned + label * frozen).masked_fill(~seen, -math.inf).log_softmax(1)
+        return torch.where(seen, mass + own, flat)
 
 
 class DenseDecoder(nn.Module):
@@ -125,34 +162,33 @@ class Segmenter(nn.Module):
         scale = self.log_logit_scale.exp() if scale is None else scale
         return scale * torch.einsum("bdhw,cd->bchw", embeddings, text.to(embeddings))
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, frozen_weights: torch.Tensor | None = None,
+    def forward(self, images: torch.Tensor, text: torch.Tensor, frozen_weights: EnsembleWeights | None = None,
                 with_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W), text (C, D) → (logits (B, C, H/stride, W/stride), the frozen CLIP's
         image-level logits (B, C) at its own logit scale).
 
-        With ``frozen_weights`` ((C,): the frozen CLIP's share of each class, :meth:`ensemble_weights`), the
-        geometric ensemble of the fine-tuned and frozen classifiers, as log-probabilities (all ones: the frozen
-        CLIP's alone). ``with_embeddings``: the fine-tuned embeddings E follow as D more channels,
-        (B, C + D, H/stride, W/stride).
+        With ``frozen_weights`` (:meth:`ensemble_weights`, or :meth:`EnsembleWeights.frozen_only`), the
+        geometric ensemble of the fine-tuned and frozen classifiers, as log-probabilities.
+        ``with_embeddings``: the fine-tuned embeddings E follow as D more channels, (B, C + D, H/stride, W/stride).
         """
         tuned, frozen, image = self._embed(images)
         logits = self.classify(tuned, text)
         if frozen_weights is not None:
             frozen_logits = self.classify(frozen, text, self.frozen_logit_scale)
-            weight = frozen_weights.to(logits).view(1, -1, 1, 1)
-            logits = (1 - weight) * logits.log_softmax(1) + weight * frozen_logits.log_softmax(1)
+            logits = frozen_weights.combine(logits.log_softmax(1), frozen_logits.log_softmax(1))
         image_logits = self.frozen_logit_scale * image @ text.to(image).T
         return (torch.cat([logits, tuned], 1) if with_embeddings else logits), image_logits
 
-    def ensemble_weights(self, labels: tuple[str, ...]) -> torch.Tensor | None:
-        """(C,) the frozen CLIP's share in the ensemble of each of ``labels``: α times its trust in a label
-        fine-tuning saw (1 where none was fitted), β for one it never saw; None for a segmenter that was not
-        fine-tuned."""
+    def ensemble_weights(self, labels: tuple[str, ...]) -> EnsembleWeights | None:
+        """The frozen CLIP's share in the ensemble of each of ``labels``: α times its trust in a label
+        fine-tuning saw (1 where none was fitted) among those, α and β between the two groups; None for a
+        segmenter that was not fine-tuned."""
         if self.trained_labels is None:
             return None
-        trained = set(self.trained_labels)
-        return torch.tensor([self.seen_weight * self.frozen_trust.get(label, 1.0) if label in trained
-                             else self.unseen_weight for label in labels])
+        seen = torch.tensor([label in set(self.trained_labels) for label in labels])
+        group = torch.where(seen, self.seen_weight, self.unseen_weight).float()
+        trust = torch.tensor([self.frozen_trust.get(label, 1.0) for label in labels])
+        return EnsembleWeights(torch.where(seen, group * trust, group), group, seen)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters fine-tuning changes (the decoder, the temperature, any unfrozen tower part)."""

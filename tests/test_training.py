@@ -1,4 +1,5 @@
 import base64
+import dataclasses
 import math
 import os
 import subprocess
@@ -216,21 +217,35 @@ def test_fine_tuned_segmenter_ensembles_with_the_frozen_clip(demo_clip, tmp_path
     tuned_logits, _ = segmenter(x, text)
     segmenter.trained_labels = ("a", "c")
     weights = segmenter.ensemble_weights(("a", "b", "c"))
-    assert weights.tolist() == [0.0, 1.0, 0.0]
+    assert weights.label.tolist() == weights.group.tolist() == [0.0, 1.0, 0.0]
+    assert weights.seen.tolist() == [True, False, True]
     ensembled, _ = segmenter(x, text, weights)
     _, frozen = segmenter.embed(x)
     frozen_logits = segmenter.frozen_logit_scale * torch.einsum("bdhw,cd->bchw", frozen, text)
+    tuned_log, frozen_log = tuned_logits.log_softmax(1), frozen_logits.log_softmax(1)
     # Weight 0 for seen classes: the fine-tuned classifier's; weight 1 for unseen: the frozen CLIP's.
-    assert torch.allclose(ensembled[:, [0, 2]], tuned_logits.log_softmax(1)[:, [0, 2]], atol=1e-5)
-    assert torch.allclose(ensembled[:, 1], frozen_logits.log_softmax(1)[:, 1], atol=1e-5)
-    assert not torch.allclose(tuned_logits.log_softmax(1), frozen_logits.log_softmax(1), atol=1e-3)
+    expected = torch.stack([tuned_log[:, 0], frozen_log[:, 1], tuned_log[:, 2]], 1).log_softmax(1)
+    assert torch.allclose(ensembled, expected, atol=1e-5)
+    assert not torch.allclose(tuned_log, frozen_log, atol=1e-3)
     path = save_checkpoint(tmp_path / "v1.pt", segmenter, demo_clip.identity)
     restored = build_segmenter(demo_clip)
     load_checkpoint(path, restored, demo_clip.identity)
     assert restored.trained_labels == ("a", "c")  # a served version knows which labels it saw
-    # A seen label's weight is α scaled by the trust fitted in it (1 where none was).
-    segmenter.seen_weight, segmenter.frozen_trust = 0.4, {"a": 0.5}
-    assert segmenter.ensemble_weights(("a", "b", "c")).tolist() == pytest.approx([0.2, 1.0, 0.4])
+
+    # A seen label's weight among the seen ones is α scaled by the trust fitted in it (1 where none was) ...
+    segmenter.seen_weight, segmenter.unseen_weight, segmenter.frozen_trust = 0.4, 0.8, {"a": 0.5}
+    weights = segmenter.ensemble_weights(("a", "b", "c"))
+    assert weights.label.tolist() == pytest.approx([0.2, 0.8, 0.4])
+    assert weights.group.tolist() == pytest.approx([0.4, 0.8, 0.4])
+    trusting = segmenter(x, text, weights)[0].exp()
+    untrusting = segmenter(x, text, dataclasses.replace(weights, label=weights.group))[0].exp()
+    # ... which moves pixels between "a" and "c", not to or from "b", which no annotation showed.
+    assert torch.allclose(trusting[:, 1], untrusting[:, 1], atol=1e-5)
+    assert torch.allclose(trusting.sum(1), torch.ones_like(trusting[:, 0]), atol=1e-5)
+    label = torch.tensor([0.2, 0.4]).view(1, 2, 1, 1)
+    own = (1 - label) * tuned_log[:, [0, 2]] + label * frozen_log[:, [0, 2]]
+    assert torch.allclose(trusting[:, 0] / trusting[:, 2], (own[:, 0] - own[:, 1]).exp(), rtol=1e-4)
+    assert not torch.allclose(trusting[:, 0], untrusting[:, 0], atol=1e-3)
 
 
 def test_training_learns_every_segmentation_tag_of_the_config():
