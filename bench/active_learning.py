@@ -61,6 +61,7 @@ class Loop:
         self.rare = [int(c) for c in np.argsort(shows.sum(0), kind="stable")[:len(world.NAMES) // 3]]
         # "labels": the pass's image-level label probabilities, as served; "embedding": the CLIP's image embedding.
         self.features = self._embeddings() if features == "embedding" else None
+        self.log_features = features == "log-labels"
         self.zero_shot = self.model.predictor()
 
     def _embeddings(self) -> np.ndarray:
@@ -93,6 +94,9 @@ class Loop:
         pool = Pool.of(views, np.isin(np.arange(len(self.scenes)), chosen))
         if self.features is not None:
             pool = dataclasses.replace(pool, features=self.features)
+        elif self.log_features:
+            log = np.log(np.maximum(pool.features, 1e-30))
+            pool = dataclasses.replace(pool, features=log - log.mean(1, keepdims=True))
         return pool, np.array([task_score(p, Settings().task_score) for p in predictions])
 
     def pick(self, arm: str, predictor: Predictor, chosen: list[int], count: int, typical_below: int,
@@ -142,7 +146,7 @@ def main(argv=None) -> None:
                         help="acquire: typical-first while fewer tasks than this are annotated")
     parser.add_argument("--test-images", type=int, default=60)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--features", choices=("labels", "embedding"), default="labels",
+    parser.add_argument("--features", choices=("labels", "log-labels", "embedding"), default="labels",
                         help="what tasks are clustered on: the image-level label probabilities (served) or the "
                              "CLIP's image embedding")
     parser.add_argument("--json", help="write every result here")
