@@ -189,15 +189,18 @@ def fit_serving_rules(predictor, samples: list[Sample], vocabulary: Vocabulary, 
         it was fitted with.
     """
     summary = calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], vocabulary)
-    summary["min_region_score"] = fit_region_rule(predictor, samples, vocabulary, settings)
+    # The rule is fitted as the version's pre-labels are served.
+    summary["min_region_score"] = fit_min_score(*region_scores(predictor, samples, vocabulary, settings),
+                                                settings.region_recall_weight)
     summary["region_recall_weight"] = settings.region_recall_weight
     return summary
 
 
-def fit_region_rule(predictor, samples: list[Sample], vocabulary: Vocabulary, settings: Settings,
-                    chunk: int = 32) -> float:
-    """The version's ``min_region_score``, fitted on its annotations as its pre-labels are served. Only regions of
-    labels some annotation shows count: the rule spares the others when served (``RegionRules.unscored``)."""
+def region_scores(predictor, samples: list[Sample], vocabulary: Vocabulary, settings: Settings,
+                  chunk: int = 32) -> tuple[list[dict[int, float]], list[set[int]]]:
+    """Per sample, the score of each region its served pre-label finds (unpruned) and the labels its annotation
+    shows: what :func:`model.calibration.fit_min_score` fits on. Only regions of labels some annotation shows
+    count: the rule spares the others when served (``RegionRules.unscored``)."""
     present = [{int(c) for c in np.unique(s.labels) if c >= 0} for s in samples]
     annotated = set().union(*present)
     found = []
@@ -205,7 +208,7 @@ def fit_region_rule(predictor, samples: list[Sample], vocabulary: Vocabulary, se
         batch = samples[start:start + chunk]
         predictions = predictor.predict([s.image for s in batch], vocabulary, settings.region_rules(0.0, zero_shot=False))
         found += [{c: score for c, score in p.found_scores.items() if c in annotated} for p in predictions]
-    return fit_min_score(found, present, settings.region_recall_weight)
+    return found, present
 
 
 def _project_samples(settings: Settings, store: Store, project: str) -> tuple[list[Sample], Vocabulary, list[dict]]:

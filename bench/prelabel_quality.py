@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from backend.settings import Settings
-from backend.training import fit_region_rule, fit_serving_rules
+from backend.training import region_scores
 from bench.calibration import task_miou
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
 from model import presence
+from model.calibration import calibrate, fit_min_score
 from model.config import NO_PRUNING, RegionRules
 from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
@@ -130,11 +131,12 @@ class Bench:
         predictor = self.model.predictor(segmenter)
         settings = Settings()
         predictor.refine_boundaries = settings.refine_boundaries  # the rule is fitted as pre-labels are served
-        rules = settings.region_rules(fit_serving_rules(predictor, samples, VOCABULARY, settings)["min_region_score"],
-                                      zero_shot=False)
+        # fit_serving_rules' steps, with one pass over the samples for the rule at both recall weights.
+        calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], VOCABULARY)
+        found, present = region_scores(predictor, samples, VOCABULARY, settings)
+        rules = settings.region_rules(fit_min_score(found, present, settings.region_recall_weight), zero_shot=False)
         weight = self.args.recall_weight
-        preciser = settings.region_rules(fit_region_rule(
-            predictor, samples, VOCABULARY, dataclasses.replace(settings, region_recall_weight=weight)), zero_shot=False)
+        preciser = settings.region_rules(fit_min_score(found, present, weight), zero_shot=False)
         predictor.refine_boundaries = False
         return predictor, rules, {f"pruned and refined, min_score fitted at REGION_RECALL_WEIGHT={weight} "
                                   f"({preciser.min_score})": preciser}
