@@ -15,7 +15,9 @@ third of the pool's labels, and the labels the picked tasks cover. Arms:
 * ``stream``: Label Studio's uncertainty sampling over our clusters (the least-solved cluster, then
   the lowest task score: ``projects/functions/next_task.py``);
 * ``typical`` / ``uncertain``: :func:`model.acquisition.acquire` always typical-first / never;
-* ``acquire``: :func:`model.acquisition.acquire` as the backend serves it.
+* ``acquire``: :func:`model.acquisition.acquire` as the backend serves it;
+* ``oracle``: the ground truth's labels, covered greedily with the rarity weight of
+  :func:`model.acquisition.label_rarity` (no backend can pick so: a bound on what covering labels gives).
 
 The clustered arms run once per k-means seed (``--seeds``); a row gives their mean and spread, as random's
 draws do.
@@ -35,7 +37,7 @@ from backend.settings import Settings
 from backend.training import restrict_to_annotated
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
-from model.acquisition import Pool, TaskView, acquire, cluster_tasks, label_stream
+from model.acquisition import Pool, TaskView, acquire, cluster_tasks, label_rarity, label_stream
 from model.calibration import calibrate
 from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
@@ -44,7 +46,7 @@ from model.train import Sample, TrainConfig, finetune
 from model.vocabulary import Vocabulary
 
 POOLS = {"uniform": lambda count: world.test_scenes(count, seed=2024), "long-tailed": world.long_tailed_scenes}
-ARMS = ("random", "lowest", "stream", "typical", "uncertain", "acquire")
+ARMS = ("random", "lowest", "stream", "typical", "uncertain", "acquire", "oracle")
 
 
 class Loop:
@@ -105,10 +107,22 @@ class Loop:
         counts = self.shows[chosen].sum(0) if chosen else np.zeros(len(world.NAMES))
         if arm == "lowest":
             return [int(i) for i in np.argsort(scores) if i not in chosen][:count]
+        if arm == "oracle":
+            return self.covering(chosen, count)
         below = {"typical": 10 ** 9, "uncertain": 0}.get(arm, typical_below)
         if arm == "stream":
             return label_stream(cluster_tasks(pool, count, seed), scores, pool.annotated, count)
         return acquire(pool, count, counts, below, seed).order[:count]
+
+    def covering(self, chosen: list[int], count: int) -> list[int]:
+        """``count`` tasks, each showing the most of the labels the picks so far show least (ground truth)."""
+        counts, picked = self.shows[chosen].sum(0).astype(float), []
+        for _ in range(count):
+            gain = self.shows @ label_rarity(counts)
+            gain[chosen + picked] = -1
+            picked.append(int(gain.argmax()))
+            counts += self.shows[picked[-1]]
+        return picked
 
     def run(self, arm: str, budget: int, rounds: int, typical_below: int, draw: int = 0) -> dict:
         """One pick of ``budget`` tasks trained on and measured; ``draw`` seeds random's page or the clusters."""
@@ -161,7 +175,7 @@ def main(argv=None) -> None:
         for budget in map(int, args.budgets.split(",")):
             for arm in args.arms.split(","):
                 for rounds in ([1] if arm == "random" else map(int, args.rounds.split(","))):
-                    draws = range({"random": args.random_draws, "lowest": 1}.get(arm, args.seeds))
+                    draws = range({"random": args.random_draws, "lowest": 1, "oracle": 1}.get(arm, args.seeds))
                     started = time.time()
                     runs = [loop.run(arm, budget, rounds, args.typical_below, draw) for draw in draws]
                     row = {"clip": args.clip, "pool": pool_name, "budget": budget, "arm": arm, "rounds": rounds,
