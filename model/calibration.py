@@ -119,7 +119,11 @@ def calibrate(predictor, images: list[np.ndarray], labels: list[np.ndarray], voc
               min_images: int = 5, chunk: int = 32) -> dict:
     """Fit a fine-tuned ``predictor``'s trust in the frozen CLIP per label (:func:`fit_frozen_trust`), then its
     temperature and presence weight, on annotated images, and set them: how much the frozen CLIP's image-level
-    prior should still count is what the annotations say (a model fine-tuned on them often knows better).
+    prior should still count is what the annotations say (a model fine-tuned on them often knows better). The
+    weight is served within the labels the annotations show and within the others; between the two groups the
+    prior keeps the weight the predictor was built with (:func:`model.presence.offsets`), as annotations of one
+    group cannot judge it. The fit reads the plain ``weight × prior``: fitted with the split held at the zero-shot
+    weight instead, it weighed the prior near 0 within the groups and kept fewer of the labels no annotation shows.
 
     Args:
         predictor: a :class:`model.predictor.Predictor`.
@@ -140,17 +144,18 @@ def calibrate(predictor, images: list[np.ndarray], labels: list[np.ndarray], voc
     passes = _chunked_passes(predictor, images, vocabulary, chunk)
     logits, priors = [out for out, _ in passes], [prior for _, prior in passes]
     temperature, weight = fit_scores(logits, labels, priors)
-    x, y, o = _flatten(logits, labels, 200_000, seed=1, offsets=priors)
 
-    def ece(t: float, w: float) -> float:
-        confidence, winner = (x / t + w * o).softmax(1).max(1)
+    def ece(t: float) -> float:  # as served, at the predictor's presence weights
+        offsets = [predictor.presence(prior, vocabulary) for prior in priors]
+        x, y, o = _flatten(logits, labels, 200_000, seed=1, offsets=offsets)
+        confidence, winner = (x / t + o).softmax(1).max(1)
         return round(expected_calibration_error(confidence.numpy(), (winner == y).numpy()), 2)
 
-    before = ece(1.0, predictor.presence_weight)
+    before = ece(1.0)
     predictor.temperature, predictor.presence_weight = temperature, weight
     return {"temperature": round(temperature, 4), "presence_weight": round(weight, 4),
             **({"frozen_trust": trust} if trust else {}),
-            "calibration_images": len(images), "ece_before": before, "ece_after": ece(temperature, weight)}
+            "calibration_images": len(images), "ece_before": before, "ece_after": ece(temperature)}
 
 
 def fit_min_score(found: list[dict[int, float]], present: list[set[int]], recall_weight: float = 1.0) -> float:

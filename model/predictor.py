@@ -89,6 +89,8 @@ class Predictor:
     CLIP's image-level presence prior at ``presence_weight`` (:mod:`model.presence`), one weight for every
     label: the prior's log-probabilities are all negative, so a label weighted more than the others loses to
     them (labels training never saw, served at the zero-shot weight beside a lower fitted one, lost 4 to 5 mIoU).
+    A fine-tuned version's calibration refits ``presence_weight``; the split of the prior between the labels it
+    was trained on and the others keeps the weight it was built with (:func:`model.presence.offsets`).
     ``precision``: ``"auto"`` runs the forward pass under bfloat16 autocast where the hardware has
     bfloat16 (:func:`uses_bf16`) and in float32 elsewhere; ``"bf16"`` or ``"fp32"`` force one. ``refine_boundaries``: label boundaries follow the image's edges
     (:mod:`model.regions`).
@@ -110,6 +112,7 @@ class Predictor:
         self.max_area = max_area
         self.temperature = temperature
         self.presence_weight = presence_weight
+        self.group_presence_weight = presence_weight  # calibration refits the other alone
         self.label_free = presence.LabelFreeTemperature()
         self.refine_boundaries = refine_boundaries
         self.autocast_bf16 = uses_bf16(precision, self.device)
@@ -162,16 +165,26 @@ class Predictor:
         passes = self.passes(images, vocabulary)
         return list(zip(self._calibrated(passes, vocabulary), [prior for _, prior in passes], strict=True))
 
-    def logits_and_embeddings(self, images: list[np.ndarray],
-                              vocabulary: Vocabulary) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per image, :meth:`logits`, the pixel embeddings they classify, (D, h, w) L2-normalised, and the frozen
-        CLIP's (C,) image-level log-probabilities of the labels: what interactive refinement
-        (:mod:`model.refinement`) reuses, from the same one pass."""
+    def logits_and_embeddings(self, images: list[np.ndarray], vocabulary: Vocabulary
+                              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per image, :meth:`logits`, the pixel embeddings they classify, (D, h, w) L2-normalised, the frozen
+        CLIP's (C,) image-level log-probabilities of the labels, and the (C,) share of them in the logits
+        (:meth:`presence`): what interactive refinement (:mod:`model.refinement`) reuses, from the same one pass."""
         classes = len(vocabulary.labels)
         passes = self.passes(images, vocabulary, with_embeddings=True)
         logits = self._calibrated([(out[:classes], prior) for out, prior in passes], vocabulary)
-        return [(scores, F.normalize(out[classes:], dim=0), prior)
+        return [(scores, F.normalize(out[classes:], dim=0), prior, self.presence(prior, vocabulary))
                 for scores, (out, prior) in zip(logits, passes, strict=True)]
+
+    def presence(self, prior: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
+        """(C,) what the presence prior adds to the scores of ``vocabulary``'s labels (:func:`model.presence.offsets`),
+        given the image's (C,) image-level log-probabilities."""
+        return presence.offsets(prior, self.presence_weight, self._seen(vocabulary), self.group_presence_weight)
+
+    def _seen(self, vocabulary: Vocabulary) -> torch.Tensor | None:
+        """(C,) bool: the labels of ``vocabulary`` the segmenter was fine-tuned on; None for a zero-shot one."""
+        weights = self.segmenter.ensemble_weights(vocabulary.labels)
+        return None if weights is None else weights.seen
 
     def temperature_for(self, vocabulary: Vocabulary, passes=()) -> float:
         """The temperature for ``vocabulary``: the set one, or the label-free one pooled with ``passes``."""
@@ -182,7 +195,9 @@ class Predictor:
 
     def _calibrated(self, passes, vocabulary: Vocabulary) -> list[torch.Tensor]:
         temperature = self.temperature_for(vocabulary, passes)
-        return [presence.apply(out, prior, temperature, self.presence_weight) for out, prior in passes]
+        seen = self._seen(vocabulary)
+        return [presence.apply(out, prior, temperature, self.presence_weight, seen, self.group_presence_weight)
+                for out, prior in passes]
 
     @torch.no_grad()
     def passes(self, images: list[np.ndarray], vocabulary: Vocabulary, with_embeddings: bool = False,

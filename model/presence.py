@@ -7,7 +7,9 @@ Label-free rules for whatever CLIP a user brings, with no constant tied to one o
   best-calibrated signal of which labels an image shows. Each pixel's class log-probabilities
   get ``weight × log p_image(label)`` added (a product of experts, like FC-CLIP's ensemble),
   so pixels go to labels the image as a whole supports, and a label the image does not show
-  loses its scattered pixels to one it does.
+  loses its scattered pixels to one it does. A fine-tuned version weighs it as its training fitted
+  within the labels its annotations showed and within the others, and at the zero-shot weight between
+  the two groups, which no annotation of one group can judge (:func:`offsets`).
 * **A cut of what the image does not show** (zero-shot, ``PRESENCE_CUT``): a region whose label is
   outside the image's perplexity-many likeliest labels by that same view, and less sure than the
   regions inside them, is left unlabeled (:func:`shown_labels`).
@@ -50,9 +52,29 @@ def shown_labels(prior: torch.Tensor) -> torch.Tensor:
     return shown
 
 
-def apply(logits: torch.Tensor, prior: torch.Tensor, temperature: float, weight: float) -> torch.Tensor:
-    """Calibrated scores (C, h, w): ``logits / temperature + weight × prior``; their softmax is what is served."""
-    return logits.float() / temperature + (weight * prior.to(logits.device))[:, None, None]
+def offsets(prior: torch.Tensor, weight: float, seen: torch.Tensor | None = None,
+            group_weight: float | None = None) -> torch.Tensor:
+    """(C,) what the presence prior adds to each label's scores: ``weight × prior``.
+
+    For a fine-tuned version (``seen``: (C,) bool, the labels its annotations showed), ``weight`` is what its
+    training fitted on those annotations, which cannot tell how the image splits between the labels they show
+    and the others. That split, each group's log-mass of the prior, keeps ``group_weight`` (the zero-shot
+    weight); ``weight`` weighs each label within its group. With every label or none seen, it is
+    ``weight × prior``.
+    """
+    prior = prior.float()
+    if seen is None or group_weight is None:
+        return weight * prior
+    seen = seen.to(prior.device)
+    group = torch.where(seen, prior[seen].logsumexp(0), prior[~seen].logsumexp(0))
+    return weight * (prior - group) + group_weight * group
+
+
+def apply(logits: torch.Tensor, prior: torch.Tensor, temperature: float, weight: float,
+          seen: torch.Tensor | None = None, group_weight: float | None = None) -> torch.Tensor:
+    """Calibrated scores (C, h, w): ``logits / temperature`` plus the prior's :func:`offsets`; their softmax is what
+    is served."""
+    return logits.float() / temperature + offsets(prior, weight, seen, group_weight).to(logits.device)[:, None, None]
 
 
 def divergences(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,7 @@ class ImageState:
         logits: (C, h, w) the predictor's calibrated scores for the vocabulary (their softmax is served).
         embeddings: (D, h, w) the L2-normalised pixel embeddings they classify.
         prior: (C,) the frozen CLIP's image-level log-probabilities (zero-shot pre-labels are cut by them).
+        presence: (C,) their share of ``logits`` (:meth:`model.predictor.Predictor.presence`).
         image: (H', W', 3) uint8 RGB, the image at the working resolution.
         height, width: the image's own size.
         presence_weight: the predictor's weight of ``prior`` in ``logits``.
@@ -100,6 +101,7 @@ class ImageState:
     logits: torch.Tensor
     embeddings: torch.Tensor
     prior: torch.Tensor
+    presence: torch.Tensor
     image: np.ndarray
     height: int
     width: int
@@ -108,24 +110,19 @@ class ImageState:
     _prelabels: dict[RegionRules, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_image(cls, logits: torch.Tensor, embeddings: torch.Tensor, prior: torch.Tensor, image: np.ndarray,
-                   predictor) -> "ImageState":
+    def from_image(cls, logits: torch.Tensor, embeddings: torch.Tensor, prior: torch.Tensor, presence: torch.Tensor,
+                   image: np.ndarray, predictor) -> "ImageState":
         """From ``predictor``'s :meth:`~model.predictor.Predictor.logits_and_embeddings` for the RGB ``image``."""
         height, width = image.shape[:2]
         shape = working_shape(logits, height, width)
         small = cv2.resize(np.ascontiguousarray(image), shape[::-1], interpolation=cv2.INTER_AREA)
-        return cls(logits, embeddings, prior, small, height, width, predictor.presence_weight,
+        return cls(logits, embeddings, prior, presence, small, height, width, predictor.presence_weight,
                    predictor.refine_boundaries)
-
-    @property
-    def presence(self) -> torch.Tensor:
-        """(C,) the presence prior's share of ``logits``."""
-        return self.presence_weight * self.prior
 
     @property
     def nbytes(self) -> int:
         """What it holds in memory, superpixels and pre-labels included once made."""
-        tensors = [self.logits, self.embeddings, self.prior, *self._prelabels.values()]
+        tensors = [self.logits, self.embeddings, self.prior, self.presence, *self._prelabels.values()]
         if "superpixels" in self.__dict__:
             tensors += list(vars(self.superpixels).values())
         return self.image.nbytes + sum(t.numel() * t.element_size() for t in tensors)

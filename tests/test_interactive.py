@@ -65,8 +65,8 @@ def _missed_things(states, scenes):
 def test_embeddings_come_from_the_same_pass_as_the_logits(predictor, scenes):
     images = [image for image, _ in scenes[:2]]
     vocabulary = parse_targets(LABEL_CONFIG)[0].vocabulary
-    for logits, (same, embeddings, _) in zip(predictor.logits(images, vocabulary),
-                                             predictor.logits_and_embeddings(images, vocabulary), strict=True):
+    for logits, (same, embeddings, *_) in zip(predictor.logits(images, vocabulary),
+                                              predictor.logits_and_embeddings(images, vocabulary), strict=True):
         assert torch.equal(logits, same)
         assert embeddings.shape[1:] == logits.shape[1:]
         assert torch.allclose(embeddings.norm(dim=0), torch.ones(logits.shape[1:]), atol=1e-4)
@@ -207,9 +207,9 @@ def test_bad_prompts_are_refused(states, prompt, message):
 def test_the_served_prelabel_is_kept_exactly(predictor, scenes):
     image = np.asarray(cv2.resize(scenes[0][0], (700, 450)))  # larger than the working resolution
     vocabulary = parse_targets(LABEL_CONFIG)[0].vocabulary
-    (logits, embeddings, prior), = predictor.logits_and_embeddings([image], vocabulary)
-    made = ImageState.from_image(logits, embeddings, prior, image, predictor)
-    kept = ImageState.from_image(logits, embeddings, prior, image, predictor)
+    (logits, embeddings, prior, presence), = predictor.logits_and_embeddings([image], vocabulary)
+    made = ImageState.from_image(logits, embeddings, prior, presence, image, predictor)
+    kept = ImageState.from_image(logits, embeddings, prior, presence, image, predictor)
     served = predictor.semantic([image], [logits], RULES, [prior])[0].label_map
     kept.keep_prelabel(RULES, served)
     assert made.image.shape[:2] != image.shape[:2]
@@ -217,7 +217,7 @@ def test_the_served_prelabel_is_kept_exactly(predictor, scenes):
 
 
 def test_image_state_work_is_kept(states):
-    state = ImageState(states[0].logits, states[0].embeddings, states[0].prior,
+    state = ImageState(states[0].logits, states[0].embeddings, states[0].prior, states[0].presence,
                        np.zeros((states[0].height, states[0].width, 3), np.uint8), states[0].height, states[0].width,
                        states[0].presence_weight)
     before = state.nbytes

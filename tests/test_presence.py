@@ -60,6 +60,24 @@ def test_the_presence_prior_takes_pixels_from_a_label_the_image_does_not_show():
     assert (served[:, :5] == 0).all() and (served[:, 5:] == 2).all()
 
 
+def test_a_fine_tuned_version_keeps_the_zero_shot_weight_between_its_trained_labels_and_the_others():
+    # Labels 0 and 1 were trained on, 2 and 3 not; the whole image shows 2 (0.6). Training fitted the weight at 0.05.
+    prior = torch.tensor([0.1, 0.2, 0.6, 0.1]).log()
+    seen = torch.tensor([True, True, False, False])
+    served = presence.offsets(prior, 0.05, seen, 0.5)
+    groups = torch.tensor([0.3, 0.3, 0.7, 0.7]).log()
+    assert torch.allclose(served, 0.05 * (prior - groups) + 0.5 * groups)  # within each group at 0.05
+    assert torch.allclose(presence.offsets(prior, 0.05, torch.ones(4, dtype=torch.bool), 0.5), 0.05 * prior)
+    assert torch.equal(presence.offsets(prior, 0.05), 0.05 * prior)  # zero-shot: one weight
+    # Label 0, which training taught, leads label 2 by a hair where the image shows label 2: at the fitted
+    # weight alone it keeps those pixels; with the split kept at the zero-shot weight, label 2 takes them.
+    logits = torch.zeros(4, 6, 6)
+    logits[0], logits[2] = 2.3, 2.0
+    plain = Predictor.to_semantic(presence.apply(logits, prior, 1.0, 0.05), 6, 6).label_map
+    split = Predictor.to_semantic(presence.apply(logits, prior, 1.0, 0.05, seen, 0.5), 6, 6).label_map
+    assert (plain == 0).all() and (split == 2).all()
+
+
 def test_zero_shot_a_pre_label_misses_what_the_presence_cuts_views_see_and_no_region_has():
     # Label 1 wins 16 % of the pixels by a hair and the prior takes them; the whole-image view shows 0, 3 and 2.
     logits = torch.zeros(4, 10, 10)
