@@ -89,8 +89,9 @@ class Predictor:
     CLIP's image-level presence prior at ``presence_weight`` (:mod:`model.presence`), one weight for every
     label: the prior's log-probabilities are all negative, so a label weighted more than the others loses to
     them (labels training never saw, served at the zero-shot weight beside a lower fitted one, lost 4 to 5 mIoU).
-    A fine-tuned version's calibration refits ``presence_weight``; the split of the prior between the labels it
-    was trained on and the others keeps the weight it was built with (:func:`model.presence.offsets`).
+    A fine-tuned version's calibration refits ``presence_weight`` for each label within its group (trained on,
+    or not); the split of the prior between the two groups keeps the weight it was built with
+    (:func:`model.presence.offsets`).
     ``precision``: ``"auto"`` runs the forward pass under bfloat16 autocast where the hardware has
     bfloat16 (:func:`uses_bf16`) and in float32 elsewhere; ``"bf16"`` or ``"fp32"`` force one. ``refine_boundaries``: label boundaries follow the image's edges
     (:mod:`model.regions`).

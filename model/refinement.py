@@ -94,7 +94,8 @@ class ImageState:
         presence: (C,) their share of ``logits`` (:meth:`model.predictor.Predictor.presence`).
         image: (H', W', 3) uint8 RGB, the image at the working resolution.
         height, width: the image's own size.
-        presence_weight: the predictor's weight of ``prior`` in ``logits``.
+        presence_weight: the predictor's weight of ``prior``, which the zero-shot presence cut reads (zero-shot,
+            ``presence`` is this weight × ``prior``).
         refined: whether the predictor's pre-labels follow the image's edges (``refine_boundaries``).
     """
 
