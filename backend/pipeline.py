@@ -34,7 +34,7 @@ from backend.settings import Settings
 from backend.smart_tools import ImageStates
 from model.acquisition import TaskView
 from model.config import RegionRules
-from model.predictor import Predictor
+from model.predictor import Calibrated, Predictor
 from model.refinement import ImageState
 from model.task_scores import task_score, unsure_fraction
 
@@ -160,15 +160,14 @@ class PredictPipeline:
             (scores,) = predictor.logits_and_embeddings(images, group[0].vocabulary)
             state = ImageState.from_image(*scores, images[0], predictor)
             threading.Thread(target=_make_superpixels, args=(state,), name="superpixels", daemon=True).start()
-            passes = [(state.logits, state.prior)]
+            passes = [Calibrated(state.logits, state.prior, state.presence)]
         else:
-            passes = predictor.logits_and_priors(images, group[0].vocabulary)
-        logits, priors = [scores for scores, _ in passes], [prior for _, prior in passes]
+            passes = predictor.calibrated(images, group[0].vocabulary)
         by_rules: dict[RegionRules, list] = {}
         for target in group:
             rules = target.rules(serving.region_rules(self.settings, target.vocabulary.labels))
             if rules not in by_rules:
-                by_rules[rules] = predictor.semantic(images, logits, rules, priors)
+                by_rules[rules] = predictor.semantic(images, passes, rules)
             for index, prediction in zip(loaded, by_rules[rules], strict=True):
                 parts[index]["result"].extend(target.build(prediction))
         if state is not None:
@@ -177,7 +176,7 @@ class PredictPipeline:
         for position, (index, prediction) in enumerate(zip(loaded, next(iter(by_rules.values())), strict=True)):
             parts[index]["scores"].append(task_score(prediction, self.settings.task_score, unsure_below or 0.5))
             if views and "view" not in parts[index]:  # the first target's, as the task score
-                parts[index]["view"] = TaskView.of(prediction, priors[position].cpu().numpy())
+                parts[index]["view"] = TaskView.of(prediction, passes[position].prior.cpu().numpy())
             if unsure_below:
                 parts[index]["unsure"].append(unsure_fraction(prediction.confidence, unsure_below))
 

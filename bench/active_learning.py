@@ -89,10 +89,10 @@ class Loop:
         """What the acquisition knows after ``predictor`` pre-labeled every task (as the backend does), and the
         task scores."""
         images = [image for image, _ in self.scenes]
-        passes = predictor.logits_and_priors(images, self.vocabulary)
+        passes = predictor.calibrated(images, self.vocabulary)
         rules = self.rules if predictor is self.zero_shot else self.tuned_rules
-        predictions = predictor.semantic(images, [scores for scores, _ in passes], rules, [p for _, p in passes])
-        views = [TaskView.of(p, prior.numpy()) for p, (_, prior) in zip(predictions, passes, strict=True)]
+        predictions = predictor.semantic(images, passes, rules)
+        views = [TaskView.of(p, calibrated.prior.numpy()) for p, calibrated in zip(predictions, passes, strict=True)]
         pool = Pool.of(views, np.isin(np.arange(len(self.scenes)), chosen))
         if self.features is not None:
             pool = dataclasses.replace(pool, features=self.features)

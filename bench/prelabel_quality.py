@@ -171,7 +171,7 @@ class Bench:
             scores = sources.get(row, logits)
             weight = 0.0 if row in sources else predictor.presence_weight
             predictions = [Predictor.to_semantic(out, *image.shape[:2], 1.0, rules, image if refine else None, prior,
-                                                 weight)
+                                                 weight * prior)
                            for out, (_, prior), (image, _) in zip(scores, passes, scenes, strict=True)]
             pairs = [(p.label_map, truth) for p, (_, truth) in zip(predictions, scenes, strict=True)]
             count, precision = region_precision(pairs)

@@ -14,13 +14,11 @@ import torch.nn.functional as F
 
 
 def _flatten(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: int, seed: int,
-             offsets: list[torch.Tensor] | None = None,
              max_side: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Annotated pixels of every image as (N, C) logits, (N,) classes and (N, C) offsets, subsampled to
-    ``max_pixels``.
+    """Annotated pixels of every image as (N, C) logits, (N,) classes and (N,) the index of their image,
+    subsampled to ``max_pixels``.
 
-    ``logits[i]`` is (C, h, w); ``labels[i]`` is (H, W) with negative values where unannotated;
-    ``offsets[i]`` (C,) is added to every pixel's scores after the temperature (zero if None).
+    ``logits[i]`` is (C, h, w); ``labels[i]`` is (H, W) with negative values where unannotated.
     The logits are upsampled bilinearly as for prediction, to the labels' size scaled down to
     at most ``max_side`` on the short side (the labels nearest-resampled to match), so the fit
     sees the same boundary pixels the served predictions have.
@@ -40,9 +38,12 @@ def _flatten(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: i
     if len(y) > max_pixels:
         pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:max_pixels]
         x, y, owner = x[pick], y[pick], owner[pick]
-    if offsets is None:
-        return x, y, torch.zeros_like(x)
-    return x, y, torch.stack([o.float().cpu() for o in offsets])[owner]
+    return x, y, owner
+
+
+def _per_pixel(per_image: list[torch.Tensor], owner: torch.Tensor) -> torch.Tensor:
+    """(N, C): each pixel's image's (C,) row of ``per_image``."""
+    return torch.stack([row.float().cpu() for row in per_image])[owner]
 
 
 def fit_temperature(logits: list[torch.Tensor], labels: list[np.ndarray], max_pixels: int = 200_000,
@@ -67,9 +68,10 @@ def fit_scores(logits: list[torch.Tensor], labels: list[np.ndarray], priors: lis
     Returns:
         (T, w); (1.0, 0.0) when no pixel is annotated.
     """
-    x, y, o = _flatten(logits, labels, max_pixels, seed, priors)
+    x, y, owner = _flatten(logits, labels, max_pixels, seed)
     if len(y) == 0:
         return 1.0, 0.0
+    o = _per_pixel(priors, owner) if priors is not None else torch.zeros_like(x)
     log_t = torch.zeros((), requires_grad=True)
     raw_w = torch.zeros((), requires_grad=priors is not None)  # w = softplus(raw_w): 0.69 to start
     parameters = [log_t, raw_w] if priors is not None else [log_t]
@@ -110,8 +112,8 @@ def fit_frozen_trust(predictor, images: list[np.ndarray], labels: list[np.ndarra
     would only have its annotations vetoed.
     """
     passes = _chunked_passes(predictor, images, vocabulary, chunk, frozen_only=True)
-    x, y, o = _flatten([out for out, _ in passes], labels, 200_000, seed=2, offsets=[prior for _, prior in passes])
-    named = (x + predictor.presence_weight * o).argmax(1)
+    x, y, owner = _flatten([out for out, _ in passes], labels, 200_000, seed=2)
+    named = (x + predictor.presence_weight * _per_pixel([prior for _, prior in passes], owner)).argmax(1)
     return {vocabulary.labels[c]: round(float((named[y == c] == c).float().mean()), 3) for c in y.unique().tolist()}
 
 
@@ -145,10 +147,10 @@ def calibrate(predictor, images: list[np.ndarray], labels: list[np.ndarray], voc
     logits, priors = [out for out, _ in passes], [prior for _, prior in passes]
     temperature, weight = fit_scores(logits, labels, priors)
 
+    x, y, owner = _flatten(logits, labels, 200_000, seed=1)
+
     def ece(t: float) -> float:  # as served, at the predictor's presence weights
-        offsets = [predictor.presence(prior, vocabulary) for prior in priors]
-        x, y, o = _flatten(logits, labels, 200_000, seed=1, offsets=offsets)
-        confidence, winner = (x / t + o).softmax(1).max(1)
+        confidence, winner = (x / t + _per_pixel(predictor.presence(priors, vocabulary), owner)).softmax(1).max(1)
         return round(expected_calibration_error(confidence.numpy(), (winner == y).numpy()), 2)
 
     before = ece(1.0)

@@ -6,6 +6,7 @@ import math
 import threading
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -72,6 +73,22 @@ class SemanticPrediction:
     @property
     def found_scores(self) -> dict[int, float]:
         return self.region_scores if self.found is None else self.found
+
+
+class Calibrated(NamedTuple):
+    """One image's calibrated pass.
+
+    Attributes:
+        scores: (C, h, w) the scores whose softmax is served (:meth:`Predictor.logits`).
+        prior: (C,) the frozen CLIP's image-level log-probabilities of the labels: what it sees in the whole image,
+            in the project's words (the zero-shot presence cut reads it; :mod:`model.acquisition` clusters tasks
+            on it).
+        presence: (C,) the prior's share of ``scores`` (:func:`model.presence.offsets`).
+    """
+
+    scores: torch.Tensor
+    prior: torch.Tensor
+    presence: torch.Tensor
 
 
 class Predictor:
@@ -157,30 +174,28 @@ class Predictor:
         """Per image (C, h, w) calibrated scores at the resized resolution / stride, whose softmax is what is
         served: a fine-tuned segmenter's ensemble of its tuned and frozen classifiers (see
         :class:`model.segmenter.Segmenter`) over the temperature, plus the presence prior (:mod:`model.presence`)."""
-        return [scores for scores, _ in self.logits_and_priors(images, vocabulary)]
+        return [calibrated.scores for calibrated in self.calibrated(images, vocabulary)]
 
-    def logits_and_priors(self, images: list[np.ndarray],
-                          vocabulary: Vocabulary) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image, :meth:`logits` and the frozen CLIP's (C,) image-level log-probabilities of the labels: what
-        it sees in the whole image, in the project's words (:mod:`model.acquisition` clusters tasks on them)."""
-        passes = self.passes(images, vocabulary)
-        return list(zip(self._calibrated(passes, vocabulary), [prior for _, prior in passes], strict=True))
+    def calibrated(self, images: list[np.ndarray], vocabulary: Vocabulary) -> list[Calibrated]:
+        """Per image, :meth:`logits` with the image-level prior and its share of them."""
+        return self._calibrated(self.passes(images, vocabulary), vocabulary)
 
     def logits_and_embeddings(self, images: list[np.ndarray], vocabulary: Vocabulary
                               ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per image, :meth:`logits`, the pixel embeddings they classify, (D, h, w) L2-normalised, the frozen
-        CLIP's (C,) image-level log-probabilities of the labels, and the (C,) share of them in the logits
-        (:meth:`presence`): what interactive refinement (:mod:`model.refinement`) reuses, from the same one pass."""
+        """Per image, :meth:`calibrated`'s scores, the pixel embeddings they classify, (D, h, w) L2-normalised, and
+        its prior and presence: what interactive refinement (:mod:`model.refinement`) reuses, from the same one
+        pass."""
         classes = len(vocabulary.labels)
         passes = self.passes(images, vocabulary, with_embeddings=True)
-        logits = self._calibrated([(out[:classes], prior) for out, prior in passes], vocabulary)
-        return [(scores, F.normalize(out[classes:], dim=0), prior, self.presence(prior, vocabulary))
-                for scores, (out, prior) in zip(logits, passes, strict=True)]
+        calibrated = self._calibrated([(out[:classes], prior) for out, prior in passes], vocabulary)
+        return [(scores, F.normalize(out[classes:], dim=0), prior, offsets)
+                for (scores, prior, offsets), (out, _) in zip(calibrated, passes, strict=True)]
 
-    def presence(self, prior: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
-        """(C,) what the presence prior adds to the scores of ``vocabulary``'s labels (:func:`model.presence.offsets`),
-        given the image's (C,) image-level log-probabilities."""
-        return presence.offsets(prior, self.presence_weight, self._seen(vocabulary), self.group_presence_weight)
+    def presence(self, priors: list[torch.Tensor], vocabulary: Vocabulary) -> list[torch.Tensor]:
+        """Per image, (C,) what the presence prior adds to the scores of ``vocabulary``'s labels
+        (:func:`model.presence.offsets`), given its (C,) image-level log-probabilities."""
+        seen = self._seen(vocabulary)
+        return [presence.offsets(prior, self.presence_weight, seen, self.group_presence_weight) for prior in priors]
 
     def _seen(self, vocabulary: Vocabulary) -> torch.Tensor | None:
         """(C,) bool: the labels of ``vocabulary`` the segmenter was fine-tuned on; None for a zero-shot one."""
@@ -194,11 +209,11 @@ class Predictor:
         classes = len(vocabulary.labels)
         return self.label_free.update(vocabulary.key, [(out[:classes], prior) for out, prior in passes])
 
-    def _calibrated(self, passes, vocabulary: Vocabulary) -> list[torch.Tensor]:
+    def _calibrated(self, passes, vocabulary: Vocabulary) -> list[Calibrated]:
         temperature = self.temperature_for(vocabulary, passes)
-        seen = self._seen(vocabulary)
-        return [presence.apply(out, prior, temperature, self.presence_weight, seen, self.group_presence_weight)
-                for out, prior in passes]
+        shares = self.presence([prior for _, prior in passes], vocabulary)
+        return [Calibrated(presence.shift(out, temperature, share), prior, share)
+                for (out, prior), share in zip(passes, shares, strict=True)]
 
     @torch.no_grad()
     def passes(self, images: list[np.ndarray], vocabulary: Vocabulary, with_embeddings: bool = False,
@@ -265,23 +280,21 @@ class Predictor:
     @staticmethod
     def to_semantic(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
                     rules: RegionRules = NO_PRUNING, image: np.ndarray | None = None,
-                    prior: torch.Tensor | None = None, presence_weight: float = 0.0) -> SemanticPrediction:
+                    prior: torch.Tensor | None = None, presence: torch.Tensor | None = None) -> SemanticPrediction:
         """(C, h, w) logits → the argmax and probability of ``softmax(upsampled logits / temperature)`` at
         (height, width), on the logits' device, in time and memory that do not grow with C; regions
-        pruned by ``rules`` (given the image-level ``prior``, in ``logits`` at ``presence_weight``, where they cut
-        by it) and, given the RGB ``image``, boundaries refined (:func:`model.regions.regions`)."""
-        return SemanticPrediction(*regions(logits, height, width, temperature, rules, image, prior, presence_weight))
+        pruned by ``rules`` (given the image-level ``prior`` and its ``presence`` share of ``logits``, where they
+        cut by it) and, given the RGB ``image``, boundaries refined (:func:`model.regions.regions`)."""
+        return SemanticPrediction(*regions(logits, height, width, temperature, rules, image, prior, presence))
 
     def predict(self, images: list[np.ndarray], vocabulary: Vocabulary,
                 rules: RegionRules = NO_PRUNING) -> list[SemanticPrediction]:
         """images: RGB uint8 arrays (H, W, 3) of any sizes → one prediction per image."""
-        passes = self.logits_and_priors(images, vocabulary)
-        return self.semantic(images, [scores for scores, _ in passes], rules, [prior for _, prior in passes])
+        return self.semantic(images, self.calibrated(images, vocabulary), rules)
 
-    def semantic(self, images: list[np.ndarray], logits: list[torch.Tensor], rules: RegionRules = NO_PRUNING,
-                 priors: list[torch.Tensor] | None = None) -> list[SemanticPrediction]:
-        """:meth:`logits`' output for ``images`` → their predictions (refined if :attr:`refine_boundaries`);
-        ``priors``: :meth:`logits_and_priors`' image-level log-probabilities, for ``rules.presence_cut``."""
-        return [self.to_semantic(out, *image.shape[:2], 1.0, rules, image if self.refine_boundaries else None,
-                                 None if priors is None else priors[index], self.presence_weight)
-                for index, (image, out) in enumerate(zip(images, logits, strict=True))]
+    def semantic(self, images: list[np.ndarray], passes: list[Calibrated],
+                 rules: RegionRules = NO_PRUNING) -> list[SemanticPrediction]:
+        """:meth:`calibrated`'s output for ``images`` → their predictions (refined if :attr:`refine_boundaries`)."""
+        return [self.to_semantic(scores, *image.shape[:2], 1.0, rules, image if self.refine_boundaries else None,
+                                 prior, offsets)
+                for image, (scores, prior, offsets) in zip(images, passes, strict=True)]

@@ -70,11 +70,16 @@ def offsets(prior: torch.Tensor, weight: float, seen: torch.Tensor | None = None
     return weight * (prior - group) + group_weight * group
 
 
+def shift(logits: torch.Tensor, temperature: float, presence: torch.Tensor) -> torch.Tensor:
+    """Calibrated scores (C, h, w): ``logits / temperature`` plus the (C,) ``presence`` :func:`offsets`; their
+    softmax is what is served."""
+    return logits.float() / temperature + presence.to(logits.device)[:, None, None]
+
+
 def apply(logits: torch.Tensor, prior: torch.Tensor, temperature: float, weight: float,
           seen: torch.Tensor | None = None, group_weight: float | None = None) -> torch.Tensor:
-    """Calibrated scores (C, h, w): ``logits / temperature`` plus the prior's :func:`offsets`; their softmax is what
-    is served."""
-    return logits.float() / temperature + offsets(prior, weight, seen, group_weight).to(logits.device)[:, None, None]
+    """:func:`shift` by the prior's :func:`offsets`."""
+    return shift(logits, temperature, offsets(prior, weight, seen, group_weight))
 
 
 def divergences(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:

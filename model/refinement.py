@@ -94,8 +94,6 @@ class ImageState:
         presence: (C,) their share of ``logits`` (:meth:`model.predictor.Predictor.presence`).
         image: (H', W', 3) uint8 RGB, the image at the working resolution.
         height, width: the image's own size.
-        presence_weight: the predictor's weight of ``prior``, which the zero-shot presence cut reads (zero-shot,
-            ``presence`` is this weight × ``prior``).
         refined: whether the predictor's pre-labels follow the image's edges (``refine_boundaries``).
     """
 
@@ -106,7 +104,6 @@ class ImageState:
     image: np.ndarray
     height: int
     width: int
-    presence_weight: float
     refined: bool = True
     _prelabels: dict[RegionRules, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -117,8 +114,7 @@ class ImageState:
         height, width = image.shape[:2]
         shape = working_shape(logits, height, width)
         small = cv2.resize(np.ascontiguousarray(image), shape[::-1], interpolation=cv2.INTER_AREA)
-        return cls(logits, embeddings, prior, presence, small, height, width, predictor.presence_weight,
-                   predictor.refine_boundaries)
+        return cls(logits, embeddings, prior, presence, small, height, width, predictor.refine_boundaries)
 
     @property
     def nbytes(self) -> int:
@@ -132,7 +128,7 @@ class ImageState:
         """The served pre-label's label map at the working resolution (computed once per rules)."""
         if rules not in self._prelabels:
             label_map, *_ = regions(self.logits, *self.image.shape[:2], 1.0, rules,
-                                    self.image if self.refined else None, self.prior, self.presence_weight)
+                                    self.image if self.refined else None, self.prior, self.presence)
             self._keep(rules, torch.from_numpy(label_map).to(self.logits.device))
         return self._prelabels[rules]
 

@@ -180,13 +180,13 @@ def working_shape(logits: torch.Tensor, height: int, width: int) -> tuple[int, i
 def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
             rules: RegionRules = NO_PRUNING, image: np.ndarray | None = None,
             prior: torch.Tensor | None = None,
-            presence_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict[int, float], frozenset[int]]:
+            presence: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, float], frozenset[int]]:
     """logits (C, h, w) → (label map (height, width) int16 with ``UNLABELED`` where pruned,
     confidence (height, width) float32, the score of every label found before unlikely ones were
     unlabeled, the labels the pre-label misses (:attr:`model.predictor.SemanticPrediction.missed`)), after
     pruning by ``rules`` and, given the RGB ``image`` (height, width, 3), boundary refinement. ``prior``: the
-    image's (C,) image-level log-probabilities, in ``logits`` at ``presence_weight``, which ``rules.presence_cut``
-    reads (without it nothing is cut or missed)."""
+    image's (C,) image-level log-probabilities, and ``presence`` (C,) their share of ``logits`` (none if None),
+    which ``rules.presence_cut`` reads (without ``prior`` nothing is cut or missed)."""
     shape = (height, width) if image is None else working_shape(logits, height, width)
     label_map, confidence = _reassign(logits, *shape, temperature, rules)
     if image is not None:
@@ -199,7 +199,7 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
     if rules.presence_cut and prior is not None:
         shown = shown_labels(prior).to(scores.device)
         unlikely |= _not_shown(counts > 0, scores, shown)
-        seen = shown | dense_labels(logits, presence_weight * prior, rules.min_area).to(scores.device)
+        seen = shown | dense_labels(logits, presence, rules.min_area).to(scores.device)
         kept = (counts > 0) & ~unlikely
         missed = frozenset(torch.nonzero((seen | (counts > 0)) & ~kept).flatten().tolist())
     if unlikely.any():
@@ -209,15 +209,15 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
     return label_map.cpu().numpy(), confidence.cpu().numpy(), found, missed
 
 
-def dense_labels(logits: torch.Tensor, presence: torch.Tensor, min_area: float) -> torch.Tensor:
+def dense_labels(logits: torch.Tensor, presence: torch.Tensor | None, min_area: float) -> torch.Tensor:
     """(C,) bool: the labels of the dense map without the presence prior that cover at least ``min_area`` of it,
     one of the two views the presence cut weighs (the other: :func:`model.presence.shown_labels`).
 
     Args:
         logits: (C, h, w) calibrated scores, ``presence`` included.
-        presence: (C,) the presence prior's share of them (its weight × the image-level log-probabilities).
+        presence: (C,) the presence prior's share of them (:func:`model.presence.offsets`); None: none.
     """
-    dense = logits - presence.to(logits.device)[:, None, None]
+    dense = logits if presence is None else logits - presence.to(logits.device)[:, None, None]
     counts = torch.bincount(dense.argmax(0).flatten(), minlength=logits.shape[0])
     return (counts > 0) & (counts >= min_area * counts.sum())
 

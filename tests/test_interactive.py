@@ -19,7 +19,7 @@ from demo import world
 from demo.train_clip import DENSE_METHOD, INFERENCE_SIZE
 from model.build import SegmentationModel
 from model.config import ModelConfig
-from model.predictor import Predictor
+from model.predictor import Calibrated, Predictor
 from model.refinement import ImageState, Prompt, PromptError, Superpixels, refine
 from model.vocabulary import Vocabulary
 from tests.conftest import png_bytes, tasks_on
@@ -210,7 +210,7 @@ def test_the_served_prelabel_is_kept_exactly(predictor, scenes):
     (logits, embeddings, prior, presence), = predictor.logits_and_embeddings([image], vocabulary)
     made = ImageState.from_image(logits, embeddings, prior, presence, image, predictor)
     kept = ImageState.from_image(logits, embeddings, prior, presence, image, predictor)
-    served = predictor.semantic([image], [logits], RULES, [prior])[0].label_map
+    served = predictor.semantic([image], [Calibrated(logits, prior, presence)], RULES)[0].label_map
     kept.keep_prelabel(RULES, served)
     assert made.image.shape[:2] != image.shape[:2]
     assert torch.equal(kept.prelabel(RULES), made.prelabel(RULES))
@@ -218,8 +218,7 @@ def test_the_served_prelabel_is_kept_exactly(predictor, scenes):
 
 def test_image_state_work_is_kept(states):
     state = ImageState(states[0].logits, states[0].embeddings, states[0].prior, states[0].presence,
-                       np.zeros((states[0].height, states[0].width, 3), np.uint8), states[0].height, states[0].width,
-                       states[0].presence_weight)
+                       np.zeros((states[0].height, states[0].width, 3), np.uint8), states[0].height, states[0].width)
     before = state.nbytes
     refine(state, Prompt(0, ((3.0, 3.0, True),)), RULES)
     assert state.nbytes > before and "superpixels" in state.__dict__

@@ -86,7 +86,7 @@ def test_zero_shot_a_pre_label_misses_what_the_presence_cuts_views_see_and_no_re
     prior = torch.tensor([0.55, 0.01, 0.04, 0.40]).log()
     calibrated = presence.apply(logits, prior, 1.0, 0.5)
     semantic = lambda rules: Predictor.to_semantic(calibrated, 10, 10, rules=rules, prior=prior,  # noqa: E731
-                                                   presence_weight=0.5)
+                                                   presence=0.5 * prior)
     served = semantic(RegionRules(presence_cut=True))
     assert set(np.unique(served.label_map)) == {0, 2}
     assert served.missed == {1, 3}  # 1: the dense map without the prior; 3: the whole-image view

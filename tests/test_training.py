@@ -291,8 +291,8 @@ class _RecordingPredictor:
         self.vocabularies.append(vocabulary.labels)
         return [SimpleNamespace(found_scores={0: 0.6, 1: 0.2, 2: 0.1}) for _ in images]
 
-    def presence(self, prior, vocabulary):
-        return self.presence_weight * prior
+    def presence(self, priors, vocabulary):
+        return [self.presence_weight * prior for prior in priors]
 
 
 def test_a_version_is_calibrated_in_every_label_it_serves_and_its_rule_on_the_annotated_ones():
