@@ -5,7 +5,9 @@
 Two worlds: the demo world's test scenes (where the defaults were chosen) and
 :func:`demo.world.shifted_scenes` (smaller things, a random camera; never tuned on). Two
 models: zero-shot at the demo CLIP's temperature, and fine-tuned with GKC on
-``--train-images`` annotated demo scenes, calibrated on them as training jobs do.
+``--train-images`` annotated demo scenes, calibrated on them as training jobs do (with
+``--held-out-images N``, also the region rule fitted on N other annotated scenes the version never
+trained on, at both recall weights: what a rule fitted on its own training images gives away).
 
 * **Pruning**: regions per image, region precision (the share of predicted regions whose
   label is in the image's ground truth) and dataset mIoU, today's post-processing against
@@ -137,9 +139,17 @@ class Bench:
         rules = settings.region_rules(fit_min_score(found, present, settings.region_recall_weight), zero_shot=False)
         weight = self.args.recall_weight
         preciser = settings.region_rules(fit_min_score(found, present, weight), zero_shot=False)
+        alternatives = {f"pruned and refined, min_score fitted at REGION_RECALL_WEIGHT={weight} "
+                        f"({preciser.min_score})": preciser}
+        if self.args.held_out_images:
+            held_out = [Sample(i, t) for i, t in world.test_scenes(self.args.held_out_images, seed=778)]
+            found, present = region_scores(predictor, held_out, VOCABULARY, settings)
+            for recall_weight in (settings.region_recall_weight, weight):
+                fitted = settings.region_rules(fit_min_score(found, present, recall_weight), zero_shot=False)
+                alternatives[f"pruned and refined, min_score fitted on {len(held_out)} held-out annotated scenes at "
+                             f"REGION_RECALL_WEIGHT={recall_weight} ({fitted.min_score})"] = fitted
         predictor.refine_boundaries = False
-        return predictor, rules, {f"pruned and refined, min_score fitted at REGION_RECALL_WEIGHT={weight} "
-                                  f"({preciser.min_score})": preciser}
+        return predictor, rules, alternatives
 
     def pruning(self, name: str, predictor: Predictor, scenes, chosen: RegionRules,
                 alternatives: dict[str, RegionRules] | None = None) -> dict:
@@ -239,6 +249,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--recall-weight", type=float, default=0.5,
                         help="the fine-tuned rows also show the region rule fitted at this REGION_RECALL_WEIGHT")
+    parser.add_argument("--held-out-images", type=int, default=0,
+                        help="the fine-tuned rows also show the rule fitted on this many held-out annotated scenes")
     add_clip_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
