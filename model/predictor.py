@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple
 
@@ -51,15 +51,15 @@ class SemanticPrediction:
         confidence: (H, W) float32, the winning class's probability per pixel.
         found: the score of every label the model found, by vocabulary index, including those then
             left unlabeled for scoring under the pruning's ``min_score`` (None: the region scores).
-        missed: zero-shot (under the presence cut), the labels the pre-label leaves out that the cut's views see
-            (the dense map without the prior, :func:`model.regions.dense_labels`; the whole-image view) or that
-            it cut, by vocabulary index; the task score counts them 0.
+        missed: every label the pre-label leaves out, by vocabulary index, with its peak probability in the dense
+            map without the presence prior (:func:`model.regions.peak_probabilities`): the task score counts each
+            as a label scoring 0, weighed by how likely the image shows it.
     """
 
     label_map: np.ndarray
     confidence: np.ndarray
     found: dict[int, float] | None = None
-    missed: frozenset[int] = frozenset()
+    missed: dict[int, float] = field(default_factory=dict)
 
     @cached_property
     def region_scores(self) -> dict[int, float]:

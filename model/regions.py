@@ -180,13 +180,14 @@ def working_shape(logits: torch.Tensor, height: int, width: int) -> tuple[int, i
 def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
             rules: RegionRules = NO_PRUNING, image: np.ndarray | None = None,
             prior: torch.Tensor | None = None,
-            presence: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, float], frozenset[int]]:
+            presence: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, float], dict[int, float]]:
     """logits (C, h, w) → (label map (height, width) int16 with ``UNLABELED`` where pruned,
     confidence (height, width) float32, the score of every label found before unlikely ones were
-    unlabeled, the labels the pre-label misses (:attr:`model.predictor.SemanticPrediction.missed`)), after
+    unlabeled, the labels the pre-label leaves out with their peak probabilities
+    (:attr:`model.predictor.SemanticPrediction.missed`)), after
     pruning by ``rules`` and, given the RGB ``image`` (height, width, 3), boundary refinement. ``prior``: the
     image's (C,) image-level log-probabilities, and ``presence`` (C,) their share of ``logits`` (none if None),
-    which ``rules.presence_cut`` reads (without ``prior`` nothing is cut or missed)."""
+    which ``rules.presence_cut`` reads (without ``prior`` nothing is cut)."""
     shape = (height, width) if image is None else working_shape(logits, height, width)
     label_map, confidence = _reassign(logits, *shape, temperature, rules)
     if image is not None:
@@ -195,13 +196,11 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
     found = {int(c): float(scores[c]) for c in torch.nonzero(counts).flatten()}
     unlikely = (counts > 0) & (scores < rules.min_score)
     unlikely[list(rules.unscored)] = False
-    missed = frozenset()
     if rules.presence_cut and prior is not None:
-        shown = shown_labels(prior).to(scores.device)
-        unlikely |= _not_shown(counts > 0, scores, shown)
-        seen = shown | dense_labels(logits, presence, rules.min_area).to(scores.device)
-        kept = (counts > 0) & ~unlikely
-        missed = frozenset(torch.nonzero((seen | (counts > 0)) & ~kept).flatten().tolist())
+        unlikely |= _not_shown(counts > 0, scores, shown_labels(prior).to(scores.device))
+    left_out = ~((counts > 0) & ~unlikely)
+    peaks = peak_probabilities(logits, presence, temperature).to(scores.device)
+    missed = dict(zip(torch.nonzero(left_out).flatten().tolist(), peaks[left_out].tolist(), strict=True))
     if unlikely.any():
         label_map = torch.where(unlikely[label_map.long()], torch.full_like(label_map, UNLABELED), label_map)
     if shape != (height, width):  # nearest: the working resolution's boundaries, undisturbed
@@ -209,17 +208,18 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
     return label_map.cpu().numpy(), confidence.cpu().numpy(), found, missed
 
 
-def dense_labels(logits: torch.Tensor, presence: torch.Tensor | None, min_area: float) -> torch.Tensor:
-    """(C,) bool: the labels of the dense map without the presence prior that cover at least ``min_area`` of it,
-    one of the two views the presence cut weighs (the other: :func:`model.presence.shown_labels`).
+def peak_probabilities(logits: torch.Tensor, presence: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+    """(C,) each label's probability at its likeliest cell of the dense map without the presence prior, by the
+    dense view alone: a lower bound on the chance that the image shows the label anywhere. No threshold: a label
+    the pre-label leaves out counts as much as the image may show it.
 
     Args:
-        logits: (C, h, w) calibrated scores, ``presence`` included.
+        logits: (C, h, w) scores, ``presence`` included; their softmax over ``temperature`` is served.
         presence: (C,) the presence prior's share of them (:func:`model.presence.offsets`); None: none.
     """
-    dense = logits if presence is None else logits - presence.to(logits.device)[:, None, None]
-    counts = torch.bincount(dense.argmax(0).flatten(), minlength=logits.shape[0])
-    return (counts > 0) & (counts >= min_area * counts.sum())
+    dense = logits.float() if presence is None else logits.float() - presence.to(logits.device)[:, None, None]
+    dense = dense / temperature
+    return (dense - dense.logsumexp(0, keepdim=True)).amax((1, 2)).exp()
 
 
 def nearest_upsample(maps: tuple[torch.Tensor, ...], height: int, width: int) -> tuple[torch.Tensor, ...]:

@@ -15,12 +15,12 @@ import numpy as np
 def mean_score(prediction, sure_at: float = 0.5) -> float:
     """The mean score of every label the model found, those then left unlabeled as unlikely included, each
     counting once: a task whose image the model hesitates over scores low however clean its pruned pre-label
-    looks. Zero-shot, each label the pre-label misses (:attr:`~model.predictor.SemanticPrediction.missed`)
-    counts 0: there what a pre-label gets wrong is mostly the labels it leaves out, which no score of its
-    regions reads."""
+    looks. Each label the pre-label leaves out (:attr:`~model.predictor.SemanticPrediction.missed`) counts 0,
+    weighed by its peak probability in the dense map: what a pre-label gets wrong is mostly the labels it leaves
+    out, which no score of its regions reads, and a label the dense view nowhere names counts next to nothing."""
     missed = prediction.missed
     scores = [score for label, score in prediction.found_scores.items() if label not in missed]
-    counted = len(scores) + len(missed)
+    counted = len(scores) + sum(missed.values())
     return float(sum(scores) / counted) if counted else 0.0
 
 

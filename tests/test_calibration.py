@@ -52,9 +52,9 @@ def test_task_scores():
                                 found={0: 0.9, 3: 0.3})
     assert pruned.region_scores == pytest.approx({0: 0.9})
     assert task_score(pruned) == pytest.approx(0.6) and task_score(pruned, "product") == pytest.approx(0.27)
-    # A label the pre-label missed counts 0 in the mean, whether it was found (and cut) or not.
-    missed = dataclasses.replace(pruned, missed=frozenset({3, 5}))
-    assert task_score(missed) == pytest.approx(0.9 / 3)
+    # A label the pre-label missed counts 0 in the mean, weighed by how likely it is there, found (and cut) or not.
+    missed = dataclasses.replace(pruned, missed={3: 1.0, 5: 0.5})
+    assert task_score(missed) == pytest.approx(0.9 / 2.5)
     assert task_score(pruned, "pixel_accuracy") == pytest.approx(0.9 * 0.96)  # unlabeled pixels count 0
     assert unsure_fraction(confidence, 0.5) == pytest.approx(0.04)
     empty = SemanticPrediction(np.full((4, 4), -1, np.int16), np.zeros((4, 4), np.float32))

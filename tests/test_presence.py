@@ -78,22 +78,33 @@ def test_a_fine_tuned_version_keeps_the_zero_shot_weight_between_its_trained_lab
     assert (plain == 0).all() and (split == 2).all()
 
 
-def test_zero_shot_a_pre_label_misses_what_the_presence_cuts_views_see_and_no_region_has():
-    # Label 1 wins 16 % of the pixels by a hair and the prior takes them; the whole-image view shows 0, 3 and 2.
+def test_the_task_score_weighs_each_label_left_out_by_how_likely_the_dense_view_finds_it():
+    # Label 1 wins 16 % of the cells by a hair and the prior takes them; the whole-image view shows 0, 3 and 2.
     logits = torch.zeros(4, 10, 10)
     logits[0, :, :5], logits[2, :, 5:] = 2.0, 2.0
     logits[1, ::3, ::3] = 2.2
     prior = torch.tensor([0.55, 0.01, 0.04, 0.40]).log()
-    calibrated = presence.apply(logits, prior, 1.0, 0.5)
-    semantic = lambda rules: Predictor.to_semantic(calibrated, 10, 10, rules=rules, prior=prior,  # noqa: E731
-                                                   presence=0.5 * prior)
+
+    def semantic(rules, logits=logits, prior=prior):
+        return Predictor.to_semantic(presence.apply(logits, prior, 1.0, 0.5), *logits.shape[1:], rules=rules,
+                                     prior=prior, presence=0.5 * prior)
+
     served = semantic(RegionRules(presence_cut=True))
     assert set(np.unique(served.label_map)) == {0, 2}
-    assert served.missed == {1, 3}  # 1: the dense map without the prior; 3: the whole-image view
-    assert task_score(served) == pytest.approx(sum(served.region_scores.values()) / 4)
-    # A label of the dense map under min_area is not seen; without the presence cut nothing is missed.
-    assert semantic(RegionRules(min_area=0.2, presence_cut=True)).missed == {3}
-    assert semantic(RegionRules()).missed == frozenset()
+    # The dense view without the prior gives label 1 e^2.2 / (e^2.2 + e^2 + 2) at its cells, label 3 (never
+    # leading) 1 / (e^2 + 3) anywhere.
+    peak_1 = np.exp(2.2) / (np.exp(2.2) + np.exp(2.0) + 2)
+    assert served.missed.keys() == {1, 3} and served.missed[1] == pytest.approx(peak_1, rel=1e-5)
+    assert served.missed[3] == pytest.approx(1 / (np.exp(2.0) + 3), rel=1e-5)
+    regions = served.region_scores.values()
+    assert task_score(served) == pytest.approx(sum(regions) / (2 + peak_1 + served.missed[3]))
+    # Labels the dense view gives next to nothing anywhere barely count: a vocabulary five times larger scores
+    # the same task all but the same, with no threshold deciding which labels count.
+    wider = semantic(RegionRules(presence_cut=True), torch.cat([logits, torch.full((16, 10, 10), -12.0)]),
+                     torch.cat([prior, torch.full((16,), -30.0)]).log_softmax(0))
+    assert len(wider.missed) == 18 and task_score(wider) == pytest.approx(task_score(served), abs=1e-3)
+    # Without the presence cut (a fine-tuned version's rules), the labels left out count alike.
+    assert semantic(RegionRules()).missed == served.missed
 
 
 @pytest.mark.parametrize("scale", [1.0, 100.0])
