@@ -218,8 +218,7 @@ def peak_probabilities(logits: torch.Tensor, presence: torch.Tensor | None, temp
         presence: (C,) the presence prior's share of them (:func:`model.presence.offsets`); None: none.
     """
     dense = logits.float() if presence is None else logits.float() - presence.to(logits.device)[:, None, None]
-    dense = dense / temperature
-    return (dense - dense.logsumexp(0, keepdim=True)).amax((1, 2)).exp()
+    return (dense / temperature).log_softmax(0).amax((1, 2)).exp()
 
 
 def nearest_upsample(maps: tuple[torch.Tensor, ...], height: int, width: int) -> tuple[torch.Tensor, ...]:
