@@ -49,10 +49,10 @@ def report(name: str, predictor: Predictor, vocabulary: Vocabulary, fit_sets: di
         calibration = calibrate(predictor, [i for i, _ in scenes], [t for _, t in scenes], vocabulary,
                                 min_images=1) if scenes else {"temperature": predictor.temperature_for(vocabulary, passes)}
         temperature = calibration["temperature"]
-        weight = predictor.presence_weight
-        predictions = [Predictor.to_semantic(presence.apply(out, prior, temperature, weight), *truth.shape,
-                                             prior=prior, presence=weight * prior)
-                       for (out, prior), (_, truth) in zip(passes, test, strict=True)]
+        offsets = [presence.offsets(prior, predictor.presence_weight) for _, prior in passes]
+        predictions = [Predictor.to_semantic(presence.shift(out, temperature, share), *truth.shape,
+                                             prior=prior, presence=share)
+                       for (out, prior), share, (_, truth) in zip(passes, offsets, test, strict=True)]
         ece = expected_calibration_error(np.concatenate([p.confidence.ravel() for p in predictions]),
                                          np.concatenate([(p.label_map == t).ravel()
                                                          for p, (_, t) in zip(predictions, test, strict=True)]))
