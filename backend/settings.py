@@ -122,6 +122,7 @@ class Settings:
     train_batch_size: int = field(default_factory=lambda: int(_env("TRAIN_BATCH_SIZE", "8")))
     train_lr: float = field(default_factory=lambda: float(_env("TRAIN_LR", "1e-3")))
     train_seed: int = field(default_factory=lambda: int(_env("TRAIN_SEED", "0")))
+    train_paste: float = field(default_factory=lambda: float(_env("TRAIN_PASTE", "0.5")))
     text_diversification: bool = field(default_factory=lambda: _flag("TEXT_DIVERSIFICATION", True))
     distillation: bool = field(default_factory=lambda: _flag("DISTILLATION", True))
     synonym_threshold: float = field(default_factory=lambda: float(_env("SYNONYM_THRESHOLD", "0.1")))
@@ -162,7 +163,7 @@ class Settings:
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             # Half a credential pair must not silently leave every endpoint open.
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
-        for name in ("ensemble_seen_weight", "ensemble_unseen_weight"):
+        for name in ("ensemble_seen_weight", "ensemble_unseen_weight", "train_paste"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name.upper()} must be between 0 and 1, not {getattr(self, name)}")
         if self.max_training_jobs < 1:

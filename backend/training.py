@@ -131,7 +131,7 @@ def train_config(settings: Settings) -> TrainConfig:
                        size=settings.inference_size, diversify=settings.text_diversification,
                        distill=settings.distillation, synonym_threshold=settings.synonym_threshold,
                        distill_weight=settings.distill_weight, seed=settings.train_seed,
-                       precision=settings.precision)
+                       paste=settings.train_paste, precision=settings.precision)
 
 
 def train_project(settings: Settings, project: str, pull: bool = False) -> Version:

@@ -62,6 +62,7 @@ class TrainConfig:
     synonym_temperature: float | None = 100.0  # CLIP's logit scale for the filter (None: the model's own)
     distill_unlabeled: bool = True  # also distil the unannotated parts of each image
     max_regions: int = 200  # per step, as in the paper's code
+    paste: float = 0.5  # the share of crops that get one annotated label of another image pasted in (copy_paste)
     precision: str = "auto"  # the forward pass under bfloat16 autocast where the hardware has it (PRECISION)
     log_every: int = 25
 
@@ -155,6 +156,51 @@ def _augment(rng: np.random.Generator, image: np.ndarray, regions: np.ndarray, s
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
 
 
+@dataclass(frozen=True)
+class Cutout:
+    """One annotated label of one sample, to be pasted into other crops: its bounding box in the sample."""
+
+    sample: int
+    cls: int
+    box: tuple[int, int, int, int]  # top, bottom, left, right (exclusive)
+
+
+def cutouts(samples: list[Sample], classes: int) -> tuple[list[Cutout], np.ndarray]:
+    """Every annotated label of every sample, and the chance of drawing each: in proportion to one over the
+    samples that show its label, so each label is drawn alike however few images show it."""
+    found, showing = [], np.zeros(classes)
+    for index, sample in enumerate(samples):
+        for cls in np.unique(sample.labels):
+            if 0 <= cls < classes:
+                rows, columns = np.nonzero((sample.labels == cls).any(1))[0], np.nonzero((sample.labels == cls).any(0))[0]
+                found.append(Cutout(index, int(cls), (int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1)))
+                showing[cls] += 1
+    weights = np.array([1 / showing[c.cls] for c in found])
+    return found, weights / weights.sum() if len(found) else weights
+
+
+def copy_paste(rng: np.random.Generator, image: np.ndarray, ids: np.ndarray, sample: Sample, cutout: Cutout):
+    """Paste ``cutout``'s pixels of its label into a size×size crop (image (size, size, 3), region ids (size, size)) at
+    a random place, at the scale :func:`_augment` gives its own image, shrunk to at most a quarter to 0.6 of the
+    crop's side: a label one image shows is then learnt on other backgrounds, beside other labels, at other
+    places (Ghiasi et al., "Simple Copy-Paste", CVPR 2021). The pasted pixels take the label's class id: in a crop
+    whose own image does not show the label they count for classification alone (no teacher embedding of theirs
+    is distilled)."""
+    size = ids.shape[0]
+    top, bottom, left, right = cutout.box
+    scale = size * rng.uniform(1.0, 1.3) / min(sample.labels.shape)
+    scale = min(scale, size * rng.uniform(0.25, 0.6) / max(bottom - top, right - left))
+    height, width = (min(size, max(1, round(extent * scale))) for extent in (bottom - top, right - left))
+    patch = np.asarray(Image.fromarray(sample.image[top:bottom, left:right]).resize((width, height), Image.BILINEAR))
+    mask = np.asarray(Image.fromarray((sample.labels[top:bottom, left:right] == cutout.cls).astype(np.uint8))
+                      .resize((width, height), Image.NEAREST)).astype(bool)
+    y, x = rng.integers(0, size - height + 1), rng.integers(0, size - width + 1)
+    image, ids = image.copy(), ids.copy()
+    image[y:y + height, x:x + width][mask] = patch[mask]
+    ids[y:y + height, x:x + width][mask] = cutout.cls
+    return image, ids
+
+
 @dataclass
 class Batch:
     """One training step's augmented crops and, per image, its regions (annotated ones first)."""
@@ -192,6 +238,7 @@ class _Trainer:
             lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / config.steps)))
         self.device = next(segmenter.parameters()).device
         self.bf16 = uses_bf16(config.precision, self.device)
+        self.cutouts, self.cutout_chances = cutouts(samples, len(vocabulary.labels))
 
     def draw_batch(self) -> Batch:
         """Augmented crops of random samples, with their regions and drawn synonyms."""
@@ -199,6 +246,9 @@ class _Trainer:
         images, labels, masks, classes, drawn_text, kd_masks, teachers = [], [], [], [], [], [], []
         for index in self.rng.integers(0, len(self.samples), self.config.batch_size):
             image, ids = _augment(self.rng, self.samples[index].image, self.maps[index], size)
+            if self.config.paste and self.cutouts and self.rng.random() < self.config.paste:
+                cutout = self.cutouts[self.rng.choice(len(self.cutouts), p=self.cutout_chances)]
+                image, ids = copy_paste(self.rng, image, ids, self.samples[cutout.sample], cutout)
             present = [self.regions[(int(index), int(v))] for v in np.unique(ids)
                        if (int(index), int(v)) in self.regions]
             annotated = [r for r in present if r.cls >= 0]

@@ -27,7 +27,7 @@ from model.losses import (
 )
 from model.segmenter import build_segmenter
 from model.synonyms import candidate_names, filter_synonyms
-from model.train import Sample, TrainConfig, finetune, masked_crop
+from model.train import Sample, TrainConfig, copy_paste, cutouts, finetune, masked_crop
 from model.vocabulary import TextEncoder, Vocabulary
 from tests.conftest import png_bytes
 
@@ -94,6 +94,30 @@ def test_masked_crop_greys_out_the_background():
     mask[3, 2] = False
     crop = masked_crop(image, mask, 12)
     assert crop.shape == (12, 12, 3) and (crop == 128).any() and (crop > 180).any()
+
+
+def test_copy_paste_draws_every_label_alike_and_pastes_its_pixels_alone():
+    common = [np.zeros((40, 40), np.int64) for _ in range(3)]  # label 0 everywhere, in three images
+    rare = np.zeros((40, 40), np.int64)
+    rare[10:20, 5:25] = 2  # label 2 in one image, a 10x20 box; label 1 nowhere
+    rare[12, 5] = -1  # an unannotated pixel inside its box
+    samples = [Sample(np.full((40, 40, 3), 10 * (i + 1), np.uint8), labels) for i, labels in enumerate(common + [rare])]
+    samples[3].image[rare == 2] = 255
+    found, chances = cutouts(samples, 3)
+    assert sorted((c.sample, c.cls) for c in found) == [(0, 0), (1, 0), (2, 0), (3, 0), (3, 2)]
+    by_label = {cls: sum(p for c, p in zip(found, chances, strict=True) if c.cls == cls) for cls in (0, 2)}
+    assert by_label[0] == pytest.approx(0.5) and by_label[2] == pytest.approx(0.5)
+    assert next(c for c in found if c.cls == 2).box == (10, 20, 5, 25)
+
+    rng = np.random.default_rng(0)
+    crop, ids = np.zeros((32, 32, 3), np.uint8), np.full((32, 32), 1000)
+    for _ in range(20):
+        image, pasted = copy_paste(rng, crop, ids, samples[3], next(c for c in found if c.cls == 2))
+        assert set(np.unique(pasted)) == {2, 1000} and (crop == 0).all()  # the crop given is left as it was
+        # The label's pixels (resampled), and nothing of its box around them.
+        assert (image[pasted == 2] > 128).all() and (image[pasted != 2] == 0).all()
+        rows, columns = np.nonzero(pasted == 2)
+        assert max(np.ptp(rows), np.ptp(columns)) + 1 <= 0.6 * 32 + 1  # at most 0.6 of the crop's side
 
 
 @pytest.fixture()
