@@ -6,7 +6,7 @@
 
 A pool of scenes (``uniform``: every concept alike; ``long-tailed``: :func:`demo.world.long_tailed_scenes`)
 is pre-labeled as served; a budget of tasks is annotated (from ground truth, every label) in 1 or 2
-rounds (annotate, train as the backend does, pre-label again, pick the rest), then the model is
+rounds (annotate, train as the backend does, ``TRAIN_PASTE`` included, pre-label again, pick the rest), then the model is
 measured on held-out scenes where every concept is alike: mIoU over all labels, mIoU of the rarest
 third of the pool's labels, and the labels the picked tasks cover. Arms:
 
@@ -79,7 +79,7 @@ class Loop:
         samples = [Sample(*self.scenes[i]) for i in indices]
         segmenter = self.model.segmenter()
         finetune(segmenter, self.model.clip, self.model.encoder, *restrict_to_annotated(samples, self.vocabulary),
-                 TrainConfig(steps=self.steps, size=self.clip.inference_size))
+                 TrainConfig(steps=self.steps, size=self.clip.inference_size, paste=Settings().train_paste))
         predictor = self.model.predictor(segmenter)
         # As training jobs do: in the whole vocabulary (their region rule is left out: min_score 0 here).
         calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], self.vocabulary)
