@@ -172,7 +172,8 @@ def cutouts(samples: list[Sample], classes: int) -> tuple[list[Cutout], np.ndarr
     for index, sample in enumerate(samples):
         for cls in np.unique(sample.labels):
             if 0 <= cls < classes:
-                rows, columns = np.nonzero((sample.labels == cls).any(1))[0], np.nonzero((sample.labels == cls).any(0))[0]
+                mask = sample.labels == cls
+                rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
                 found.append(Cutout(index, int(cls), (int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1)))
                 showing[cls] += 1
     weights = np.array([1 / showing[c.cls] for c in found])
