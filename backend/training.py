@@ -126,12 +126,15 @@ def restrict_to_annotated(samples: list[Sample], vocabulary: Vocabulary) -> tupl
                                   tuple(vocabulary.texts[c] for c in classes))
 
 
-def train_config(settings: Settings) -> TrainConfig:
-    return TrainConfig(steps=settings.train_steps, batch_size=settings.train_batch_size, lr=settings.train_lr,
-                       size=settings.inference_size, diversify=settings.text_diversification,
-                       distill=settings.distillation, synonym_threshold=settings.synonym_threshold,
-                       distill_weight=settings.distill_weight, seed=settings.train_seed,
-                       paste=settings.train_paste, precision=settings.precision)
+def train_config(settings: Settings, **overrides) -> TrainConfig:
+    """The fine-tuning a training job runs under ``settings``; ``overrides`` replace fields of it (the benchmarks'
+    steps, crop size and ablations), so a benchmark trains as a job does and answers the same settings."""
+    config = TrainConfig(steps=settings.train_steps, batch_size=settings.train_batch_size, lr=settings.train_lr,
+                         size=settings.inference_size, diversify=settings.text_diversification,
+                         distill=settings.distillation, synonym_threshold=settings.synonym_threshold,
+                         distill_weight=settings.distill_weight, seed=settings.train_seed,
+                         paste=settings.train_paste, precision=settings.precision)
+    return dataclasses.replace(config, **overrides)
 
 
 def train_project(settings: Settings, project: str, pull: bool = False) -> Version:

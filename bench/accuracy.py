@@ -25,13 +25,14 @@ import time
 
 import numpy as np
 
-from backend.training import restrict_to_annotated
+from backend.settings import Settings
+from backend.training import restrict_to_annotated, train_config
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
 from model.calibration import calibrate
 from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
-from model.train import Sample, TrainConfig, finetune
+from model.train import Sample, finetune
 from model.vocabulary import Vocabulary
 
 VARIANTS = {
@@ -88,8 +89,8 @@ class Runner:
         segmenter = self.model.segmenter(seed=seed, unfreeze_blocks=self.args.unfreeze_blocks)
         trained_samples, trained = restrict_to_annotated(samples, VOCABULARY)
         finetune(segmenter, self.model.clip, self.model.encoder, trained_samples, trained,
-                 TrainConfig(steps=self.args.steps, size=self.args.size, seed=seed, lr=self.args.lr,
-                             **VARIANTS[name]))
+                 train_config(Settings(), steps=self.args.steps, size=self.args.size, seed=seed, lr=self.args.lr,
+                              **VARIANTS[name]))
         with_ensemble = evaluate(self.model.predictor(segmenter), self.test)
         # As a training job serves it: temperature and presence weight fitted on the same annotations, in the
         # vocabulary it serves (the rule it fits is left out: these figures are unpruned).

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from backend.settings import Settings
-from backend.training import restrict_to_annotated
+from backend.training import restrict_to_annotated, train_config
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
 from model.acquisition import Pool, TaskView, acquire, cluster_tasks, label_rarity, label_stream
@@ -42,7 +42,7 @@ from model.calibration import calibrate
 from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
 from model.task_scores import task_score
-from model.train import Sample, TrainConfig, finetune
+from model.train import Sample, finetune
 from model.vocabulary import Vocabulary
 
 POOLS = {"uniform": lambda count: world.test_scenes(count, seed=2024), "long-tailed": world.long_tailed_scenes}
@@ -79,7 +79,7 @@ class Loop:
         samples = [Sample(*self.scenes[i]) for i in indices]
         segmenter = self.model.segmenter()
         finetune(segmenter, self.model.clip, self.model.encoder, *restrict_to_annotated(samples, self.vocabulary),
-                 TrainConfig(steps=self.steps, size=self.clip.inference_size, paste=Settings().train_paste))
+                 train_config(Settings(), steps=self.steps, size=self.clip.inference_size))
         predictor = self.model.predictor(segmenter)
         # As training jobs do: in the whole vocabulary (their region rule is left out: min_score 0 here).
         calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], self.vocabulary)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from backend.settings import Settings
+from backend.training import train_config
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
 from model import presence
@@ -24,7 +26,7 @@ from model.calibration import calibrate, expected_calibration_error
 from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor, SemanticPrediction
 from model.task_scores import TASK_SCORES, task_score
-from model.train import Sample, TrainConfig, finetune
+from model.train import Sample, finetune
 from model.vocabulary import Vocabulary
 
 
@@ -91,7 +93,7 @@ def main(argv=None) -> None:
     segmenter = model.segmenter()
     with torch.enable_grad():
         finetune(segmenter, model.clip, model.encoder, [Sample(image, labels) for image, labels in train], vocabulary,
-                 TrainConfig(steps=args.steps, size=clip.inference_size))
+                 train_config(Settings(), steps=args.steps, size=clip.inference_size))
     tuned = report(f"fine-tuned on {args.train_images} annotated images", model.predictor(segmenter), vocabulary,
                    {"held-out annotated images": held_out, "its training images": train}, test)
     default = "TASK_SCORE=product"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from backend.settings import Settings
-from backend.training import region_scores
+from backend.training import region_scores, train_config
 from bench.calibration import task_miou
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
@@ -44,7 +44,7 @@ from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
 from model.regions import GUIDED_FILTER_EPS, guided_filter, working_shape
 from model.task_scores import TASK_SCORES, task_score
-from model.train import Sample, TrainConfig, finetune
+from model.train import Sample, finetune
 from model.vocabulary import Vocabulary
 
 VOCABULARY = Vocabulary.from_labels(world.NAMES)
@@ -129,7 +129,7 @@ class Bench:
         samples = [Sample(i, t) for i, t in scenes]
         segmenter = self.model.segmenter()
         finetune(segmenter, self.model.clip, self.model.encoder, samples, VOCABULARY,
-                 TrainConfig(steps=self.args.steps, size=self.clip.inference_size))
+                 train_config(Settings(), steps=self.args.steps, size=self.clip.inference_size))
         predictor = self.model.predictor(segmenter)
         settings = Settings()
         predictor.refine_boundaries = settings.refine_boundaries  # the rule is fitted as pre-labels are served

@@ -164,6 +164,9 @@ def test_training_runs_the_pass_in_the_precision_the_job_is_given(demo_clip, tin
     from backend.training import train_config
 
     assert train_config(Settings(precision="fp32")).precision == "fp32"
+    # A benchmark's overrides replace what it sets and keep the job's other settings.
+    config = train_config(Settings(precision="fp32", train_paste=0.0), steps=7, size=96)
+    assert (config.steps, config.size, config.paste, config.precision) == (7, 96, 0.0, "fp32")
     vocabulary, seen = Vocabulary.from_labels(["sky", "grass"]), {}
     for precision in ("fp32", "bf16"):
         segmenter = build_segmenter(demo_clip, seed=5)
