@@ -127,11 +127,10 @@ class Bench:
         fitted at ``--recall-weight`` (by row name)."""
         scenes = world.test_scenes(self.args.train_images, seed=777)
         samples = [Sample(i, t) for i, t in scenes]
-        segmenter = self.model.segmenter()
+        segmenter, settings = self.model.segmenter(), Settings()
         finetune(segmenter, self.model.clip, self.model.encoder, samples, VOCABULARY,
-                 train_config(Settings(), steps=self.args.steps, size=self.clip.inference_size))
+                 train_config(settings, steps=self.args.steps, size=self.clip.inference_size))
         predictor = self.model.predictor(segmenter)
-        settings = Settings()
         predictor.refine_boundaries = settings.refine_boundaries  # the rule is fitted as pre-labels are served
         # fit_serving_rules' steps, with one pass over the samples for the rule at both recall weights.
         calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], VOCABULARY)
