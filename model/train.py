@@ -147,14 +147,14 @@ def _augment(rng: np.random.Generator, image: np.ndarray, regions: np.ndarray, s
     height, width = regions.shape
     scale = size * rng.uniform(1.0, 1.3) / min(height, width)
     new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-    # np.array, not asarray: PIL's buffer is read-only, and a crop as wide as it stays a view of it.
-    image = np.array(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-    labels = np.array(Image.fromarray(regions.astype(np.int32)).resize((new_w, new_h), Image.NEAREST))
+    image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    labels = np.asarray(Image.fromarray(regions.astype(np.int32)).resize((new_w, new_h), Image.NEAREST))
     top, left = rng.integers(0, new_h - size + 1), rng.integers(0, new_w - size + 1)
     image, labels = image[top:top + size, left:left + size], labels[top:top + size, left:left + size]
     if rng.random() < 0.5:
         image, labels = image[:, ::-1], labels[:, ::-1]
-    return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+    # The image is copied, crop only: PIL's buffer is read-only, and a crop as wide as it would stay a view of it.
+    return np.array(image, order="C"), np.ascontiguousarray(labels)
 
 
 @dataclass(frozen=True)
