@@ -9,11 +9,13 @@ MAX_REQUEST_BYTES) before a worker thread sees it, so slow or half-open clients 
 socket, never one of the THREADS that run predictions. Idle connections close after
 IDLE_CONNECTION_TIMEOUT; at most MAX_CONNECTIONS are open at once. On SIGTERM or SIGINT the
 server stops accepting, lets requests in flight finish for up to GRACEFUL_TIMEOUT seconds,
-then stops its training jobs (they register nothing) and exits.
+then stops its training jobs (they register nothing) and exits; a stop that takes STOP_MARGIN_SECONDS longer
+than that logs every thread's stack and exits with code 1.
 """
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -22,6 +24,8 @@ import time
 from backend.settings import Settings
 
 log = logging.getLogger("backend.server")
+# After GRACEFUL_TIMEOUT, what a stop may still take: its training jobs' SIGTERM-to-SIGKILL (10 s) and the exit.
+STOP_MARGIN_SECONDS = 15
 
 FIRST_SETTINGS = """settings a user sets first (environment variables; the README's Settings table has all of them):
   LABEL_STUDIO_URL       Label Studio's address, e.g. http://localhost:8080 (to fetch its images and annotations)
@@ -56,6 +60,9 @@ def serve(settings: Settings) -> None:
         wasyncore.loop(timeout=0.5, map=server._map, count=1)
     log.info("signal %d: no new connections; waiting up to %.0f s for requests in flight", stop_requested[0],
              settings.graceful_timeout)
+    # A stop never hangs: past its budget every thread's stack goes to the log (where it was stuck), and
+    # the process exits with code 1. Its training jobs end with it (backend.training stops with its parent).
+    faulthandler.dump_traceback_later(settings.graceful_timeout + STOP_MARGIN_SECONDS, exit=True)
     server.del_channel()  # stop accepting; answered channels stay in the map until they flush
     server.socket.close()
     deadline = time.monotonic() + settings.graceful_timeout

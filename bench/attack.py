@@ -321,7 +321,7 @@ def disk_full(lab: Lab) -> str:
 
 
 def sigterm_stops_training(lab: Lab) -> str:
-    """12. SIGTERM to the service: requests in flight finish, its training job stops and registers nothing."""
+    """12. SIGTERM to the service: requests in flight finish, its training job stops and registers nothing, it exits 0."""
     from backend.store import Store
 
     backend = lab.backend("sigterm", TRAIN_STEPS="100000", GRACEFUL_TIMEOUT="20", TRAIN_AFTER_ANNOTATIONS="1")
@@ -343,9 +343,10 @@ def sigterm_stops_training(lab: Lab) -> str:
     time.sleep(0.5)
     os.kill(backend.process.pid, signal.SIGTERM)
     request.join(30)
-    backend.process.process.wait(40)
+    code = backend.process.process.wait(40)
     gone = _wait_gone(child, 15)
     store_versions = Store(backend.model_dir).versions("6")
+    assert code == 0, f"the service did not stop in time (exit code {code}); its log shows where it was stuck"
     assert in_flight and "FETCH_DEADLINE" in (in_flight[0][0].get("error") or ""), "the request in flight was cut"
     assert gone, f"training child {child} still runs after the service stopped"
     assert store_versions == [], "a version was registered after SIGTERM"

@@ -131,7 +131,7 @@ class Lab:
     work: Path
     label_studio: LoopbackServer = field(default_factory=lambda: LoopbackServer(LS_TOKEN))
     attacker: LoopbackServer = field(default_factory=LoopbackServer)
-    _backends: list = field(default_factory=list)
+    backends: list = field(default_factory=list)  # every backend started, stopped with the lab
     _mounts: list = field(default_factory=list)
     _redis: list = field(default_factory=list)
 
@@ -141,7 +141,7 @@ class Lab:
         port = free_port()
         process = start_backend(port, model_dir, None, {**BASE_ENV, **env})
         backend = Backend(f"http://127.0.0.1:{port}", model_dir, process)
-        self._backends.append(backend)
+        self.backends.append(backend)
         return backend
 
     def backend_env(self, name: str) -> dict:
@@ -174,7 +174,7 @@ class Lab:
         return True
 
     def close(self) -> None:
-        for backend in self._backends:
+        for backend in self.backends:
             backend.process.stop()
         for server in self._redis:
             server.stop()

@@ -1,11 +1,15 @@
 """The hardening list, item by item, against real backend processes on loopback (bench/attack.py),
-and the policy for Label Studio's address learnt from /setup, in process."""
+a stop that hangs, and the policy for Label Studio's address learnt from /setup, in process."""
+import signal
+import sys
+
 import pytest
 
 from backend.app import create_app
 from backend.service import SegmentationService
 from backend.settings import Settings
 from bench.attack import ATTACKS, lab_session
+from demo.labelstudio import ManagedProcess, backend_env, free_port, wait_for
 
 SCHEMA = '<View><Image name="i" value="$i"/><BrushLabels name="m" toName="i"><Label value="a"/></BrushLabels></View>'
 
@@ -13,9 +17,33 @@ SCHEMA = '<View><Image name="i" value="$i"/><BrushLabels name="m" toName="i"><La
 @pytest.mark.parametrize("attack", ATTACKS, ids=[f"{n}-{a.__name__}" for n, a in enumerate(ATTACKS, 1)])
 def test_attack_is_held(attack):
     with lab_session() as lab:
-        outcome = attack(lab)
+        try:
+            outcome = attack(lab)
+        except BaseException:  # pytest shows this output with the failure: the backends' own words
+            for backend in lab.backends:
+                print(f"--- {backend.url} (exit code {backend.process.process.poll()}):\n{backend.log()[-6000:]}")
+            raise
     if outcome.startswith("skipped"):
         pytest.skip(outcome)
+
+
+def test_a_stop_that_hangs_is_cut_and_logs_where_it_was_stuck(tmp_path):
+    """SIGTERM while stopping the training jobs blocks: past GRACEFUL_TIMEOUT + the margin the service
+    exits (code 1) by itself, its log holding the stuck thread's stack."""
+    hang = ("import time, backend.__main__ as server, backend.service as service; server.STOP_MARGIN_SECONDS = 1; "
+            "service.SegmentationService.shutdown = lambda self: time.sleep(600); server.main()")
+    port = free_port()
+    env = backend_env(tmp_path / "model_dir", None, {"HOST": "127.0.0.1", "PORT": str(port), "GRACEFUL_TIMEOUT": "1"})
+    process = ManagedProcess([sys.executable, "-c", hang], env, tmp_path / "backend.log")
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", 120, process.process, process.log)
+        process.process.send_signal(signal.SIGTERM)
+        code = process.process.wait(30)
+    finally:
+        process.stop()
+    log = process.log.read_text()
+    assert code == 1, log[-3000:]
+    assert "Timeout" in log and "in <lambda>" in log and "in serve" in log, log[-3000:]
 
 
 def _client(tmp_path, **settings):
