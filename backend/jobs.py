@@ -54,7 +54,7 @@ class JobQueue(Protocol):
         """Enqueue the tasks in chunks; the chunks' ids. Raises :class:`QueueUnavailable`."""
 
     def progress(self, job_ids: list[str], finished: dict[str, dict] | None = None) -> dict[str, int]:
-        """Chunks done, failed and waiting, and their predicted, skipped and failed tasks."""
+        """Chunks done, failed and waiting, their predicted, skipped and failed tasks, and the workers taking chunks."""
 
     def enqueue_training(self, project: str, pull: bool) -> str:
         """A training job for the project: "queued" or "already queued". Raises :class:`QueueUnavailable`."""

@@ -40,6 +40,7 @@ from model.acquisition import Pool, TaskView, cluster_tasks
 
 log = logging.getLogger("backend.prelabel")
 TRANSIENT_STATUS = {408, 409, 429, 500, 502, 503, 504}
+NO_WORKER_SECONDS = 15  # a worker registers once its model is loaded; longer without one is worth saying
 
 
 def is_transient(error: Exception) -> bool:
@@ -152,7 +153,7 @@ class Prelabeler:
         job_ids = queue.enqueue_tasks(self.project, todo)
         log.info("project %s: %d tasks, %d already have %s, %d enqueued in %d chunks", self.project, len(tasks),
                  len(tasks) - len(todo), version, len(todo), len(job_ids))
-        started, finished = time.time(), {}
+        started, finished, last_worker_seen, warned = time.time(), {}, time.time(), False
         with tqdm(total=len(todo), unit=" images", desc=f"project {self.project} (queued)", disable=not progress,
                   file=sys.stderr, smoothing=0.1) as bar:
             while True:
@@ -160,6 +161,13 @@ class Prelabeler:
                 bar.update(state["predicted"] + state["skipped"] + state["failed"] - bar.n)
                 if not state["chunks_waiting"]:
                     break
+                if state["workers"]:
+                    last_worker_seen, warned = time.time(), False
+                elif not warned and time.time() - last_worker_seen > NO_WORKER_SECONDS:
+                    warned = True  # once per stretch without a worker
+                    log.warning("project %s: %d chunks wait and no worker takes them: start `python -m backend.worker` "
+                                "with this REDIS_URL (the chunks stay queued; stopping this command and running it "
+                                "again later follows the same chunks)", self.project, state["chunks_waiting"])
                 time.sleep(poll)
         seconds = time.time() - started
         counts = {"model_version": version, "tasks": len(tasks), "skipped": len(tasks) - len(todo) + state["skipped"],

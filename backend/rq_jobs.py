@@ -34,7 +34,7 @@ import redis
 from redis import Redis, RedisError
 from redis.backoff import NoBackoff
 from redis.retry import Retry as RedisRetry
-from rq import Queue, Retry, SimpleWorker
+from rq import Queue, Retry, SimpleWorker, worker_registration
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -113,14 +113,14 @@ class RQJobQueue:
         return ids
 
     def progress(self, job_ids: list[str], finished: dict[str, dict] | None = None) -> dict[str, int]:
-        """How many of the chunks are done (their counts summed), failed for good, or still waiting.
-        ``finished``: the results of chunks already seen done, kept there so that a caller polling the
+        """How many of the chunks are done (their counts summed), failed for good, or still waiting, and how
+        many workers take pre-labeling chunks now. ``finished``: the results of chunks already seen done, kept there so that a caller polling the
         same chunks fetches each result once."""
         return self._call(self._progress, job_ids, {} if finished is None else finished)
 
     def _progress(self, job_ids: list[str], finished: dict[str, dict]) -> dict[str, int]:
         counts = {"chunks_done": 0, "chunks_failed": 0, "chunks_waiting": 0, "predicted": 0, "skipped": 0,
-                  "failed": 0}
+                  "failed": 0, "workers": self._live_workers()}
         pending = [job_id for job_id in job_ids if job_id not in finished]
         jobs = Job.fetch_many(pending, connection=self.connection, serializer=SERIALIZER)
         for job_id, job in zip(pending, jobs, strict=True):
@@ -137,6 +137,12 @@ class RQJobQueue:
                 for key in ("predicted", "skipped", "failed"):
                     counts[key] += finished[job_id].get(key, 0)
         return counts
+
+    def _live_workers(self) -> int:
+        """Workers registered on the pre-labeling queue whose key has not expired: a killed worker stays
+        in the queue's set until a living one cleans it, but its key lapses after its ``worker_ttl``."""
+        keys = worker_registration.get_keys(queue=self.prelabel)
+        return self.connection.exists(*keys) if keys else 0
 
     def _status(self, job_id: str):
         try:

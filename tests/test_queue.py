@@ -54,8 +54,10 @@ def workers(tmp_path, label_studio, redis_server):
         started.append(worker)
         return worker
     yield start
-    for worker in started:
+    for number, worker in enumerate(started):
         worker.stop()
+        print(f"--- worker {number} (pytest shows this when the test failed):\n"  # its own words
+              f"{worker.log.read_text(errors='replace')[-4000:]}")
 
 
 def project_of(label_studio, title: str, count: int, size: int = 128) -> tuple[int, list[int]]:
@@ -166,15 +168,24 @@ def test_retrieve_predictions_past_the_budget_answers_in_time_and_workers_post_t
         backend.stop()
 
 
-def test_prelabel_queue_follows_the_workers_and_resumes(tmp_path, label_studio, redis_server, workers):
+def test_prelabel_queue_says_when_no_worker_takes_its_chunks_follows_them_and_resumes(
+        tmp_path, label_studio, redis_server, workers):
     project, ids = project_of(label_studio, "cli", 30)
     env = backend_env(tmp_path / "model_dir", None, {"REDIS_URL": redis_server.url, "QUEUE_CHUNK_SIZE": "8"})
     command = [sys.executable, "-m", "backend.prelabel", "--url", label_studio.url, "--token", label_studio.token,
                "--project", str(project), "--queue", "--no-progress"]
-    workers()
-    first = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-2000:]
-    counts = json.loads(first.stdout.strip().splitlines()[-1])
+    log = tmp_path / "prelabel.log"
+    with open(log, "w") as stderr:
+        first = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            wait_until(lambda: "no worker takes them" in log.read_text(), 120, "the no-worker warning")
+            assert first.poll() is None, log.read_text()[-2000:]  # it goes on waiting for a worker
+            workers()
+            stdout, _ = first.communicate(timeout=600)
+        finally:
+            first.kill()
+    assert first.returncode == 0, log.read_text()[-2000:]
+    counts = json.loads(stdout.strip().splitlines()[-1])
     assert counts["predicted"] == len(ids) and counts["chunks"] == 4 and counts["failed"] == 0
     again = json.loads(subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True,
                                       timeout=600).stdout.strip().splitlines()[-1])
