@@ -307,11 +307,9 @@ def tower_runtimes(model_name: str, shape: tuple[int, int], compile_too: bool) -
              "torch int8 dynamic": eager(torch.ao.quantization.quantize_dynamic(
                  copy.deepcopy(tower), {torch.nn.Linear}, dtype=torch.qint8))}
     if openvino_installed():
-        import openvino as ov
+        from model.openvino_tower import compile_for_cpu, openvino_module
 
-        from model.openvino_tower import compile_for_cpu
-
-        graph = ov.convert_model(tower, example_input=batch)
+        graph = openvino_module().convert_model(tower, example_input=batch)
         for hint in ("f32", "bf16"):
             compiled = compile_for_cpu(graph, bf16=hint == "bf16")
             calls[f"OpenVINO {hint}"] = lambda compiled=compiled: torch.from_numpy(

@@ -8,9 +8,12 @@ Measured on this CPU, tower alone, 448 px, 2 threads: OpenVINO bf16 265 ms again
 converting the tower with the decoder in one graph ran slower than torch (707 ms).
 
 OpenVINO is an optional extra (``pip install -r requirements-openvino.txt``; ``make setup`` installs
-it); :func:`resolve_runtime` says which runtime a setting means here.
+it); :func:`resolve_runtime` says which runtime a setting means here. It is always imported through
+:func:`openvino_module`, without its telemetry.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -37,10 +40,25 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
     return runtime
 
 
+def openvino_module():
+    """The ``openvino`` package, imported with its telemetry blocked.
+
+    openvino depends on openvino-telemetry, which sends usage events to Google Analytics (``import openvino``
+    and every ``convert_model``) unless a consent file under ``~/intel`` declines. This backend sends nothing
+    anywhere. Each event also forks a process off this multithreaded one to make the request; a child forked
+    while another thread held a lock hangs, ignores SIGTERM (it inherited the service's handler), and the
+    process's exit then waits on it for good. Where the telemetry package can't be imported, openvino uses its
+    own stub, which sends nothing.
+    """
+    sys.modules.setdefault("openvino_telemetry", None)  # None: `import openvino_telemetry` raises ImportError
+    import openvino
+
+    return openvino
+
+
 def compile_for_cpu(graph, bf16: bool):
     """An OpenVINO graph compiled for this CPU, in bfloat16 or float32, on as many threads as torch uses."""
-    import openvino as ov
-
+    ov = openvino_module()
     return ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
                                                  "INFERENCE_NUM_THREADS": torch.get_num_threads()})
 
@@ -65,8 +83,7 @@ class OpenVinoTower:
     """
 
     def __init__(self, tower: nn.Module, bf16: bool):
-        import openvino as ov
-
+        ov = openvino_module()
         self.stride = tower.stride
         # Traced once at a size off the CLIP's own grid, so the graph keeps the position-embedding resize.
         side = self.stride * (getattr(getattr(tower, "visual", None), "grid_size", (14, 14))[0] + 1)

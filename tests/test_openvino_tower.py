@@ -1,4 +1,10 @@
-"""RUNTIME: which runtime runs the frozen image tower, and that OpenVINO's pass is torch's pass."""
+"""RUNTIME: which runtime runs the frozen image tower, that OpenVINO's pass is torch's pass, and that
+OpenVINO's telemetry never runs."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +14,7 @@ from model.build import SegmentationModel
 from model.config import ModelConfig, openvino_installed
 from model.openvino_tower import resolve_runtime
 
+ROOT = Path(__file__).parents[1]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 needs_openvino = pytest.mark.skipif(not openvino_installed(), reason="the optional OpenVINO runtime is not installed")
 
@@ -69,3 +76,18 @@ def test_versions_that_keep_the_frozen_tower_share_the_compiled_one_in_training_
     assert len(calls) == 1  # no gradient goes through a frozen tower: training runs it where inference does
     tuned_embedding.sum().backward()
     assert all(p.grad is not None for p in training.decoder.parameters() if p.requires_grad)
+
+
+@needs_openvino
+def test_openvino_is_imported_without_its_telemetry(tmp_path):
+    """openvino-telemetry would send events to Google Analytics, each from a process it forks (one such child
+    hung the service's exit), and keep files under ~/intel: converting and compiling a graph does neither."""
+    script = ("import multiprocessing, sys, torch; from model.openvino_tower import compile_for_cpu, openvino_module; "
+              "graph = openvino_module().convert_model(torch.nn.Conv2d(3, 4, 3), example_input=torch.zeros(1, 3, 8, 8)); "
+              "compile_for_cpu(graph, bf16=False); "
+              "print(len(multiprocessing.active_children()), sys.modules['openvino_telemetry'])")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "HOME": str(tmp_path)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["0", "None"], result.stdout
+    assert not (tmp_path / "intel").exists()
