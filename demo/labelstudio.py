@@ -5,6 +5,7 @@ virtual environment (``.venv-ls``); processes are stopped by their PID.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import secrets
@@ -70,11 +71,13 @@ class ManagedProcess:
     def stop(self, timeout: float = 15) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        # Whatever the process left behind in its group (a child it forked, hung) goes with it, even when
+        # the process itself has exited: a group outlives its leader while a member lives.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
         self._log_file.close()
 
 

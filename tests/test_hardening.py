@@ -1,7 +1,10 @@
 """The hardening list, item by item, against real backend processes on loopback (bench/attack.py),
 a stop that hangs, and the policy for Label Studio's address learnt from /setup, in process."""
+import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +47,29 @@ def test_a_stop_that_hangs_is_cut_and_logs_where_it_was_stuck(tmp_path):
     log = process.log.read_text()
     assert code == 1, log[-3000:]
     assert "Timeout" in log and "in <lambda>" in log and "in serve" in log, log[-3000:]
+
+
+def test_stopping_a_process_also_stops_what_it_left_in_its_group(tmp_path):
+    """The harness stops by process group: a child left behind by a process that already exited (as a hung
+    fork of the service was) goes too."""
+    leave_a_child = "import os, sys, time; pid = os.fork(); print(pid, flush=True) if pid else time.sleep(600)"
+    process = ManagedProcess([sys.executable, "-c", leave_a_child], dict(os.environ), tmp_path / "fork.log")
+    process.process.wait(30)
+    child = int(process.log.read_text().split()[0])
+    assert _running(child)  # alive, its parent gone
+    process.stop()
+    deadline = time.monotonic() + 5
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan killed waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def _client(tmp_path, **settings):
