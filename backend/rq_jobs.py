@@ -114,8 +114,8 @@ class RQJobQueue:
 
     def progress(self, job_ids: list[str], finished: dict[str, dict] | None = None) -> dict[str, int]:
         """How many of the chunks are done (their counts summed), failed for good, or still waiting, and how
-        many workers take pre-labeling chunks now. ``finished``: the results of chunks already seen done, kept there so that a caller polling the
-        same chunks fetches each result once."""
+        many workers take pre-labeling chunks now. ``finished``: the results of chunks already seen done, kept
+        there so that a caller polling the same chunks fetches each result once."""
         return self._call(self._progress, job_ids, {} if finished is None else finished)
 
     def _progress(self, job_ids: list[str], finished: dict[str, dict]) -> dict[str, int]:

@@ -54,6 +54,14 @@ def wait_for(url: str, timeout: float, process: subprocess.Popen | None = None, 
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
 
 
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` runs: alive and not a zombie (an exited orphan waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 class ManagedProcess:
     """A child process in its own process group, with its output in a log file."""
 

@@ -4,7 +4,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +11,7 @@ from backend.app import create_app
 from backend.service import SegmentationService
 from backend.settings import Settings
 from bench.attack import ATTACKS, lab_session
-from demo.labelstudio import ManagedProcess, backend_env, free_port, wait_for
+from demo.labelstudio import ManagedProcess, backend_env, free_port, is_running, wait_for
 
 SCHEMA = '<View><Image name="i" value="$i"/><BrushLabels name="m" toName="i"><Label value="a"/></BrushLabels></View>'
 
@@ -56,20 +55,12 @@ def test_stopping_a_process_also_stops_what_it_left_in_its_group(tmp_path):
     process = ManagedProcess([sys.executable, "-c", leave_a_child], dict(os.environ), tmp_path / "fork.log")
     process.process.wait(30)
     child = int(process.log.read_text().split()[0])
-    assert _running(child)  # alive, its parent gone
+    assert is_running(child)  # alive, its parent gone
     process.stop()
     deadline = time.monotonic() + 5
-    while _running(child) and time.monotonic() < deadline:
+    while is_running(child) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _running(child)
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan killed waits for init to reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert not is_running(child)
 
 
 def _client(tmp_path, **settings):

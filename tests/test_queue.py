@@ -15,7 +15,16 @@ from PIL import Image
 from backend.rq_jobs import RQJobQueue
 from backend.store import Store, project_key
 from demo import world
-from demo.labelstudio import LABEL_STUDIO_BIN, ROOT, LabelStudio, ManagedProcess, backend_env, free_port, start_backend
+from demo.labelstudio import (
+    LABEL_STUDIO_BIN,
+    ROOT,
+    LabelStudio,
+    ManagedProcess,
+    backend_env,
+    free_port,
+    is_running,
+    start_backend,
+)
 from demo.redis_server import RedisServer
 
 pytestmark = [pytest.mark.labelstudio,
@@ -135,7 +144,7 @@ def test_a_training_job_whose_worker_dies_is_failed_and_changes_nothing(tmp_path
     child = json.loads(progress.read_text())["pid"]
     os.kill(worker.pid, signal.SIGKILL)
     worker.process.wait()
-    wait_until(lambda: not _alive(child), 60, "the training process to stop with its worker")
+    wait_until(lambda: not is_running(child), 60, "the training process to stop with its worker")
     workers()  # its maintenance finds the dead worker's job
     status = wait_until(lambda: queue.training_status().get(key, {}).get("state") == "failed"
                         and queue.training_status()[key], 120, "the job to be marked failed")
@@ -200,12 +209,3 @@ def _brush_results(truth: np.ndarray) -> list[dict]:
              "original_height": truth.shape[0], "image_rotation": 0,
              "value": {"format": "rle", "rle": mask2rle((truth == c).astype(np.uint8) * 255),
                        "brushlabels": [world.NAMES[c]]}} for c in np.unique(truth)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited
-        return stat.read().split()[2] != "Z"
