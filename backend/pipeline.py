@@ -167,7 +167,7 @@ class PredictPipeline:
         for target in group:
             rules = target.rules(serving.region_rules(self.settings, target.vocabulary.labels))
             if rules not in by_rules:
-                by_rules[rules] = predictor.semantic(images, passes, rules)
+                by_rules[rules] = predictor.semantic(images, passes, rules, target.vocabulary)
             for index, prediction in zip(loaded, by_rules[rules], strict=True):
                 parts[index]["result"].extend(target.build(prediction))
         if state is not None:

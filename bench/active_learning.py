@@ -91,7 +91,7 @@ class Loop:
         images = [image for image, _ in self.scenes]
         passes = predictor.calibrated(images, self.vocabulary)
         rules = self.rules if predictor is self.zero_shot else self.tuned_rules
-        predictions = predictor.semantic(images, passes, rules)
+        predictions = predictor.semantic(images, passes, rules, self.vocabulary)
         views = [TaskView.of(p, calibrated.prior.numpy()) for p, calibrated in zip(predictions, passes, strict=True)]
         pool = Pool.of(views, np.isin(np.arange(len(self.scenes)), chosen))
         if self.features is not None:

@@ -41,7 +41,7 @@ from model import presence
 from model.calibration import calibrate, fit_min_score
 from model.config import NO_PRUNING, RegionRules
 from model.evaluation import ConfusionMatrix
-from model.predictor import Predictor
+from model.predictor import Calibrated, Predictor
 from model.regions import GUIDED_FILTER_EPS, guided_filter, working_shape
 from model.task_scores import TASK_SCORES, task_score
 from model.train import Sample, finetune
@@ -160,7 +160,8 @@ class Bench:
         unprimed = [presence.apply(out, prior, temperature, 0.0) for out, prior in passes]
         # What a CLIP got before the label-free rules: no prior, TEMPERATURE unset (1) or the fitted one, 0.25.
         previous = [presence.apply(out, prior, predictor.temperature or 1.0, 0.0) for out, prior in passes]
-        default = f"min_score {chosen.min_score}, min_area {chosen.min_area}" + (", presence cut" * chosen.presence_cut)
+        default = (f"min_score {chosen.min_score}, min_area {chosen.min_area}" + (", presence cut" * chosen.presence_cut)
+                   + (", region check" * chosen.region_check))
         unprimed_row = "no presence prior, no pruning, refined"
         previous_row = "previous defaults (no prior, T 1 unless fitted, min_score 0.25, min_area 0.01)"
         sources = {unprimed_row: unprimed, previous_row: previous}
@@ -173,15 +174,23 @@ class Bench:
                     (RegionRules(chosen.min_score, chosen.min_area, reassign_unlikely=True), True)}
         rows.update({row: (rules, True) for row, rules in (alternatives or {}).items()})
         if chosen.presence_cut:
-            rows["pruned and refined, no presence cut"] = (dataclasses.replace(chosen, presence_cut=False), True)
+            rows["pruned and refined, neither cut"] = (dataclasses.replace(chosen, presence_cut=False,
+                                                                            region_check=False), True)
+        if chosen.region_check:
+            rows["pruned and refined, presence cut alone (no region check)"] = (
+                dataclasses.replace(chosen, region_check=False), True)
         print(f"\n{name}: {len(scenes)} scenes, T = {temperature:.3f}\n\n| post-processing | regions / image | region precision | mIoU |\n|---|---|---|---|")
         kept = {}
         for row, (rules, refine) in rows.items():
             scores = sources.get(row, logits)
             weight = 0.0 if row in sources else predictor.presence_weight
+            calibrated = [Calibrated(out, prior, weight * prior) for out, (_, prior) in zip(scores, passes, strict=True)]
             predictions = [Predictor.to_semantic(out, *image.shape[:2], 1.0, rules, image if refine else None, prior,
-                                                 weight * prior)
-                           for out, (_, prior), (image, _) in zip(scores, passes, scenes, strict=True)]
+                                                 offsets)
+                           for (out, prior, offsets), (image, _) in zip(calibrated, scenes, strict=True)]
+            if rules.region_check:
+                predictions = predictor.check_regions([image for image, _ in scenes], calibrated, predictions,
+                                                      VOCABULARY)
             pairs = [(p.label_map, truth) for p, (_, truth) in zip(predictions, scenes, strict=True)]
             count, precision = region_precision(pairs)
             print(f"| {row} | {count:.2f} | {precision:.3f} | {miou(pairs):.2f} |", flush=True)

@@ -223,7 +223,8 @@ def photo_designs(args, model: SegmentationModel, vocabulary: Vocabulary, pictur
     client = client_for(model, Settings(clip_model=args.model, clip_pretrained="random", inference_size=args.size,
                                         **REFERENCE))
     predictor = model.predictor()
-    logits = predictor.logits([picture], vocabulary)[0]
+    passes = predictor.calibrated([picture], vocabulary)
+    logits = passes[0].scores
     target = BrushLabels("m", "image", "image", vocabulary)
     rules = Settings().region_rules()
     label_map = predictor.to_semantic(logits, *picture.shape[:2]).label_map
@@ -232,7 +233,7 @@ def photo_designs(args, model: SegmentationModel, vocabulary: Vocabulary, pictur
     rows = {
         "photo /predict": measure(predict_call(client, [picture], vocabulary), args.images),
         "photo bare": measure(bare_forward(args.model, predictor.inference_shape(*picture.shape[:2])), args.images),
-        "photo post-processing": measure(lambda: target.build(predictor.semantic([picture], [logits], rules)[0]),
+        "photo post-processing": measure(lambda: target.build(predictor.semantic([picture], passes, rules, vocabulary)[0]),
                                          args.images),
         "photo post-processing, unrefined": measure(
             lambda: target.build(predictor.to_semantic(logits, *picture.shape[:2], rules=rules)), args.images),

@@ -41,6 +41,9 @@ class RegionRules:
         presence_cut: a label the frozen CLIP's whole-image view does not count among the image's
             (:func:`model.presence.shown_labels`), and less sure than the labels it does count, is left
             unlabeled; zero-shot only (a fine-tuned version knows labels that view does not).
+        region_check: a region whose label the frozen CLIP's view of the region itself (its masked crop) does not
+            count among the crop's labels is left unlabeled (:meth:`model.predictor.Predictor.check_regions`);
+            zero-shot only, as ``presence_cut``.
     """
 
     min_score: float = 0.0
@@ -48,6 +51,7 @@ class RegionRules:
     reassign_unlikely: bool = False
     unscored: tuple[int, ...] = ()
     presence_cut: bool = False
+    region_check: bool = False
 
 
 NO_PRUNING = RegionRules()

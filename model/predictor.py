@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from model import presence
 from model.config import DEFAULTS, NO_PRUNING, PRECISIONS, RegionRules
-from model.regions import regions
+from model.regions import peak_probabilities, regions
 from model.segmenter import EnsembleWeights
-from model.vocabulary import TextEncoder, Vocabulary
+from model.vocabulary import UNLABELED, TextEncoder, Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -290,11 +290,44 @@ class Predictor:
     def predict(self, images: list[np.ndarray], vocabulary: Vocabulary,
                 rules: RegionRules = NO_PRUNING) -> list[SemanticPrediction]:
         """images: RGB uint8 arrays (H, W, 3) of any sizes → one prediction per image."""
-        return self.semantic(images, self.calibrated(images, vocabulary), rules)
+        return self.semantic(images, self.calibrated(images, vocabulary), rules, vocabulary)
 
-    def semantic(self, images: list[np.ndarray], passes: list[Calibrated],
-                 rules: RegionRules = NO_PRUNING) -> list[SemanticPrediction]:
-        """:meth:`calibrated`'s output for ``images`` → their predictions (refined if :attr:`refine_boundaries`)."""
-        return [self.to_semantic(scores, *image.shape[:2], 1.0, rules, image if self.refine_boundaries else None,
-                                 prior, offsets)
-                for image, (scores, prior, offsets) in zip(images, passes, strict=True)]
+    def semantic(self, images: list[np.ndarray], passes: list[Calibrated], rules: RegionRules = NO_PRUNING,
+                 vocabulary: Vocabulary | None = None) -> list[SemanticPrediction]:
+        """:meth:`calibrated`'s output for ``images`` of ``vocabulary`` → their predictions (refined if
+        :attr:`refine_boundaries`; regions checked by their crops if ``rules.region_check``, which needs
+        ``vocabulary``)."""
+        predictions = [self.to_semantic(scores, *image.shape[:2], 1.0, rules,
+                                        image if self.refine_boundaries else None, prior, offsets)
+                       for image, (scores, prior, offsets) in zip(images, passes, strict=True)]
+        if not rules.region_check:
+            return predictions
+        if vocabulary is None:
+            raise ValueError("checking regions by their crops needs the vocabulary")
+        return self.check_regions(images, passes, predictions, vocabulary)
+
+    def check_regions(self, images: list[np.ndarray], passes: list[Calibrated], predictions: list[SemanticPrediction],
+                      vocabulary: Vocabulary) -> list[SemanticPrediction]:
+        """``predictions`` of ``images`` (from their calibrated ``passes``) with each region that its own masked crop
+        does not show to the frozen CLIP left unlabeled (:func:`model.presence.unshown_regions`), and counted among
+        the labels left out at its peak probability, as the presence cut's are. One more batched tower pass, over
+        every region's crop at the CLIP's own size: a fraction of the image's pass, which runs at a larger size."""
+        kept = [[int(c) for c in np.unique(p.label_map) if c >= 0] for p in predictions]
+        crops = [presence.masked_crop(image, p.label_map == label, self.segmenter.native_size)
+                 for image, p, labels in zip(images, predictions, kept, strict=True) for label in labels]
+        if not crops:
+            return predictions
+        tensor = self.segmenter.preprocess(torch.from_numpy(np.stack(crops)).to(self.device))
+        outputs = self._forward([(k, None, crop) for k, crop in enumerate(tensor)],
+                                self.text_encoder.embed(vocabulary), None, False)
+        crop_priors = torch.stack([presence.log_prior(image_logits).cpu() for _, image_logits in outputs])
+        checked, start = [], 0
+        for p, labels, (scores, _, offsets) in zip(predictions, kept, passes, strict=True):
+            cut = presence.unshown_regions(labels, crop_priors[start:start + len(labels)])
+            start += len(labels)
+            if cut:
+                peaks = peak_probabilities(scores, offsets)
+                p = SemanticPrediction(np.where(np.isin(p.label_map, cut), UNLABELED, p.label_map).astype(np.int16),
+                                       p.confidence, p.found, {**p.missed, **{c: float(peaks[c]) for c in cut}})
+            checked.append(p)
+        return checked

@@ -13,6 +13,11 @@ Label-free rules for whatever CLIP a user brings, with no constant tied to one o
 * **A cut of what the image does not show** (zero-shot, ``PRESENCE_CUT``): a region whose label is
   outside the image's perplexity-many likeliest labels by that same view, and less sure than the
   regions inside them, is left unlabeled (:func:`shown_labels`).
+* **A check of each region by its own crop** (zero-shot, ``REGION_CHECK``): the same view of the region
+  alone (its :func:`masked_crop`, grey outside it, as GKC's distillation shows the frozen CLIP a region)
+  must count the region's label among its perplexity-many likeliest, or the region is left unlabeled
+  (:func:`unshown_regions`). The whole image's view cannot tell a ball from the brick wall it was
+  drawn over, since the image shows both; the wall's own crop shows a wall.
 * **A temperature fitted without labels.** Per vocabulary, the temperature T whose pixel
   probabilities ``softmax(logits / T)``, averaged over each image, best match the image-level
   probabilities (the least summed KL divergence), pooled over the first
@@ -24,7 +29,9 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
 import torch
+from PIL import Image
 
 LABEL_FREE_IMAGES = 256  # images pooled before the label-free temperature stops moving
 # Labels × pixels of one image the fit reads: a 20-label vocabulary on a 1920×1080 photo (28×50 cells) is read
@@ -50,6 +57,26 @@ def shown_labels(prior: torch.Tensor) -> torch.Tensor:
     shown = torch.zeros(prior.shape, dtype=torch.bool, device=prior.device)
     shown[prior.argsort(descending=True)[:max(1, math.ceil(perplexity - 1e-4))]] = True  # 4.00001 is 4 spread
     return shown
+
+
+def masked_crop(image: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: the (H, W) ``mask``'s bounding box in the RGB ``image``, everything outside the mask
+    grey, padded square, resized."""
+    ys, xs = np.nonzero(mask)
+    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = np.where(mask[top:bottom, left:right, None], image[top:bottom, left:right], 128).astype(np.uint8)
+    side = max(crop.shape[:2])
+    canvas = np.full((side, side, 3), 128, np.uint8)
+    y0, x0 = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+    canvas[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
+    return np.asarray(Image.fromarray(canvas).resize((size, size), Image.BICUBIC))
+
+
+def unshown_regions(labels: list[int], crop_priors: torch.Tensor) -> list[int]:
+    """The ``labels`` (each one region's) that their region's own crop does not show: outside the
+    :func:`shown_labels` of the crop's image-level log-probabilities ``crop_priors`` (K, C), row k of label k. No
+    threshold: a crop that shows one thing clearly counts it and the runner-up."""
+    return [label for label, prior in zip(labels, crop_priors, strict=True) if not shown_labels(prior)[label]]
 
 
 def offsets(prior: torch.Tensor, weight: float, seen: torch.Tensor | None = None,

@@ -125,7 +125,10 @@ class ImageState:
         return self.image.nbytes + sum(t.numel() * t.element_size() for t in tensors)
 
     def prelabel(self, rules: RegionRules) -> torch.Tensor:
-        """The served pre-label's label map at the working resolution (computed once per rules)."""
+        """The served pre-label's label map at the working resolution (computed once per rules). Kept as served
+        when the pass was made for a pre-label; made here on a click's miss, it is without ``rules.region_check``
+        (that takes a tower pass over crops): a click on a label the check cut then starts from the model's own
+        region of it."""
         if rules not in self._prelabels:
             label_map, *_ = regions(self.logits, *self.image.shape[:2], 1.0, rules,
                                     self.image if self.refined else None, self.prior, self.presence)

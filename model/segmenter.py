@@ -114,12 +114,13 @@ class Segmenter(nn.Module):
         logit_scale: initial temperature τ (CLIP's own, e.g. 100).
         seen_weight, unseen_weight: the frozen CLIP's share in the ensemble (see the module docstring).
         pixel_mean, pixel_std: the RGB normalisation (0-1 scale) the CLIP tower was trained with.
+        native_size: the CLIP's own input side (pixels), at which it sees one region's crop.
     """
 
     def __init__(self, image_tower: nn.Module, decoder: DenseDecoder, logit_scale: float = 100.0,
                  seen_weight: float = 0.35, unseen_weight: float = 0.8,
                  pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                 pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)):
+                 pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5), native_size: int = 224):
         super().__init__()
         # Not persistent: they come from the CLIP, which a checkpoint names rather than stores.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean), persistent=False)
@@ -129,6 +130,7 @@ class Segmenter(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
         self.frozen_logit_scale = logit_scale  # the frozen CLIP's own temperature, never trained
         self.stride = image_tower.stride
+        self.native_size = native_size
         # The labels fine-tuning saw (None: not fine-tuned), the ensemble's weights of the frozen CLIP for
         # seen (α) and unseen (β) classes, and its trust in each seen one; see the module docstring.
         self.trained_labels: tuple[str, ...] | None = None
@@ -224,4 +226,4 @@ def build_segmenter(clip, hidden: int = 128, unfreeze_blocks: int = 0, seed: int
         decoder = DenseDecoder(tower.feature_dims, tower.embed_dim, hidden)
     scale = float(clip.model.logit_scale.detach().exp()) if hasattr(clip.model, "logit_scale") else 100.0
     return Segmenter(tower, decoder, logit_scale=scale, seen_weight=seen_weight, unseen_weight=unseen_weight,
-                     pixel_mean=clip.mean, pixel_std=clip.std).eval()
+                     pixel_mean=clip.mean, pixel_std=clip.std, native_size=clip.image_size).eval()

@@ -31,6 +31,7 @@ from model.losses import (
     text_guided_distillation_loss,
 )
 from model.predictor import uses_bf16
+from model.presence import masked_crop
 from model.synonyms import candidate_names, filter_synonyms
 from model.vocabulary import UNLABELED, TextEncoder, Vocabulary
 
@@ -73,18 +74,6 @@ class Region:
     cls: int
     teacher: torch.Tensor  # (D,) frozen CLIP embedding of the masked crop
     names: list[str]  # kept names (the class name first)
-
-
-def masked_crop(image: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
-    """The region's bounding box with everything outside the mask grey, padded square, resized."""
-    ys, xs = np.nonzero(mask)
-    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    crop = np.where(mask[top:bottom, left:right, None], image[top:bottom, left:right], 128).astype(np.uint8)
-    side = max(crop.shape[:2])
-    canvas = np.full((side, side, 3), 128, np.uint8)
-    y0, x0 = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
-    canvas[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
-    return np.asarray(Image.fromarray(canvas).resize((size, size), Image.BICUBIC))
 
 
 @torch.no_grad()

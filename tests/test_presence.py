@@ -14,7 +14,7 @@ from model import presence
 from model.build import SegmentationModel
 from model.calibration import fit_min_score
 from model.config import ModelConfig, RegionRules
-from model.predictor import Predictor
+from model.predictor import Calibrated, Predictor, SemanticPrediction
 from model.task_scores import task_score
 from model.vocabulary import Vocabulary
 
@@ -141,11 +141,48 @@ def test_the_presence_cut_unlabels_a_region_the_image_does_not_show_and_that_is_
     assert set(np.unique(label_map(cut))) == {0, 1}
 
 
-def test_the_presence_cut_is_zero_shot_only():
+def test_the_presence_cut_and_the_region_check_are_zero_shot_only():
     settings = Settings()
-    assert settings.region_rules().presence_cut
-    assert not settings.region_rules(0.3, zero_shot=False).presence_cut
+    assert settings.region_rules().presence_cut and settings.region_rules().region_check
+    tuned = settings.region_rules(0.3, zero_shot=False)
+    assert not tuned.presence_cut and not tuned.region_check
     assert not dataclasses.replace(settings, presence_cut=False).region_rules().presence_cut
+    assert not dataclasses.replace(settings, region_check=False).region_rules().region_check
+
+
+def test_a_region_is_kept_only_if_its_own_masked_crop_shows_its_label():
+    # Crop log-probabilities over 5 labels: the first crop shows labels 0 and 1 (perplexity under 2), the second
+    # spreads over four. No threshold of any CLIP's: a label the crop counts stays, wherever it ranks among them.
+    crops = torch.tensor([[0.7, 0.29, 0.005, 0.0025, 0.0025], [0.25, 0.25, 0.25, 0.25, 1e-9]]).log()
+    assert presence.unshown_regions([1, 3], crops) == []
+    assert presence.unshown_regions([2, 4], crops) == [2, 4]
+
+
+def test_the_region_check_unlabels_a_region_its_crop_does_not_show_and_keeps_the_others(demo_clip, scenes):
+    # Each scene's largest region (its background) relabeled as a clock, which none of them shows: the frozen
+    # CLIP's view of that region's crop shows its texture, not a clock. Its true regions stay.
+    model = SegmentationModel(demo_clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=128,
+                                                     refine_boundaries=False, precision="fp32", runtime="torch"))
+    predictor, vocabulary, clock = model.predictor(), Vocabulary.from_labels(world.NAMES), world.NAMES.index("clock")
+    images = [image for image, _ in scenes]
+    passes = predictor.calibrated(images, vocabulary)
+    wrong = []
+    for _, truth in scenes:
+        labels, counts = np.unique(truth, return_counts=True)
+        assert clock not in labels
+        wrong.append(SemanticPrediction(np.where(truth == labels[counts.argmax()], clock, truth).astype(np.int16),
+                                        np.ones(truth.shape, np.float32), {}, {}))
+    checked = predictor.check_regions(images, passes, wrong, vocabulary)
+    assert all(clock not in np.unique(p.label_map) and clock in p.missed for p in checked)
+    assert all((p.label_map[w.label_map == clock] == -1).all() for p, w in zip(checked, wrong, strict=True))
+    true_regions = [(label, p) for p, w in zip(checked, wrong, strict=True) for label in np.unique(w.label_map)
+                    if label != clock]
+    assert sum(label in np.unique(p.label_map) for label, p in true_regions) >= 0.75 * len(true_regions)
+    # Served through semantic() with the rule, as the backend does; it needs the vocabulary's words.
+    truth_passes = [Calibrated(scores, prior, offsets) for scores, prior, offsets in passes]
+    assert predictor.semantic(images[:2], truth_passes[:2], RegionRules(region_check=True), vocabulary)
+    with pytest.raises(ValueError, match="vocabulary"):
+        predictor.semantic(images[:1], truth_passes[:1], RegionRules(region_check=True))
 
 
 def test_the_prior_comes_from_the_same_pass_and_is_the_clips_own_image_classification(demo_clip):
