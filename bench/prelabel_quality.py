@@ -41,7 +41,7 @@ from model import presence
 from model.calibration import calibrate, fit_min_score
 from model.config import NO_PRUNING, RegionRules
 from model.evaluation import ConfusionMatrix
-from model.predictor import Calibrated, Predictor
+from model.predictor import Predictor
 from model.regions import GUIDED_FILTER_EPS, guided_filter, working_shape
 from model.task_scores import TASK_SCORES, task_score
 from model.train import Sample, finetune
@@ -184,13 +184,11 @@ class Bench:
         for row, (rules, refine) in rows.items():
             scores = sources.get(row, logits)
             weight = 0.0 if row in sources else predictor.presence_weight
-            calibrated = [Calibrated(out, prior, weight * prior) for out, (_, prior) in zip(scores, passes, strict=True)]
             predictions = [Predictor.to_semantic(out, *image.shape[:2], 1.0, rules, image if refine else None, prior,
-                                                 offsets)
-                           for (out, prior, offsets), (image, _) in zip(calibrated, scenes, strict=True)]
+                                                 weight * prior)
+                           for out, (_, prior), (image, _) in zip(scores, passes, scenes, strict=True)]
             if rules.region_check:
-                predictions = predictor.check_regions([image for image, _ in scenes], calibrated, predictions,
-                                                      VOCABULARY)
+                predictions = predictor.check_regions([image for image, _ in scenes], predictions, VOCABULARY)
             pairs = [(p.label_map, truth) for p, (_, truth) in zip(predictions, scenes, strict=True)]
             count, precision = region_precision(pairs)
             print(f"| {row} | {count:.2f} | {precision:.3f} | {miou(pairs):.2f} |", flush=True)

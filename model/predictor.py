@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from model import presence
 from model.config import DEFAULTS, NO_PRUNING, PRECISIONS, RegionRules
-from model.regions import peak_probabilities, regions
+from model.regions import regions
 from model.segmenter import EnsembleWeights
 from model.vocabulary import UNLABELED, TextEncoder, Vocabulary
 
@@ -304,14 +304,20 @@ class Predictor:
             return predictions
         if vocabulary is None:
             raise ValueError("checking regions by their crops needs the vocabulary")
-        return self.check_regions(images, passes, predictions, vocabulary)
+        return self.check_regions(images, predictions, vocabulary)
 
-    def check_regions(self, images: list[np.ndarray], passes: list[Calibrated], predictions: list[SemanticPrediction],
+    def check_regions(self, images: list[np.ndarray], predictions: list[SemanticPrediction],
                       vocabulary: Vocabulary) -> list[SemanticPrediction]:
-        """``predictions`` of ``images`` (from their calibrated ``passes``) with each region that its own masked crop
-        does not show to the frozen CLIP left unlabeled (:func:`model.presence.unshown_regions`), and counted among
-        the labels left out at its peak probability, as the presence cut's are. One more batched tower pass, over
-        every region's crop at the CLIP's own size: a fraction of the image's pass, which runs at a larger size."""
+        """``predictions`` of ``images`` of ``vocabulary`` with each region that its own masked crop
+        does not show to the frozen CLIP left unlabeled (:func:`model.presence.unshown_regions`). One more batched
+        tower pass, over every region's crop at the CLIP's own size: a fraction of the image's pass, which runs at
+        a larger size.
+
+        The check decides what is drawn, not the task score: a region it unlabels stays among the labels found,
+        with its score, as before the check. Counted among the labels left out instead (at its peak probability,
+        as the presence cut's are), it ranked tasks by their mIoU better, but Label Studio's label stream, which
+        takes each cluster's lowest score, then picked tasks that taught a version less on 4 of 6 pools and CLIPs
+        (README, *Measured → Active learning*), and the review score is meant to stay what it was."""
         kept = [[int(c) for c in np.unique(p.label_map) if c >= 0] for p in predictions]
         crops = [presence.masked_crop(image, p.label_map == label, self.segmenter.native_size)
                  for image, p, labels in zip(images, predictions, kept, strict=True) for label in labels]
@@ -322,12 +328,11 @@ class Predictor:
                                 self.text_encoder.embed(vocabulary), None, False)
         crop_priors = torch.stack([presence.log_prior(image_logits).cpu() for _, image_logits in outputs])
         checked, start = [], 0
-        for p, labels, (scores, _, offsets) in zip(predictions, kept, passes, strict=True):
+        for p, labels in zip(predictions, kept, strict=True):
             cut = presence.unshown_regions(labels, crop_priors[start:start + len(labels)])
             start += len(labels)
             if cut:
-                peaks = peak_probabilities(scores, offsets)
                 p = SemanticPrediction(np.where(np.isin(p.label_map, cut), UNLABELED, p.label_map).astype(np.int16),
-                                       p.confidence, p.found, {**p.missed, **{c: float(peaks[c]) for c in cut}})
+                                       p.confidence, p.found_scores, p.missed)
             checked.append(p)
         return checked

@@ -14,7 +14,7 @@ from model import presence
 from model.build import SegmentationModel
 from model.calibration import fit_min_score
 from model.config import ModelConfig, RegionRules
-from model.predictor import Calibrated, Predictor, SemanticPrediction
+from model.predictor import Predictor, SemanticPrediction
 from model.task_scores import task_score
 from model.vocabulary import Vocabulary
 
@@ -170,19 +170,21 @@ def test_the_region_check_unlabels_a_region_its_crop_does_not_show_and_keeps_the
     for _, truth in scenes:
         labels, counts = np.unique(truth, return_counts=True)
         assert clock not in labels
-        wrong.append(SemanticPrediction(np.where(truth == labels[counts.argmax()], clock, truth).astype(np.int16),
-                                        np.ones(truth.shape, np.float32), {}, {}))
-    checked = predictor.check_regions(images, passes, wrong, vocabulary)
-    assert all(clock not in np.unique(p.label_map) and clock in p.missed for p in checked)
+        label_map = np.where(truth == labels[counts.argmax()], clock, truth).astype(np.int16)
+        wrong.append(SemanticPrediction(label_map, np.full(truth.shape, 0.5, np.float32)))
+    checked = predictor.check_regions(images, wrong, vocabulary)
+    assert all(clock not in np.unique(p.label_map) for p in checked)
     assert all((p.label_map[w.label_map == clock] == -1).all() for p, w in zip(checked, wrong, strict=True))
+    # It decides what is drawn, not the task score: the region it cut stays among the labels found.
+    assert all(task_score(p) == task_score(w) == 0.5 and clock in p.found_scores
+               for p, w in zip(checked, wrong, strict=True))
     true_regions = [(label, p) for p, w in zip(checked, wrong, strict=True) for label in np.unique(w.label_map)
                     if label != clock]
     assert sum(label in np.unique(p.label_map) for label, p in true_regions) >= 0.75 * len(true_regions)
     # Served through semantic() with the rule, as the backend does; it needs the vocabulary's words.
-    truth_passes = [Calibrated(scores, prior, offsets) for scores, prior, offsets in passes]
-    assert predictor.semantic(images[:2], truth_passes[:2], RegionRules(region_check=True), vocabulary)
+    assert len(predictor.semantic(images[:2], passes[:2], RegionRules(region_check=True), vocabulary)) == 2
     with pytest.raises(ValueError, match="vocabulary"):
-        predictor.semantic(images[:1], truth_passes[:1], RegionRules(region_check=True))
+        predictor.semantic(images[:1], passes[:1], RegionRules(region_check=True))
 
 
 def test_the_prior_comes_from_the_same_pass_and_is_the_clips_own_image_classification(demo_clip):
