@@ -318,7 +318,7 @@ class Predictor:
         as the presence cut's are), it ranked tasks by their mIoU better, but Label Studio's label stream, which
         takes each cluster's lowest score, then picked tasks that taught a version less on 4 of 6 pools and CLIPs
         (README, *Measured → Active learning*), and the review score is meant to stay what it was."""
-        kept = [[int(c) for c in np.unique(p.label_map) if c >= 0] for p in predictions]
+        kept = [list(p.region_scores) for p in predictions]  # cached: the task score and the tags read it too
         crops = [presence.masked_crop(image, p.label_map == label, self.segmenter.native_size)
                  for image, p, labels in zip(images, predictions, kept, strict=True) for label in labels]
         if not crops:
