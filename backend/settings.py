@@ -112,7 +112,8 @@ class Settings:
     region_recall_weight: float = field(default_factory=lambda: float(_env("REGION_RECALL_WEIGHT", "1")))
     # Zero-shot, regions the frozen CLIP's whole-image view does not show are left unlabeled (model.presence).
     presence_cut: bool = field(default_factory=lambda: _flag("PRESENCE_CUT", True))
-    # Zero-shot, a region its own masked crop does not show to the frozen CLIP is left unlabeled (model.predictor).
+    # A region its own masked crop does not show to the frozen CLIP (nor, fine-tuned, to the version) is left
+    # unlabeled (model.predictor).
     region_check: bool = field(default_factory=lambda: _flag("REGION_CHECK", True))
     refine_boundaries: bool = field(default_factory=lambda: _flag("REFINE_BOUNDARIES", DEFAULTS.refine_boundaries))
     # Interactive refinement (see README: "Clicks and boxes"): memory for the images annotators click on
@@ -222,11 +223,11 @@ class Settings:
 
     def region_rules(self, fitted_min_score: float | None = None, zero_shot: bool = True) -> RegionRules:
         """The pruning of pre-labels whose control tag sets none of its own: ``MIN_REGION_SCORE`` if set, else
-        the ``fitted_min_score`` of the version serving (None: 0); zero-shot, ``PRESENCE_CUT`` and ``REGION_CHECK``
+        the ``fitted_min_score`` of the version serving (None: 0); ``REGION_CHECK``, and zero-shot ``PRESENCE_CUT``
         too."""
         min_score = self.min_region_score if self.min_region_score is not None else fitted_min_score
         return RegionRules(min_score or 0.0, self.min_region_area, presence_cut=zero_shot and self.presence_cut,
-                           region_check=zero_shot and self.region_check)
+                           region_check=self.region_check)
 
     @property
     def cache_dir(self) -> Path:

@@ -209,7 +209,9 @@ def region_scores(predictor, samples: list[Sample], vocabulary: Vocabulary, sett
     found = []
     for start in range(0, len(samples), chunk):
         batch = samples[start:start + chunk]
-        predictions = predictor.predict([s.image for s in batch], vocabulary, settings.region_rules(0.0, zero_shot=False))
+        # Without the region check, which would leave the scores found as they are at the cost of a pass.
+        unpruned = dataclasses.replace(settings.region_rules(0.0, zero_shot=False), region_check=False)
+        predictions = predictor.predict([s.image for s in batch], vocabulary, unpruned)
         found += [{c: score for c, score in p.found_scores.items() if c in annotated} for p in predictions]
     return found, present
 

@@ -177,8 +177,8 @@ class Bench:
             rows["pruned and refined, neither cut"] = (dataclasses.replace(chosen, presence_cut=False,
                                                                             region_check=False), True)
         if chosen.region_check:
-            rows["pruned and refined, presence cut alone (no region check)"] = (
-                dataclasses.replace(chosen, region_check=False), True)
+            alone = "presence cut alone (no region check)" if chosen.presence_cut else "no region check"
+            rows[f"pruned and refined, {alone}"] = (dataclasses.replace(chosen, region_check=False), True)
         print(f"\n{name}: {len(scenes)} scenes, T = {temperature:.3f}\n\n| post-processing | regions / image | region precision | mIoU |\n|---|---|---|---|")
         kept = {}
         for row, (rules, refine) in rows.items():

@@ -42,8 +42,8 @@ class RegionRules:
             (:func:`model.presence.shown_labels`), and less sure than the labels it does count, is left
             unlabeled; zero-shot only (a fine-tuned version knows labels that view does not).
         region_check: a region whose label the frozen CLIP's view of the region itself (its masked crop) does not
-            count among the crop's labels is left unlabeled (:meth:`model.predictor.Predictor.check_regions`);
-            zero-shot only, as ``presence_cut``.
+            count among the crop's labels is left unlabeled (:meth:`model.predictor.Predictor.check_regions`); a
+            fine-tuned version's, only if the version's own view of the crop does not count it either.
     """
 
     min_score: float = 0.0

@@ -306,12 +306,14 @@ class Predictor:
             raise ValueError("checking regions by their crops needs the vocabulary")
         return self.check_regions(images, predictions, vocabulary)
 
+    @torch.no_grad()
     def check_regions(self, images: list[np.ndarray], predictions: list[SemanticPrediction],
                       vocabulary: Vocabulary) -> list[SemanticPrediction]:
         """``predictions`` of ``images`` of ``vocabulary`` with each region that its own masked crop
-        does not show to the frozen CLIP left unlabeled (:func:`model.presence.unshown_regions`). One more batched
-        tower pass, over every region's crop at the CLIP's own size: a fraction of the image's pass, which runs at
-        a larger size.
+        does not show to the frozen CLIP left unlabeled (:func:`model.presence.unshown_regions`); a fine-tuned
+        version's region only if the version's own view of the crop does not show it either, since the version may
+        know a label the frozen CLIP does not. One more batched tower pass, over every region's crop at the CLIP's
+        own size, gives both views: a fraction of the image's pass, which runs at a larger size.
 
         The check decides what is drawn, not the task score: a region it unlabels stays among the labels found,
         with its score, as before the check. Counted among the labels left out instead (at its peak probability,
@@ -319,20 +321,38 @@ class Predictor:
         takes each cluster's lowest score, then picked tasks that taught a version less on 4 of 6 pools and CLIPs
         (README, *Measured → Active learning*), and the review score is meant to stay what it was."""
         kept = [list(p.region_scores) for p in predictions]  # cached: the task score and the tags read it too
-        crops = [presence.masked_crop(image, p.label_map == label, self.segmenter.native_size)
-                 for image, p, labels in zip(images, predictions, kept, strict=True) for label in labels]
-        if not crops:
+        masks = [p.label_map == label for p, labels in zip(predictions, kept, strict=True) for label in labels]
+        if not masks:
             return predictions
+        owners = [image for image, labels in zip(images, kept, strict=True) for _ in labels]
+        size = self.segmenter.native_size
+        crops = [presence.masked_crop(image, mask, size) for image, mask in zip(owners, masks, strict=True)]
         tensor = self.segmenter.preprocess(torch.from_numpy(np.stack(crops)).to(self.device))
+        weights = self.segmenter.ensemble_weights(vocabulary.labels)
         outputs = self._forward([(k, None, crop) for k, crop in enumerate(tensor)],
-                                self.text_encoder.embed(vocabulary), None, False)
+                                self.text_encoder.embed(vocabulary), weights, False)
         crop_priors = torch.stack([presence.log_prior(image_logits).cpu() for _, image_logits in outputs])
+        views = None if weights is None else self._version_views(outputs, crop_priors, masks, vocabulary)
         checked, start = [], 0
         for p, labels in zip(predictions, kept, strict=True):
-            cut = presence.unshown_regions(labels, crop_priors[start:start + len(labels)])
-            start += len(labels)
+            end = start + len(labels)
+            cut = presence.unshown_regions(labels, crop_priors[start:end], None if views is None else views[start:end])
+            start = end
             if cut:
                 p = SemanticPrediction(np.where(np.isin(p.label_map, cut), UNLABELED, p.label_map).astype(np.int16),
                                        p.confidence, p.found_scores, p.missed)
             checked.append(p)
         return checked
+
+    def _version_views(self, outputs: list, crop_priors: torch.Tensor, masks: list[np.ndarray],
+                       vocabulary: Vocabulary) -> torch.Tensor:
+        """(K, C): per crop, the log of a fine-tuned version's mean served probability of each label over the cells
+        its region covers, calibrated as the version serves (temperature, the crop's own presence prior)."""
+        temperature = self.temperature_for(vocabulary)
+        shares = self.presence(list(crop_priors), vocabulary)
+        views = []
+        for (out, _), share, mask in zip(outputs, shares, masks, strict=True):
+            probabilities = presence.shift(out.cpu(), temperature, share).softmax(0)  # (C, h, w)
+            coverage = torch.from_numpy(presence.crop_coverage(mask, probabilities.shape[-1]))
+            views.append(((probabilities * coverage).sum((1, 2)) / coverage.sum().clamp_min(1e-6)).clamp_min(1e-12).log())
+        return torch.stack(views)

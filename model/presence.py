@@ -13,11 +13,13 @@ Label-free rules for whatever CLIP a user brings, with no constant tied to one o
 * **A cut of what the image does not show** (zero-shot, ``PRESENCE_CUT``): a region whose label is
   outside the image's perplexity-many likeliest labels by that same view, and less sure than the
   regions inside them, is left unlabeled (:func:`shown_labels`).
-* **A check of each region by its own crop** (zero-shot, ``REGION_CHECK``): the same view of the region
+* **A check of each region by its own crop** (``REGION_CHECK``): the same view of the region
   alone (its :func:`masked_crop`, grey outside it, as GKC's distillation shows the frozen CLIP a region)
   must count the region's label among its perplexity-many likeliest, or the region is left unlabeled
   (:func:`unshown_regions`). The whole image's view cannot tell a ball from the brick wall it was
-  drawn over, since the image shows both; the wall's own crop shows a wall.
+  drawn over, since the image shows both; the wall's own crop shows a wall. A fine-tuned version is a
+  second judge, which knows the project's labels as the frozen CLIP may not: its region goes only when
+  the version's own pass over the crop does not count the label either.
 * **A temperature fitted without labels.** Per vocabulary, the temperature T whose pixel
   probabilities ``softmax(logits / T)``, averaged over each image, best match the image-level
   probabilities (the least summed KL divergence), pooled over the first
@@ -59,24 +61,44 @@ def shown_labels(prior: torch.Tensor) -> torch.Tensor:
     return shown
 
 
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice]:
+    ys, xs = np.nonzero(mask)
+    return slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
+
+
+def _square(patch: np.ndarray, fill: int, size: int, resample) -> np.ndarray:
+    """``patch`` (h, w[, 3]) uint8 centred on a square of ``fill``, resized to (size, size[, 3])."""
+    side = max(patch.shape[:2])
+    canvas = np.full((side, side, *patch.shape[2:]), fill, np.uint8)
+    y0, x0 = (side - patch.shape[0]) // 2, (side - patch.shape[1]) // 2
+    canvas[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]] = patch
+    return np.asarray(Image.fromarray(canvas).resize((size, size), resample))
+
+
 def masked_crop(image: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
     """(size, size, 3) uint8: the (H, W) ``mask``'s bounding box in the RGB ``image``, everything outside the mask
     grey, padded square, resized."""
-    ys, xs = np.nonzero(mask)
-    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    crop = np.where(mask[top:bottom, left:right, None], image[top:bottom, left:right], 128).astype(np.uint8)
-    side = max(crop.shape[:2])
-    canvas = np.full((side, side, 3), 128, np.uint8)
-    y0, x0 = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
-    canvas[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
-    return np.asarray(Image.fromarray(canvas).resize((size, size), Image.BICUBIC))
+    rows, cols = _bounding_box(mask)
+    return _square(np.where(mask[rows, cols, None], image[rows, cols], 128).astype(np.uint8), 128, size, Image.BICUBIC)
 
 
-def unshown_regions(labels: list[int], crop_priors: torch.Tensor) -> list[int]:
+def crop_coverage(mask: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) float32 in [0, 1]: how much of each cell of :func:`masked_crop`'s square the (H, W) ``mask``
+    covers, on a grid of ``size`` cells a side (the crop's logit cells)."""
+    rows, cols = _bounding_box(mask)
+    return _square(mask[rows, cols].astype(np.uint8) * 255, 0, size, Image.BOX).astype(np.float32) / 255
+
+
+def unshown_regions(labels: list[int], crop_priors: torch.Tensor, version_views: torch.Tensor | None = None
+                    ) -> list[int]:
     """The ``labels`` (each one region's) that their region's own crop does not show: outside the
-    :func:`shown_labels` of the crop's image-level log-probabilities ``crop_priors`` (K, C), row k of label k. No
-    threshold: a crop that shows one thing clearly counts it and the runner-up."""
-    return [label for label, prior in zip(labels, crop_priors, strict=True) if not shown_labels(prior)[label]]
+    :func:`shown_labels` of the crop's image-level log-probabilities ``crop_priors`` (K, C), row k of label k, and,
+    given a fine-tuned version's ``version_views`` (K, C) of the same crops (log of its mean served probability
+    over the region's cells), outside those too. No threshold: a crop that shows one thing clearly counts it and
+    the runner-up."""
+    views = [None] * len(labels) if version_views is None else version_views
+    return [label for label, prior, view in zip(labels, crop_priors, views, strict=True)
+            if not shown_labels(prior)[label] and (view is None or not shown_labels(view)[label])]
 
 
 def offsets(prior: torch.Tensor, weight: float, seen: torch.Tensor | None = None,

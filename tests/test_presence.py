@@ -141,11 +141,11 @@ def test_the_presence_cut_unlabels_a_region_the_image_does_not_show_and_that_is_
     assert set(np.unique(label_map(cut))) == {0, 1}
 
 
-def test_the_presence_cut_and_the_region_check_are_zero_shot_only():
+def test_the_presence_cut_is_zero_shot_only_and_the_region_check_serves_versions_too():
     settings = Settings()
     assert settings.region_rules().presence_cut and settings.region_rules().region_check
     tuned = settings.region_rules(0.3, zero_shot=False)
-    assert not tuned.presence_cut and not tuned.region_check
+    assert not tuned.presence_cut and tuned.region_check
     assert not dataclasses.replace(settings, presence_cut=False).region_rules().presence_cut
     assert not dataclasses.replace(settings, region_check=False).region_rules().region_check
 
@@ -156,6 +156,22 @@ def test_a_region_is_kept_only_if_its_own_masked_crop_shows_its_label():
     crops = torch.tensor([[0.7, 0.29, 0.005, 0.0025, 0.0025], [0.25, 0.25, 0.25, 0.25, 1e-9]]).log()
     assert presence.unshown_regions([1, 3], crops) == []
     assert presence.unshown_regions([2, 4], crops) == [2, 4]
+    # A fine-tuned version's view of the same crops: a region goes only if neither view shows its label.
+    views = torch.tensor([[0.1, 0.1, 0.78, 0.01, 0.01], [0.97, 0.01, 0.01, 0.005, 0.005]]).log()
+    assert presence.unshown_regions([2, 4], crops, views) == [4]
+
+
+def test_the_crop_coverage_is_the_masks_share_of_each_cell_of_its_masked_crop():
+    mask = np.zeros((40, 60), bool)
+    mask[10:30, 5:45] = True  # a 20x40 box: the crop's square is 40 a side, the box fills its middle half
+    mask[10:20, 5:25] = False  # and the box's top-left quarter is off the mask
+    image = np.full((40, 60, 3), 200, np.uint8)
+    coverage = presence.crop_coverage(mask, 8)
+    crop = presence.masked_crop(image, mask, 8)
+    assert coverage.shape == (8, 8) and coverage[:2].sum() == coverage[6:].sum() == 0  # padding above and below
+    assert coverage.mean() == pytest.approx(mask.sum() / 40 ** 2, abs=1e-3)
+    # Cells the mask covers show the image, the others the grey: the coverage lies on the crop's own grid.
+    assert ((crop > 164).all(-1) == (coverage > 0.5)).all()
 
 
 def test_the_region_check_unlabels_a_region_its_crop_does_not_show_and_keeps_the_others(demo_clip, scenes):
@@ -185,6 +201,31 @@ def test_the_region_check_unlabels_a_region_its_crop_does_not_show_and_keeps_the
     assert len(predictor.semantic(images[:2], passes[:2], RegionRules(region_check=True), vocabulary)) == 2
     with pytest.raises(ValueError, match="vocabulary"):
         predictor.semantic(images[:1], passes[:1], RegionRules(region_check=True))
+
+
+def test_a_fine_tuned_version_keeps_a_region_its_own_view_of_the_crop_shows(demo_clip, scenes):
+    # Each scene's background relabeled as a clock, which the frozen CLIP's crop does not show. A version that
+    # learnt nothing beyond it (its decoder still zero) disowns those regions too; a version that learnt to see
+    # clocks everywhere (its decoder's bias pulls every pixel onto "clock") keeps them: it is the second judge.
+    model = SegmentationModel(demo_clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=128,
+                                                     refine_boundaries=False, precision="fp32", runtime="torch"))
+    vocabulary, clock = Vocabulary.from_labels(world.NAMES), world.NAMES.index("clock")
+    wrong = []
+    for _, truth in scenes[:4]:
+        labels, counts = np.unique(truth, return_counts=True)
+        label_map = np.where(truth == labels[counts.argmax()], clock, truth).astype(np.int16)
+        wrong.append(SemanticPrediction(label_map, np.full(truth.shape, 0.5, np.float32)))
+    images = [image for image, _ in scenes[:4]]
+    kept = {}
+    for learnt in ("nothing", "clocks"):
+        segmenter = model.segmenter()
+        segmenter.trained_labels = tuple(world.NAMES)
+        if learnt == "clocks":
+            with torch.no_grad():
+                segmenter.decoder.out.bias.copy_(1e4 * model.encoder.embed(vocabulary)[clock])  # outweighs Z
+        checked = model.predictor(segmenter, temperature=1.0).check_regions(images, wrong, vocabulary)
+        kept[learnt] = sum(clock in np.unique(p.label_map) for p in checked)
+    assert kept == {"nothing": 0, "clocks": 4}
 
 
 def test_the_prior_comes_from_the_same_pass_and_is_the_clips_own_image_classification(demo_clip):
