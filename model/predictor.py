@@ -354,5 +354,7 @@ class Predictor:
         for (out, _), share, mask in zip(outputs, shares, masks, strict=True):
             probabilities = presence.shift(out.cpu(), temperature, share).softmax(0)  # (C, h, w)
             coverage = torch.from_numpy(presence.crop_coverage(mask, probabilities.shape[-1]))
-            views.append(((probabilities * coverage).sum((1, 2)) / coverage.sum().clamp_min(1e-6)).clamp_min(1e-12).log())
+            if not coverage.any():  # a few pixels scattered over a wide box: the crop's cells as a whole
+                coverage = torch.ones_like(coverage)
+            views.append(((probabilities * coverage).sum((1, 2)) / coverage.sum()).clamp_min(1e-12).log())
         return torch.stack(views)
