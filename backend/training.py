@@ -207,10 +207,10 @@ def region_scores(predictor, samples: list[Sample], vocabulary: Vocabulary, sett
     present = [{int(c) for c in np.unique(s.labels) if c >= 0} for s in samples]
     annotated = set().union(*present)
     found = []
+    # Without the region check, which would leave the scores found as they are at the cost of a pass.
+    unpruned = dataclasses.replace(settings.region_rules(0.0, zero_shot=False), region_check=False)
     for start in range(0, len(samples), chunk):
         batch = samples[start:start + chunk]
-        # Without the region check, which would leave the scores found as they are at the cost of a pass.
-        unpruned = dataclasses.replace(settings.region_rules(0.0, zero_shot=False), region_check=False)
         predictions = predictor.predict([s.image for s in batch], vocabulary, unpruned)
         found += [{c: score for c, score in p.found_scores.items() if c in annotated} for p in predictions]
     return found, present

@@ -321,18 +321,22 @@ class Predictor:
         takes each cluster's lowest score, then picked tasks that taught a version less on 4 of 6 pools and CLIPs
         (README, *Measured → Active learning*), and the review score is meant to stay what it was."""
         kept = [list(p.region_scores) for p in predictions]  # cached: the task score and the tags read it too
-        masks = [p.label_map == label for p, labels in zip(predictions, kept, strict=True) for label in labels]
-        if not masks:
-            return predictions
-        owners = [image for image, labels in zip(images, kept, strict=True) for _ in labels]
-        size = self.segmenter.native_size
-        crops = [presence.masked_crop(image, mask, size) for image, mask in zip(owners, masks, strict=True)]
-        tensor = self.segmenter.preprocess(torch.from_numpy(np.stack(crops)).to(self.device))
         weights = self.segmenter.ensemble_weights(vocabulary.labels)
+        size = self.segmenter.native_size
+        crops, coverages = [], []  # the version's view reads the crop's cells its region covers
+        for image, p, labels in zip(images, predictions, kept, strict=True):
+            for label in labels:
+                mask = p.label_map == label
+                crops.append(presence.masked_crop(image, mask, size))
+                if weights is not None:
+                    coverages.append(presence.crop_coverage(mask, size // self.stride))
+        if not crops:
+            return predictions
+        tensor = self.segmenter.preprocess(torch.from_numpy(np.stack(crops)).to(self.device))
         outputs = self._forward([(k, None, crop) for k, crop in enumerate(tensor)],
                                 self.text_encoder.embed(vocabulary), weights, False)
         crop_priors = torch.stack([presence.log_prior(image_logits).cpu() for _, image_logits in outputs])
-        views = None if weights is None else self._version_views(outputs, crop_priors, masks, vocabulary)
+        views = None if weights is None else self._version_views(outputs, crop_priors, coverages, vocabulary)
         checked, start = [], 0
         for p, labels in zip(predictions, kept, strict=True):
             end = start + len(labels)
@@ -344,16 +348,17 @@ class Predictor:
             checked.append(p)
         return checked
 
-    def _version_views(self, outputs: list, crop_priors: torch.Tensor, masks: list[np.ndarray],
+    def _version_views(self, outputs: list, crop_priors: torch.Tensor, coverages: list[np.ndarray],
                        vocabulary: Vocabulary) -> torch.Tensor:
         """(K, C): per crop, the log of a fine-tuned version's mean served probability of each label over the cells
-        its region covers, calibrated as the version serves (temperature, the crop's own presence prior)."""
+        its region covers (``coverages``, (h, w) each: :func:`model.presence.crop_coverage`), calibrated as the
+        version serves (temperature, the crop's own presence prior)."""
         temperature = self.temperature_for(vocabulary)
         shares = self.presence(list(crop_priors), vocabulary)
         views = []
-        for (out, _), share, mask in zip(outputs, shares, masks, strict=True):
+        for (out, _), share, coverage in zip(outputs, shares, coverages, strict=True):
             probabilities = presence.shift(out.cpu(), temperature, share).softmax(0)  # (C, h, w)
-            coverage = torch.from_numpy(presence.crop_coverage(mask, probabilities.shape[-1]))
+            coverage = torch.from_numpy(coverage)
             if not coverage.any():  # a few pixels scattered over a wide box: the crop's cells as a whole
                 coverage = torch.ones_like(coverage)
             views.append(((probabilities * coverage).sum((1, 2)) / coverage.sum()).clamp_min(1e-12).log())
