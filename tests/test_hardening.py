@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import requests
 
 from backend.app import create_app
 from backend.service import SegmentationService
@@ -39,6 +40,12 @@ def test_a_stop_that_hangs_is_cut_and_logs_where_it_was_stuck(tmp_path):
     process = ManagedProcess([sys.executable, "-c", hang], env, tmp_path / "backend.log")
     try:
         wait_for(f"http://127.0.0.1:{port}/health", 120, process.process, process.log)
+        # The model loads in a thread of its own; dumping the stacks of a thread in the middle of an import can
+        # crash the interpreter (SIGSEGV instead of exit 1), so the stop comes once it has settled.
+        deadline = time.monotonic() + 120
+        while (requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["model_state"] == "loading"
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
         process.process.send_signal(signal.SIGTERM)
         code = process.process.wait(30)
     finally:
