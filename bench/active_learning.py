@@ -12,8 +12,9 @@ third of the pool's labels, and the labels the picked tasks cover. Arms:
 
 * ``random``: a random page (``--random-draws`` draws, one round);
 * ``lowest``: the lowest task scores (the "Prediction score" column, sorted ascending);
-* ``stream``: Label Studio's uncertainty sampling over our clusters (the least-solved cluster, then
-  the lowest task score: ``projects/functions/next_task.py``);
+* ``stream``: the backend's order, the *Annotate next* tab (``prelabel --annotate-next``): Label Studio's
+  uncertainty-sampling rule over our clusters (the least-solved cluster, then the lowest stream score,
+  :func:`model.task_scores.stream_score`: ``projects/functions/next_task.py``);
 * ``typical`` / ``uncertain``: :func:`model.acquisition.acquire` always typical-first / never;
 * ``acquire``: :func:`model.acquisition.acquire` as the backend serves it;
 * ``oracle``: the ground truth's labels, covered greedily with the rarity weight of
@@ -111,7 +112,7 @@ class Loop:
             return self.covering(chosen, count)
         below = {"typical": 10 ** 9, "uncertain": 0}.get(arm, typical_below)
         if arm == "stream":
-            return label_stream(cluster_tasks(pool, count, seed), scores, pool.annotated, count)
+            return label_stream(cluster_tasks(pool, count, seed), pool.stream_scores, pool.annotated, count)
         return acquire(pool, count, counts, below, seed).order[:count]
 
     def covering(self, chosen: list[int], count: int) -> list[int]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.task_scores import pixel_accuracy
+from model.task_scores import pixel_accuracy, stream_score
 
 NEIGHBOURS = 20  # typicality: the inverse mean distance to this many nearest tasks of the cluster
 
@@ -31,17 +31,20 @@ class TaskView:
         features: (C,) the frozen CLIP's image-level probabilities of the project's labels.
         expected_error: one minus the calibrated mean confidence (pixels left unlabeled count 0).
         presence: (C,) the pre-label's pixels of each label.
+        stream_score: what the label stream orders a cluster's tasks by (:func:`model.task_scores.stream_score`).
     """
 
     features: np.ndarray
     expected_error: float
     presence: np.ndarray
+    stream_score: float
 
     @classmethod
     def of(cls, prediction, log_prior: np.ndarray) -> TaskView:
         """From a :class:`model.predictor.SemanticPrediction` and the pass's (C,) image-level log-probabilities."""
         labels = prediction.label_map[prediction.label_map >= 0].ravel().astype(np.int64)
-        return cls(np.exp(log_prior), 1 - pixel_accuracy(prediction), np.bincount(labels, minlength=len(log_prior)))
+        return cls(np.exp(log_prior), 1 - pixel_accuracy(prediction), np.bincount(labels, minlength=len(log_prior)),
+                   stream_score(prediction))
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Pool:
         features: (N, D) what the frozen CLIP sees in each image (rows are L2-normalised before clustering).
         expected_error: (N,) one minus the calibrated mean confidence of the task's pre-label.
         presence: (N, C) how much of each label the pre-label shows (area shares or probabilities).
+        stream_scores: (N,) what the label stream orders a cluster's tasks by.
         annotated: (N,) bool, the tasks annotated already.
         failed: (N,) bool, the tasks whose image or prediction failed (their features are ignored).
     """
@@ -59,6 +63,7 @@ class Pool:
     features: np.ndarray
     expected_error: np.ndarray
     presence: np.ndarray
+    stream_scores: np.ndarray
     annotated: np.ndarray
     failed: np.ndarray
 
@@ -67,12 +72,12 @@ class Pool:
         """A pool of every task's view; None for a task that failed."""
         usable = next((v for v in views if v is not None), None)
         labels = len(usable.features) if usable is not None else 0
-        blank = TaskView(np.zeros(labels), 0.0, np.zeros(labels))
+        blank = TaskView(np.zeros(labels), 0.0, np.zeros(labels), 0.0)
         views_ = [v if v is not None else blank for v in views]
         return cls(np.stack([v.features for v in views_]).reshape(len(views), labels),
                    np.array([v.expected_error for v in views_], float),
                    np.stack([v.presence for v in views_]).reshape(len(views), labels).astype(float),
-                   np.asarray(annotated, bool), np.array([v is None for v in views]))
+                   np.array([v.stream_score for v in views_], float), np.asarray(annotated, bool), np.array([v is None for v in views]))
 
 
 @dataclass(frozen=True)
@@ -171,9 +176,10 @@ def acquire(pool: Pool, batch: int, label_counts: np.ndarray, typical_below: int
 
 
 def label_stream(clusters: np.ndarray, scores: np.ndarray, annotated: np.ndarray, count: int) -> list[int]:
-    """The next ``count`` tasks Label Studio's uncertainty sampling gives one annotator, given each task's
-    cluster and prediction score (-1: failed, no prediction): from the cluster they have annotated least, the
-    lowest score (Label Studio 1.23's ``projects/functions/next_task.py``)."""
+    """The next ``count`` tasks for one annotator by Label Studio's uncertainty-sampling rule, given each task's
+    cluster (-1: failed, no prediction) and score (the backend serves the stream score): from the cluster they have
+    annotated least, the lowest score (Label Studio 1.23's ``projects/functions/next_task.py``). The backend writes
+    this order as each task's place (``backend.prelabel --annotate-next``)."""
     solved = np.bincount(clusters[annotated & (clusters >= 0)], minlength=clusters.max() + 2)
     left, picked = set(np.flatnonzero(~annotated).tolist()), []
     for _ in range(min(count, len(left))):

@@ -54,12 +54,18 @@ class SemanticPrediction:
         missed: every label the pre-label leaves out, by vocabulary index, with its peak probability in the dense
             map without the presence prior (:func:`model.regions.peak_probabilities`): the task score counts each
             as a label scoring 0, weighed by how likely the image shows it.
+        peaks: (C,) every label's peak probability (None: no dense map, as for a click's answer).
+        checked_out: the labels whose regions :meth:`Predictor.check_regions` unlabeled, with their peak
+            probability: the review score counts them as left out, the acquisition's stream score keeps their
+            found score (:mod:`model.task_scores`).
     """
 
     label_map: np.ndarray
     confidence: np.ndarray
     found: dict[int, float] | None = None
     missed: dict[int, float] = field(default_factory=dict)
+    peaks: np.ndarray | None = None
+    checked_out: dict[int, float] = field(default_factory=dict)
 
     @cached_property
     def region_scores(self) -> dict[int, float]:
@@ -315,11 +321,11 @@ class Predictor:
         know a label the frozen CLIP does not. One more batched tower pass, over every region's crop at the CLIP's
         own size, gives both views: a fraction of the image's pass, which runs at a larger size.
 
-        The check decides what is drawn, not the task score: a region it unlabels stays among the labels found,
-        with its score, as before the check. Counted among the labels left out instead (at its peak probability,
-        as the presence cut's are), it ranked tasks by their mIoU better, but Label Studio's label stream, which
-        takes each cluster's lowest score, then picked tasks that taught a version less on 4 of 6 pools and CLIPs
-        (README, *Measured → Active learning*), and the review score is meant to stay what it was."""
+        A label it unlabels goes to :attr:`SemanticPrediction.checked_out` at its peak probability (1 without a
+        dense map): the review score counts it as left out, as the presence cut's are, which ranks tasks by their
+        mIoU better; the acquisition's order reads the stream score, which keeps its found score, since the tasks
+        whose confusions the check removed are those that teach a version most (README, *Measured → Active
+        learning*)."""
         kept = [list(p.region_scores) for p in predictions]  # cached: the task score and the tags read it too
         weights = self.segmenter.ensemble_weights(vocabulary.labels)
         size = self.segmenter.native_size
@@ -344,7 +350,8 @@ class Predictor:
             start = end
             if cut:
                 p = SemanticPrediction(np.where(np.isin(p.label_map, cut), UNLABELED, p.label_map).astype(np.int16),
-                                       p.confidence, p.found_scores, p.missed)
+                                       p.confidence, p.found_scores, p.missed, p.peaks,
+                                       {c: 1.0 if p.peaks is None else float(p.peaks[c]) for c in cut})
             checked.append(p)
         return checked
 

@@ -180,11 +180,12 @@ def working_shape(logits: torch.Tensor, height: int, width: int) -> tuple[int, i
 def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
             rules: RegionRules = NO_PRUNING, image: np.ndarray | None = None,
             prior: torch.Tensor | None = None,
-            presence: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, float], dict[int, float]]:
+            presence: torch.Tensor | None = None
+            ) -> tuple[np.ndarray, np.ndarray, dict[int, float], dict[int, float], np.ndarray]:
     """logits (C, h, w) → (label map (height, width) int16 with ``UNLABELED`` where pruned,
     confidence (height, width) float32, the score of every label found before unlikely ones were
     unlabeled, the labels the pre-label leaves out with their peak probabilities
-    (:attr:`model.predictor.SemanticPrediction.missed`)), after
+    (:attr:`model.predictor.SemanticPrediction.missed`), every label's peak probability (C,)), after
     pruning by ``rules`` and, given the RGB ``image`` (height, width, 3), boundary refinement. ``prior``: the
     image's (C,) image-level log-probabilities, and ``presence`` (C,) their share of ``logits`` (none if None),
     which ``rules.presence_cut`` reads (without ``prior`` nothing is cut)."""
@@ -205,7 +206,7 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
         label_map = torch.where(unlikely[label_map.long()], torch.full_like(label_map, UNLABELED), label_map)
     if shape != (height, width):  # nearest: the working resolution's boundaries, undisturbed
         label_map, confidence = nearest_upsample((label_map, confidence), height, width)
-    return label_map.cpu().numpy(), confidence.cpu().numpy(), found, missed
+    return label_map.cpu().numpy(), confidence.cpu().numpy(), found, missed, peaks.cpu().numpy()
 
 
 def peak_probabilities(logits: torch.Tensor, presence: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:

@@ -15,12 +15,25 @@ import numpy as np
 def mean_score(prediction, sure_at: float = 0.5) -> float:
     """The mean score of every label the model found, those then left unlabeled as unlikely included, each
     counting once: a task whose image the model hesitates over scores low however clean its pruned pre-label
-    looks. Each label the pre-label leaves out (:attr:`~model.predictor.SemanticPrediction.missed`) counts 0,
+    looks. Each label the pre-label leaves out (:attr:`~model.predictor.SemanticPrediction.missed`, and the
+    regions the region check unlabeled, :attr:`~model.predictor.SemanticPrediction.checked_out`) counts 0,
     weighed by its peak probability in the dense map: what a pre-label gets wrong is mostly the labels it leaves
     out, which no score of its regions reads, and a label the dense view nowhere names counts next to nothing."""
-    missed = prediction.missed
-    scores = [score for label, score in prediction.found_scores.items() if label not in missed]
-    counted = len(scores) + sum(missed.values())
+    return _mean_with_left_out(prediction, {**prediction.missed, **prediction.checked_out})
+
+
+def stream_score(prediction) -> float:
+    """:func:`mean_score` with the regions the region check unlabeled kept at their found score: what the
+    acquisition's order reads inside a cluster (:func:`model.acquisition.label_stream`). The tasks whose confusions
+    the check removed look sure to the review score once their wrong regions are gone, but they are the ones
+    that teach a version most: ordered by the review score, the stream's picks led random by less on 4 of 6 pools
+    and CLIPs (README, *Measured → Active learning*)."""
+    return _mean_with_left_out(prediction, prediction.missed)
+
+
+def _mean_with_left_out(prediction, left_out: dict[int, float]) -> float:
+    scores = [score for label, score in prediction.found_scores.items() if label not in left_out]
+    counted = len(scores) + sum(left_out.values())
     return float(sum(scores) / counted) if counted else 0.0
 
 

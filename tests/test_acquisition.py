@@ -14,7 +14,7 @@ def blobs(rng, centers, per, spread=0.05):
 def pool_of(features, errors=None, presence=None, annotated=None, failed=None):
     n = len(features)
     return Pool(np.asarray(features, float), np.zeros(n) if errors is None else np.asarray(errors, float),
-                np.ones((n, 2)) if presence is None else np.asarray(presence, float),
+                np.ones((n, 2)) if presence is None else np.asarray(presence, float), np.zeros(n),
                 np.zeros(n, bool) if annotated is None else np.asarray(annotated, bool),
                 np.zeros(n, bool) if failed is None else np.asarray(failed, bool))
 
@@ -68,7 +68,7 @@ def test_any_prefix_of_the_order_is_spread_over_the_clusters():
 def test_failed_tasks_come_last_and_the_rest_still_get_an_order():
     rng = np.random.default_rng(3)
     points, _ = blobs(rng, np.eye(2) * 3, 4)
-    views = [TaskView(p, 0.2, np.ones(2)) for p in points]
+    views = [TaskView(p, 0.2, np.ones(2), 0.5) for p in points]
     views[2] = None
     pool = Pool.of(views, np.zeros(len(views), bool))
     chosen = acquire(pool, batch=20, label_counts=np.zeros(2), typical_below=100)  # a batch above the pool

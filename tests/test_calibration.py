@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from model.acquisition import TaskView
 from model.calibration import expected_calibration_error, fit_temperature
 from model.predictor import Predictor, SemanticPrediction
-from model.task_scores import task_score, unsure_fraction
+from model.task_scores import stream_score, task_score, unsure_fraction
 
 
 @pytest.mark.parametrize("true_temperature", [0.5, 2.0])
@@ -55,6 +56,12 @@ def test_task_scores():
     # A label the pre-label missed counts 0 in the mean, weighed by how likely it is there, found (and cut) or not.
     missed = dataclasses.replace(pruned, missed={3: 1.0, 5: 0.5})
     assert task_score(missed) == pytest.approx(0.9 / 2.5)
+    # A region the region check unlabeled counts as left out in the review score, at its peak probability; the
+    # acquisition's stream score keeps its found score.
+    checked = dataclasses.replace(pruned, found={0: 0.9, 3: 0.3, 4: 0.6}, missed={5: 0.5}, checked_out={4: 0.8})
+    assert task_score(checked) == pytest.approx((0.9 + 0.3) / (2 + 0.5 + 0.8))
+    assert stream_score(checked) == pytest.approx((0.9 + 0.3 + 0.6) / (3 + 0.5))
+    assert TaskView.of(checked, np.log(np.full(6, 1 / 6))).stream_score == stream_score(checked)
     assert task_score(pruned, "pixel_accuracy") == pytest.approx(0.9 * 0.96)  # unlabeled pixels count 0
     assert unsure_fraction(confidence, 0.5) == pytest.approx(0.04)
     empty = SemanticPrediction(np.full((4, 4), -1, np.int16), np.zeros((4, 4), np.float32))

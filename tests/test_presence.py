@@ -15,7 +15,8 @@ from model.build import SegmentationModel
 from model.calibration import fit_min_score
 from model.config import ModelConfig, RegionRules
 from model.predictor import Predictor, SemanticPrediction
-from model.task_scores import task_score
+from model.regions import peak_probabilities
+from model.task_scores import stream_score, task_score
 from model.vocabulary import Vocabulary
 
 
@@ -183,17 +184,24 @@ def test_the_region_check_unlabels_a_region_its_crop_does_not_show_and_keeps_the
     images = [image for image, _ in scenes]
     passes = predictor.calibrated(images, vocabulary)
     wrong = []
-    for _, truth in scenes:
+    for (_, truth), (scores, _, offsets) in zip(scenes, passes, strict=True):
         labels, counts = np.unique(truth, return_counts=True)
         assert clock not in labels
         label_map = np.where(truth == labels[counts.argmax()], clock, truth).astype(np.int16)
-        wrong.append(SemanticPrediction(label_map, np.full(truth.shape, 0.5, np.float32)))
+        wrong.append(SemanticPrediction(label_map, np.full(truth.shape, 0.5, np.float32),
+                                        peaks=peak_probabilities(scores, offsets).numpy()))
     checked = predictor.check_regions(images, wrong, vocabulary)
     assert all(clock not in np.unique(p.label_map) for p in checked)
     assert all((p.label_map[w.label_map == clock] == -1).all() for p, w in zip(checked, wrong, strict=True))
-    # It decides what is drawn, not the task score: the region it cut stays among the labels found.
-    assert all(task_score(p) == task_score(w) == 0.5 and clock in p.found_scores
-               for p, w in zip(checked, wrong, strict=True))
+    # The review score counts the cut label as left out, at its peak probability; the stream score, which the
+    # acquisition orders by, keeps it among the labels found with its score.
+    for p, w in zip(checked, wrong, strict=True):
+        assert p.checked_out[clock] == pytest.approx(float(w.peaks[clock])) and clock in p.found_scores
+        assert p.checked_out == {c: pytest.approx(float(w.peaks[c])) for c in w.found_scores
+                                 if c not in np.unique(p.label_map)}
+        kept = len(w.found_scores) - len(p.checked_out)
+        assert task_score(p) == pytest.approx(0.5 * kept / (kept + sum(p.checked_out.values())))
+        assert stream_score(p) == stream_score(w) == task_score(w) == 0.5
     true_regions = [(label, p) for p, w in zip(checked, wrong, strict=True) for label in np.unique(w.label_map)
                     if label != clock]
     assert sum(label in np.unique(p.label_map) for label, p in true_regions) >= 0.75 * len(true_regions)
