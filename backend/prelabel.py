@@ -36,11 +36,13 @@ from backend.memory import release_freed_memory
 from backend.payloads import targets_of
 from backend.service import SegmentationService
 from backend.settings import Settings
-from model.acquisition import Pool, TaskView, cluster_tasks
+from model.acquisition import Pool, TaskView, cluster_tasks, label_stream
 
 log = logging.getLogger("backend.prelabel")
 TRANSIENT_STATUS = {408, 409, 429, 500, 502, 503, 504}
 NO_WORKER_SECONDS = 15  # a worker registers once its model is loaded; longer without one is worth saying
+ANNOTATE_NEXT_TAB = "Annotate next"  # the Data Manager tab that lists the tasks in the acquisition's order
+RANK_FIELD = "annotate_next"  # the task data field holding a task's place in that order ("001" first)
 
 
 def is_transient(error: Exception) -> bool:
@@ -75,7 +77,7 @@ class Prelabeler:
     def __init__(self, client: LabelStudio, service: SegmentationService, project: int, batch_size: int = 16,
                  page_size: int = 100, retries: int = 5, activate: bool = True, annotate_next: int = 0):
         self.client = client
-        self.annotate_next = annotate_next  # the next batch to annotate; 0: leave Label Studio's sampling alone
+        self.annotate_next = annotate_next  # the next batch to annotate; 0: no order
         self.activate = activate
         self.service = service
         self.project = project
@@ -129,7 +131,7 @@ class Prelabeler:
                   "skipped": len(tasks) - len(todo)}
         self._select(version)
         if self.annotate_next:
-            counts["annotate_next"] = self._cluster(tasks, targets, version, views)
+            counts["annotate_next"] = self._order(tasks, targets, version, views)
         return counts
 
     def run_tasks(self, task_ids: list[int]) -> dict:
@@ -224,11 +226,15 @@ class Prelabeler:
                       predict_seconds=round(predicting, 2), upload_wait_seconds=round(waiting, 2))
         return counts
 
-    def _cluster(self, tasks: list, targets: tuple[ControlTag, ...], version: str,
-                 views: dict[int, TaskView | None]) -> dict:
-        """Cluster every task for the next batch (:func:`model.acquisition.cluster_tasks`), write each cluster
-        on the task's prediction and switch the project to uncertainty sampling: Label Studio's label stream
-        then gives each annotator the lowest-scoring task of the cluster they have annotated least."""
+    def _order(self, tasks: list, targets: tuple[ControlTag, ...], version: str,
+               views: dict[int, TaskView | None]) -> dict:
+        """The acquisition order over every task, for a next batch of :attr:`annotate_next`: the tasks are clustered
+        (:func:`model.acquisition.cluster_tasks`; each prediction carries its task's ``cluster``) and ordered by Label
+        Studio's uncertainty-sampling rule over those clusters with the stream score
+        (:func:`model.acquisition.label_stream`): one task per cluster, the least sure of each, before any
+        cluster's second. Each task not annotated gets its place in its data (:data:`RANK_FIELD`), and the Data
+        Manager tab :data:`ANNOTATE_NEXT_TAB` lists the tasks in that order; its *Label Tasks As Displayed* gives
+        them so. The order is not the project's sampling, which reads the review score (*Prediction score*)."""
         serving = self.service.runtime.serving(str(self.project))
         missing = [{"id": t.id, "data": t.data} for t in tasks if t.id not in views]
         for start in range(0, len(missing), self.batch_size):  # tasks predicted by an earlier run: a pass each
@@ -236,7 +242,9 @@ class Prelabeler:
             answers = self.service.pipeline.predict(str(self.project), batch, targets, serving, views=True)
             views.update((task["id"], answer.view) for task, answer in zip(batch, answers, strict=True))
         annotated = np.array([bool(getattr(t, "total_annotations", 0)) for t in tasks])
-        clusters = cluster_tasks(Pool.of([views[t.id] for t in tasks], annotated), self.annotate_next)
+        pool = Pool.of([views[t.id] for t in tasks], annotated)
+        clusters = cluster_tasks(pool, self.annotate_next)
+        order = label_stream(clusters, pool.stream_scores, annotated, len(tasks))
         cluster_of = {t.id: int(c) for t, c in zip(tasks, clusters, strict=True)}
         predictions = retrying(lambda: self.client.predictions.list(project=self.project), "listing predictions",
                                self.retries)
@@ -245,14 +253,52 @@ class Prelabeler:
         for prediction in changed:
             retrying(lambda p=prediction: self.client.predictions.update(id=p.id, cluster=cluster_of[p.task]),
                      "writing a prediction's cluster", self.retries)
-        retrying(lambda: self.client.projects.update(id=self.project, sampling="Uncertainty sampling"),
-                 "switching the project to uncertainty sampling", self.retries)
+        width = len(str(len(tasks)))  # zero-padded: the label stream sorts a data field as text
+        places = {tasks[i].id: f"{place + 1:0{width}d}" for place, i in enumerate(order)}
+        ranked = self._write_places(places)
         failed = sorted(t.id for t in tasks if views[t.id] is None)
         if failed:
             log.warning("project %s: tasks %s have no prediction and come after every other", self.project,
                         ", ".join(map(str, failed[:20])))
         return {"clusters": int(clusters.max() + 1), "annotated": int(annotated.sum()),
-                "predictions_updated": len(changed), "failed_tasks": failed}
+                "predictions_updated": len(changed), "places_updated": ranked, "tab": self._tab(),
+                "next": [tasks[i].id for i in order[:self.annotate_next]], "failed_tasks": failed}
+
+    def _write_places(self, places: dict[int, str]) -> int:
+        """Write each task's place in the order into its data (:data:`RANK_FIELD`), and take it from the tasks not
+        in ``places`` (annotated since); returns how many tasks changed. The data is read unresolved, so storage
+        URLs are written back as they were."""
+        raw = retrying(lambda: list(self.client.tasks.list(project=self.project, page_size=self.page_size,
+                                                           resolve_uri=False, include="id,data",
+                                                           request_options={"max_retries": self.retries})),
+                       "listing tasks' data", self.retries)
+        changed = 0
+        for task in raw:
+            if task.data.get(RANK_FIELD) == places.get(task.id):
+                continue
+            data = {key: value for key, value in task.data.items() if key != RANK_FIELD}
+            if task.id in places:
+                data[RANK_FIELD] = places[task.id]
+            retrying(lambda t=task, d=data: self.client.tasks.update(id=str(t.id), data=d),
+                     "writing a task's place in the order", self.retries)
+            changed += 1
+        return changed
+
+    def _tab(self) -> int:
+        """The id of the project's :data:`ANNOTATE_NEXT_TAB` tab, made (or set back) to list the tasks by their
+        place in the order, with no filter."""
+        data = {"title": ANNOTATE_NEXT_TAB, "type": "list", "target": "tasks",
+                "ordering": [f"tasks:data.{RANK_FIELD}"], "filters": {"conjunction": "and", "items": []}}
+        views = retrying(lambda: self.client.views.list(project=self.project), "listing tabs", self.retries)
+        tab = next((v for v in views if (v.data or {}).get("title") == ANNOTATE_NEXT_TAB), None)
+        if tab is None:
+            tab = retrying(lambda: self.client.views.create(project=self.project, data=data), "making the tab",
+                           self.retries)
+        elif any(tab.data.get(key) != value for key, value in data.items()):
+            tab = retrying(lambda: self.client.views.update(id=str(tab.id), project=self.project,
+                                                            data={**tab.data, **data}), "setting the tab",
+                           self.retries)
+        return int(tab.id)
 
     def _select(self, version: str) -> None:
         if self.activate and self._project_version != version:
@@ -277,8 +323,8 @@ def main(argv=None) -> None:
                         help="enqueue the project in chunks for workers (python -m backend.worker, REDIS_URL) and "
                              "follow them instead of predicting here")
     parser.add_argument("--annotate-next", type=int, default=0, metavar="BATCH",
-                        help="order the label stream for active learning: cluster the tasks for a next batch of "
-                             "BATCH and switch the project to Label Studio's uncertainty sampling")
+                        help="order the tasks for active learning, for a next batch of BATCH: each task's place in "
+                             "its data field annotate_next, and the Data Manager tab 'Annotate next' in that order")
     parser.add_argument("--keep-project-version", action="store_true",
                         help="don't make this model version the project's selected one at the end")
     args = parser.parse_args(argv)

@@ -290,11 +290,12 @@ def _train_and_wait(servers, project: int, ml: int) -> None:
 
 
 def test_the_active_learning_loop_through_label_studio(servers, pool_project):
-    """The active-learning recipe: ``prelabel --annotate-next 20`` clusters the tasks and switches the project
-    to uncertainty sampling; the annotator takes 20 tasks from Label Studio's label stream (annotated here
-    from ground truth), trains, pre-labels again; and 20 random tasks, same training seed. The stream gives
-    one task per cluster and both arms beat zero-shot; which beats which by how much is bench.active_learning's
-    to report over many draws (README)."""
+    """The active-learning recipe: ``prelabel --annotate-next 20`` clusters the tasks, writes each task's place in
+    the order into its data and makes the Data Manager tab "Annotate next"; the annotator takes 20 tasks from that
+    tab's *Label Tasks As Displayed* (annotated here from ground truth), trains, pre-labels again; and 20 random
+    tasks, same training seed. The tab gives the tasks in the order's places, one task per cluster, and both arms
+    beat zero-shot; which beats which by how much is bench.active_learning's to report over many draws (README)."""
+    from backend.prelabel import ANNOTATE_NEXT_TAB, RANK_FIELD
     from tests.test_learning import annotation_results
 
     label_studio = servers[0]
@@ -316,21 +317,29 @@ def test_the_active_learning_loop_through_label_studio(servers, pool_project):
 
     ordered = finished(prelabel(servers, project, "--annotate-next", "20"))["annotate_next"]
     assert ordered["clusters"] == 20 and ordered["predictions_updated"] == 200 and not ordered["failed_tasks"]
-    assert label_studio.api("GET", f"/api/projects/{project}")["sampling"] == "Uncertainty sampling"
-    clusters = {}
+    assert ordered["places_updated"] == 200 and len(ordered["next"]) == 20
+    # A second run over the same predictions finds every place and the tab as they are.
+    again = finished(prelabel(servers, project, "--annotate-next", "20"))["annotate_next"]
+    assert (again["tab"], again["next"], again["places_updated"]) == (ordered["tab"], ordered["next"], 0)
+    tab = label_studio.api("GET", f"/api/dm/views/{ordered['tab']}?project={project}")
+    assert tab["data"]["title"] == ANNOTATE_NEXT_TAB
+    clusters, places = {}, {}
     for task in label_studio.tasks(project):
         (prediction,) = task["predictions"]
-        clusters[task["id"]] = prediction["cluster"]
-        if task["id"] in ids["held"]:  # without a prediction of the project's version, the stream never serves it
-            label_studio.api("DELETE", f"/api/predictions/{prediction['id']}")
+        clusters[task["id"]], places[task["id"]] = prediction["cluster"], task["data"][RANK_FIELD]
+        if task["id"] in ids["held"]:  # not the annotator's to label: out of the order, so the tab lists it last
+            data = {key: value for key, value in task["data"].items() if key != RANK_FIELD}
+            label_studio.api("PATCH", f"/api/tasks/{task['id']}", json={"data": data})
+    assert sorted(places, key=places.get)[:20] == ordered["next"]
     streamed, annotations = [], []
-    for _ in range(20):  # the annotator's "Label All Tasks"
-        streamed.append(label_studio.api("GET", f"/api/projects/{project}/next")["id"])
+    for _ in range(20):  # the annotator's "Label Tasks As Displayed" in the tab, as the Data Manager asks for it
+        body = {"ordering": tab["data"]["ordering"], "filters": tab["data"]["filters"]}
+        streamed.append(label_studio.api("POST", f"/api/dm/actions?id=next_task&project={project}&tabID={tab['id']}",
+                                         json=body)["id"])
         annotations.append(annotate(streamed[-1]))
-    # One task of each cluster before any cluster's second (some clusters hold held-out tasks alone).
-    servable = {clusters[t] for t in ids["pool"]}
-    assert len({clusters[t] for t in streamed}) == min(20, len(servable)) >= 15
-    assert set(streamed) <= set(ids["pool"])
+    assert streamed == sorted(ids["pool"], key=places.get)[:20]
+    # The order's first 20 places: one task of each cluster (the held-out tasks among them are skipped here).
+    assert len({clusters[t] for t in ordered["next"]}) == 20
     train_and_predict()
     _, stream = _miou(label_studio, project, held_out, ids["held"], config, classes="all")
     for annotation in annotations:  # the random arm starts from no annotations

@@ -3,11 +3,13 @@ import json
 from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import pytest
 from label_studio_sdk.core.api_error import ApiError
 
 from backend.pipeline import TaskPrediction
-from backend.prelabel import Prelabeler
+from backend.prelabel import ANNOTATE_NEXT_TAB, RANK_FIELD, Prelabeler
+from model.acquisition import TaskView
 
 VERSION = "model@zero-shot:vocab-1"
 CONFIG = '<View><Image name="i" value="$image"/><BrushLabels name="m" toName="i"><Label value="a"/></BrushLabels></View>'
@@ -17,19 +19,19 @@ class FakeLabelStudio:
     """Tasks, predictions and the project's selected version; uploads can be made to fail."""
 
     def __init__(self, task_count: int, failures: list[Exception] | None = None, store_before_failing=False):
-        self.predictions: dict[int, list[str]] = {i: [] for i in range(1, task_count + 1)}
+        self.stored: dict[int, list[str]] = {i: [] for i in range(1, task_count + 1)}  # model versions per task
         self.failures = list(failures or [])
         self.store_before_failing = store_before_failing  # the answer is lost after the commit
         self.model_version = ""
         self.tasks = SimpleNamespace(list=self._list)
         self.projects = SimpleNamespace(get=self._get, update=self._update, import_predictions=self._import)
 
-    def _list(self, project, page_size, query, include, request_options):
-        ids = sorted(self.predictions)
+    def _list(self, project, page_size, include, request_options, query=None, resolve_uri=True):
+        ids = sorted(self.stored)
         if query:
             ids = json.loads(query)["selectedItems"]["included"]
         return iter([SimpleNamespace(id=i, data={"image": f"/img/{i}.png"},
-                                     predictions_model_versions=",".join(self.predictions[i])) for i in ids])
+                                     predictions_model_versions=",".join(self.stored[i])) for i in ids])
 
     def _get(self, id):
         return SimpleNamespace(label_config=CONFIG, model_version=self.model_version)
@@ -47,7 +49,7 @@ class FakeLabelStudio:
 
     def _store(self, request):
         for prediction in request:
-            self.predictions[prediction["task"]].append(prediction["model_version"])
+            self.stored[prediction["task"]].append(prediction["model_version"])
 
 
 class FakeService:
@@ -74,14 +76,14 @@ def run(client, service, **kwargs):
 def test_resumes_where_it_stopped_and_selects_the_version():
     client = FakeLabelStudio(10)
     for task in (1, 2, 3):
-        client.predictions[task] = [VERSION]
-    client.predictions[4] = ["an older version"]
+        client.stored[task] = [VERSION]
+    client.stored[4] = ["an older version"]
     service = FakeService()
     counts = run(client, service)
     assert {k: counts[k] for k in ("model_version", "tasks", "skipped", "predicted", "failed")} == \
         {"model_version": VERSION, "tasks": 10, "skipped": 3, "predicted": 7, "failed": 0}
     assert sorted(service.predicted) == list(range(4, 11))
-    assert all(versions.count(VERSION) == 1 for versions in client.predictions.values())
+    assert all(versions.count(VERSION) == 1 for versions in client.stored.values())
     assert client.model_version == VERSION
     assert run(client, FakeService())["predicted"] == 0
 
@@ -92,7 +94,7 @@ def test_transient_upload_errors_are_retried_without_duplicates(monkeypatch, sto
     client = FakeLabelStudio(8, [ApiError(status_code=502), httpx.ReadTimeout("slow")], store_before_failing=stored)
     counts = run(client, FakeService())
     assert counts["predicted"] == 8
-    assert all(versions == [VERSION] for versions in client.predictions.values())
+    assert all(versions == [VERSION] for versions in client.stored.values())
 
 
 def test_permanent_errors_stop_and_broken_images_are_left_for_the_next_run(monkeypatch):
@@ -101,5 +103,72 @@ def test_permanent_errors_stop_and_broken_images_are_left_for_the_next_run(monke
         run(FakeLabelStudio(4, [ApiError(status_code=400)]), FakeService())
     client = FakeLabelStudio(6)
     counts = run(client, FakeService(broken={2}))
-    assert (counts["predicted"], counts["failed"]) == (5, 1) and client.predictions[2] == []
+    assert (counts["predicted"], counts["failed"]) == (5, 1) and client.stored[2] == []
     assert run(client, FakeService())["predicted"] == 1
+
+
+
+class OrderedLabelStudio(FakeLabelStudio):
+    """Also the tasks' data as stored (a storage URL, resolved only when asked), their annotations, the predictions'
+    clusters and the Data Manager's tabs: what ``--annotate-next`` reads and writes."""
+
+    def __init__(self, task_count: int):
+        super().__init__(task_count)
+        self.data = {i: {"image": f"s3://bucket/{i}.png"} for i in self.stored}
+        self.annotated: set[int] = set()
+        self.clusters: dict[int, int] = {}
+        self.writes, self.tabs = 0, []
+        self.tasks = SimpleNamespace(list=self._list, update=self._update_task)
+        self.predictions = SimpleNamespace(list=self._predictions, update=self._set_cluster)
+        self.views = SimpleNamespace(list=lambda project: list(self.tabs), create=self._create_tab)
+
+    def _list(self, project, page_size, include, request_options, query=None, resolve_uri=True):
+        ids = sorted(self.data) if not query else json.loads(query)["selectedItems"]["included"]
+        return iter([SimpleNamespace(id=i, data={**self.data[i], "image": f"/tasks/{i}/resolve"} if resolve_uri
+                                     else dict(self.data[i]), total_annotations=int(i in self.annotated),
+                                     predictions_model_versions=",".join(self.stored[i])) for i in ids])
+
+    def _update_task(self, id, data):
+        self.data[int(id)], self.writes = data, self.writes + 1
+
+    def _predictions(self, project):
+        return [SimpleNamespace(id=100 + t, task=t, model_version=VERSION, cluster=self.clusters.get(t))
+                for t, versions in self.stored.items() if versions]
+
+    def _set_cluster(self, id, cluster):
+        self.clusters[id - 100] = cluster
+
+    def _create_tab(self, project, data):
+        self.tabs.append(SimpleNamespace(id=7, data=data))
+        return self.tabs[-1]
+
+
+class OrderingService(FakeService):
+    """Each task's view: tasks 1–6 look alike, and 7–12; the lower a task's id, the less sure its pre-label."""
+
+    def _predict(self, project, tasks, targets, serving, views=False):
+        answers = super()._predict(project, tasks, targets, serving, views)
+        for task, answer in zip(tasks, answers, strict=True):
+            kind = np.eye(2)[int(task["id"] > 6)]
+            answer.view = None if answer.error else TaskView(kind, 0.5, kind, task["id"] / 100)
+        return answers
+
+
+def test_the_order_writes_each_tasks_place_and_the_tab_and_a_failed_task_comes_last():
+    client, service = OrderedLabelStudio(12), OrderingService(broken={1})
+    order = run(client, service, annotate_next=2)["annotate_next"]
+    # One task of each cluster, the least sure first, before either's second; the task whose image failed last.
+    places = {task: data[RANK_FIELD] for task, data in client.data.items()}
+    assert sorted(places, key=places.get) == [2, 7, 3, 8, 4, 9, 5, 10, 6, 11, 12, 1] and places[2] == "01"
+    assert order["next"] == [2, 7] and order["failed_tasks"] == [1] and order["places_updated"] == 12
+    assert set(client.clusters) == set(range(2, 13)) and len(set(client.clusters.values())) == 2
+    # The data is written back as stored (the storage URL, not its resolved form), with the place beside it.
+    assert client.data[2] == {"image": "s3://bucket/2.png", RANK_FIELD: "01"}
+    assert [tab.data["title"] for tab in client.tabs] == [ANNOTATE_NEXT_TAB]
+    assert client.tabs[0].data["ordering"] == [f"tasks:data.{RANK_FIELD}"]
+    # Again, with tasks 2 and 7 annotated since: they lose their places, the others move up; the tab stays one.
+    client.annotated, client.writes = {2, 7}, 0
+    again = run(client, service, annotate_next=2)["annotate_next"]
+    assert RANK_FIELD not in client.data[2] and RANK_FIELD not in client.data[7] and client.data[3][RANK_FIELD] == "01"
+    assert again["next"] == [3, 8] and again["tab"] == order["tab"] and len(client.tabs) == 1
+    assert client.writes == again["places_updated"] == 12
