@@ -132,7 +132,10 @@ def main(argv=None) -> None:
             f"task scores {min(scores, default=0):.2f}-{max(scores, default=0):.2f}\n"
             f"ready in {time.time() - started:.0f}s\n\n"
             f"pre-label the project again from the command line (the same model, so it skips what is done):\n"
-            f"  {prelabel_command(args.work_dir / 'model_dir', label_studio, project)}", flush=True)
+            f"  {prelabel_command(args.work_dir / 'model_dir', label_studio, project)}\n"
+            f"order its tasks for a next batch of 6 (the Data Manager tab 'Annotate next'; README's An active-learning "
+            f"loop):\n  {prelabel_command(args.work_dir / 'model_dir', label_studio, project)} --annotate-next 6",
+            flush=True)
         if not args.exit:
             print("press Ctrl-C to stop", flush=True)
             signal.signal(signal.SIGTERM, signal.default_int_handler)
