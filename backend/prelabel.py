@@ -272,17 +272,16 @@ class Prelabeler:
                                                            resolve_uri=False, include="id,data",
                                                            request_options={"max_retries": self.retries})),
                        "listing tasks' data", self.retries)
-        changed = 0
-        for task in raw:
-            if task.data.get(RANK_FIELD) == places.get(task.id):
-                continue
+        moved = [task for task in raw if task.data.get(RANK_FIELD) != places.get(task.id)]
+        # One request a task (Label Studio has no bulk update of task data): about 0.1 s each on 2 cores.
+        log.info("project %s: writing %d tasks' places in the order", self.project, len(moved))
+        for task in moved:
             data = {key: value for key, value in task.data.items() if key != RANK_FIELD}
             if task.id in places:
                 data[RANK_FIELD] = places[task.id]
             retrying(lambda t=task, d=data: self.client.tasks.update(id=str(t.id), data=d),
                      "writing a task's place in the order", self.retries)
-            changed += 1
-        return changed
+        return len(moved)
 
     def _tab(self) -> int:
         """The id of the project's :data:`ANNOTATE_NEXT_TAB` tab, made (or set back) to list the tasks by their
