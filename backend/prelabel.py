@@ -43,6 +43,9 @@ TRANSIENT_STATUS = {408, 409, 429, 500, 502, 503, 504}
 NO_WORKER_SECONDS = 15  # a worker registers once its model is loaded; longer without one is worth saying
 ANNOTATE_NEXT_TAB = "Annotate next"  # the Data Manager tab that lists the tasks in the acquisition's order
 RANK_FIELD = "annotate_next"  # the task data field holding a task's place in that order ("001" first)
+# Places are written for this many next batches; Label Studio lists the tasks without one after them. Each place
+# is one request (there is no bulk update of task data), so a round costs a few batches, not the project.
+PLACED_BATCHES = 5
 
 
 def is_transient(error: Exception) -> bool:
@@ -232,9 +235,10 @@ class Prelabeler:
         (:func:`model.acquisition.cluster_tasks`; each prediction carries its task's ``cluster``) and ordered by Label
         Studio's uncertainty-sampling rule over those clusters with the stream score
         (:func:`model.acquisition.label_stream`): one task per cluster, the least sure of each, before any
-        cluster's second. Each task not annotated gets its place in its data (:data:`RANK_FIELD`), and the Data
-        Manager tab :data:`ANNOTATE_NEXT_TAB` lists the tasks in that order; its *Label Tasks As Displayed* gives
-        them so. The order is not the project's sampling, which reads the review score (*Prediction score*)."""
+        cluster's second. The first :data:`PLACED_BATCHES` batches of tasks not annotated get their place in their
+        data (:data:`RANK_FIELD`), and the Data Manager tab :data:`ANNOTATE_NEXT_TAB` lists the tasks in that order
+        (the others after them: Label Studio sorts a missing field last); its *Label Tasks As Displayed* gives them
+        so. The order is not the project's sampling, which reads the review score (*Prediction score*)."""
         serving = self.service.runtime.serving(str(self.project))
         missing = [{"id": t.id, "data": t.data} for t in tasks if t.id not in views]
         for start in range(0, len(missing), self.batch_size):  # tasks predicted by an earlier run: a pass each
@@ -244,7 +248,7 @@ class Prelabeler:
         annotated = np.array([bool(getattr(t, "total_annotations", 0)) for t in tasks])
         pool = Pool.of([views[t.id] for t in tasks], annotated)
         clusters = cluster_tasks(pool, self.annotate_next)
-        order = label_stream(clusters, pool.stream_scores, annotated, len(tasks))
+        order = label_stream(clusters, pool.stream_scores, annotated, PLACED_BATCHES * self.annotate_next)
         cluster_of = {t.id: int(c) for t, c in zip(tasks, clusters, strict=True)}
         predictions = retrying(lambda: self.client.predictions.list(project=self.project), "listing predictions",
                                self.retries)
@@ -253,7 +257,7 @@ class Prelabeler:
         for prediction in changed:
             retrying(lambda p=prediction: self.client.predictions.update(id=p.id, cluster=cluster_of[p.task]),
                      "writing a prediction's cluster", self.retries)
-        width = len(str(len(tasks)))  # zero-padded: the label stream sorts a data field as text
+        width = len(str(len(order)))  # zero-padded: the label stream sorts a data field as text
         places = {tasks[i].id: f"{place + 1:0{width}d}" for place, i in enumerate(order)}
         ranked = self._write_places(places)
         failed = sorted(t.id for t in tasks if views[t.id] is None)
@@ -261,12 +265,13 @@ class Prelabeler:
             log.warning("project %s: tasks %s have no prediction and come after every other", self.project,
                         ", ".join(map(str, failed[:20])))
         return {"clusters": int(clusters.max() + 1), "annotated": int(annotated.sum()),
-                "predictions_updated": len(changed), "places_updated": ranked, "tab": self._tab(),
+                "predictions_updated": len(changed), "placed": len(places), "places_updated": ranked,
+                "tab": self._tab(),
                 "next": [tasks[i].id for i in order[:self.annotate_next]], "failed_tasks": failed}
 
     def _write_places(self, places: dict[int, str]) -> int:
         """Write each task's place in the order into its data (:data:`RANK_FIELD`), and take it from the tasks not
-        in ``places`` (annotated since); returns how many tasks changed. The data is read unresolved, so storage
+        in ``places`` (annotated since, or past the placed batches); returns how many tasks changed. The data is read unresolved, so storage
         URLs are written back as they were."""
         raw = retrying(lambda: list(self.client.tasks.list(project=self.project, page_size=self.page_size,
                                                            resolve_uri=False, include="id,data",
@@ -322,8 +327,9 @@ def main(argv=None) -> None:
                         help="enqueue the project in chunks for workers (python -m backend.worker, REDIS_URL) and "
                              "follow them instead of predicting here")
     parser.add_argument("--annotate-next", type=int, default=0, metavar="BATCH",
-                        help="order the tasks for active learning, for a next batch of BATCH: each task's place in "
-                             "its data field annotate_next, and the Data Manager tab 'Annotate next' in that order")
+                        help="order the tasks for active learning, for a next batch of BATCH: the place of each of "
+                             f"the next {PLACED_BATCHES} batches' tasks in its data field annotate_next, and the Data "
+                             "Manager tab 'Annotate next' in that order")
     parser.add_argument("--keep-project-version", action="store_true",
                         help="don't make this model version the project's selected one at the end")
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ import pytest
 from label_studio_sdk.core.api_error import ApiError
 
 from backend.pipeline import TaskPrediction
-from backend.prelabel import ANNOTATE_NEXT_TAB, RANK_FIELD, Prelabeler
+from backend.prelabel import ANNOTATE_NEXT_TAB, PLACED_BATCHES, RANK_FIELD, Prelabeler
 from model.acquisition import TaskView
 
 VERSION = "model@zero-shot:vocab-1"
@@ -154,21 +154,25 @@ class OrderingService(FakeService):
         return answers
 
 
-def test_the_order_writes_each_tasks_place_and_the_tab_and_a_failed_task_comes_last():
+def test_the_order_writes_the_next_batches_places_and_the_tab_and_a_failed_task_comes_last():
     client, service = OrderedLabelStudio(12), OrderingService(broken={1})
     order = run(client, service, annotate_next=2)["annotate_next"]
-    # One task of each cluster, the least sure first, before either's second; the task whose image failed last.
-    places = {task: data[RANK_FIELD] for task, data in client.data.items()}
-    assert sorted(places, key=places.get) == [2, 7, 3, 8, 4, 9, 5, 10, 6, 11, 12, 1] and places[2] == "01"
-    assert order["next"] == [2, 7] and order["failed_tasks"] == [1] and order["places_updated"] == 12
+    # One task of each cluster, the least sure first, before either's second, for the next PLACED_BATCHES batches
+    # of 2: task 12 and the task whose image failed have no place, which Label Studio lists after every place.
+    places = {task: data[RANK_FIELD] for task, data in client.data.items() if RANK_FIELD in data}
+    assert PLACED_BATCHES * 2 == 10 and sorted(places, key=places.get) == [2, 7, 3, 8, 4, 9, 5, 10, 6, 11]
+    assert places[2] == "01" and order["next"] == [2, 7] and order["failed_tasks"] == [1]
+    assert order["placed"] == order["places_updated"] == 10
     assert set(client.clusters) == set(range(2, 13)) and len(set(client.clusters.values())) == 2
     # The data is written back as stored (the storage URL, not its resolved form), with the place beside it.
     assert client.data[2] == {"image": "s3://bucket/2.png", RANK_FIELD: "01"}
     assert [tab.data["title"] for tab in client.tabs] == [ANNOTATE_NEXT_TAB]
     assert client.tabs[0].data["ordering"] == [f"tasks:data.{RANK_FIELD}"]
-    # Again, with tasks 2 and 7 annotated since: they lose their places, the others move up; the tab stays one.
+    # Again, with tasks 2 and 7 annotated since: they lose their places, the others move up and the ten left all
+    # fit, the failed task last; the tab stays one.
     client.annotated, client.writes = {2, 7}, 0
     again = run(client, service, annotate_next=2)["annotate_next"]
     assert RANK_FIELD not in client.data[2] and RANK_FIELD not in client.data[7] and client.data[3][RANK_FIELD] == "01"
+    assert client.data[12][RANK_FIELD] == "09" and client.data[1][RANK_FIELD] == "10"
     assert again["next"] == [3, 8] and again["tab"] == order["tab"] and len(client.tabs) == 1
     assert client.writes == again["places_updated"] == 12
