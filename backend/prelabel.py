@@ -326,13 +326,16 @@ def main(argv=None) -> None:
     parser.add_argument("--queue", action="store_true",
                         help="enqueue the project in chunks for workers (python -m backend.worker, REDIS_URL) and "
                              "follow them instead of predicting here")
-    parser.add_argument("--annotate-next", type=int, default=0, metavar="BATCH",
+    parser.add_argument("--annotate-next", type=int, metavar="BATCH",
                         help="order the tasks for active learning, for a next batch of BATCH: the place of each of "
                              f"the next {PLACED_BATCHES} batches' tasks in its data field annotate_next, and the Data "
-                             "Manager tab 'Annotate next' in that order")
+                             "Manager tab 'Annotate next' in that order; each training job of the project then "
+                             "pre-labels it and renews the order (0: no longer)")
     parser.add_argument("--keep-project-version", action="store_true",
                         help="don't make this model version the project's selected one at the end")
     args = parser.parse_args(argv)
+    if args.annotate_next is not None and args.annotate_next < 0:
+        parser.error("--annotate-next takes a batch of 1 or more tasks, or 0 to stop ordering")
     if args.queue and args.annotate_next:
         parser.error("--annotate-next clusters every task's pass here, and --queue has the workers predict: "
                      "run it without --queue once the workers are done")
@@ -354,8 +357,10 @@ def main(argv=None) -> None:
         client = LabelStudioClient(args.url, args.token).sdk
     except LabelStudioError as error:
         sys.exit(f"prelabel: {error}")
+    if args.annotate_next is not None:
+        service.store.set_annotate_next(str(args.project), args.annotate_next)
     prelabeler = Prelabeler(client, service, args.project, args.batch_size, args.page_size, args.retries,
-                            activate=not args.keep_project_version, annotate_next=args.annotate_next)
+                            activate=not args.keep_project_version, annotate_next=args.annotate_next or 0)
     try:
         counts = (prelabeler.enqueue(queue, progress=not args.no_progress) if queue is not None
                   else prelabeler.run(progress=not args.no_progress))

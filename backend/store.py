@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _PROJECT_ID = re.compile(r"([0-9]{1,18})(\.[0-9]{1,30})?")  # ASCII digits: "²" is a digit to \d
 _SET_UP = "set_up:"  # meta key prefix of the projects Label Studio's /setup has named
+_ANNOTATE_NEXT = "annotate_next:"  # meta key prefix of each project's active-learning batch
 MAX_ID = 2**63 - 1  # SQLite's INTEGER; Label Studio's ids are 64-bit too
 
 
@@ -176,6 +177,14 @@ class Store:
 
     def is_set_up(self, project: str) -> bool:
         return self.get_meta(_SET_UP + project) is not None
+
+    def set_annotate_next(self, project: str, batch: int) -> None:
+        """The batch of the project's active-learning order (``backend.prelabel --annotate-next``), which each
+        training job renews with its new version; 0: no order."""
+        self.set_meta(_ANNOTATE_NEXT + project, str(batch))
+
+    def annotate_next(self, project: str) -> int:
+        return int(self.get_meta(_ANNOTATE_NEXT + project) or 0)
 
     # ------------------------------------------------------------------ service-wide facts
     def get_meta(self, key: str) -> str | None:

@@ -11,6 +11,7 @@ registers it as the project's next version; progress goes to ``<project dir>/job
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -29,7 +30,9 @@ from backend.images import ImageError, ImageFetcher
 from backend.label_config import parse_targets
 from backend.label_studio_client import LabelStudioClient
 from backend.local_training import FAILURE_PREFIX
+from backend.prelabel import Prelabeler
 from backend.runtime import ModelRuntime
+from backend.service import SegmentationService
 from backend.settings import Settings
 from backend.store import ProjectIdError, Store, Version, project_key
 from model.calibration import calibrate, fit_min_score
@@ -181,6 +184,21 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
     return version
 
 
+def renew_order(settings: Settings, project: str, batch: int) -> dict:
+    """Pre-label a project whose tasks ``backend.prelabel --annotate-next`` ordered (for a next ``batch``) with its
+    newest version, and renew that order (:class:`backend.prelabel.Prelabeler`), so an active-learning loop needs
+    no step beyond annotating. Returns the pre-labeler's counts, or why it could not run."""
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        return {"error": "no Label Studio address and token are known for the project (LABEL_STUDIO_URL and "
+                         "LABEL_STUDIO_API_KEY, or its /setup): run backend.prelabel --annotate-next by hand"}
+    log.info("project %s: pre-labeling with the new version and renewing the order for a batch of %d", project,
+             batch)
+    service = SegmentationService(settings)
+    service.start()
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key).sdk
+    return Prelabeler(client, service, int(project), annotate_next=batch).run(progress=False)
+
+
 def fit_serving_rules(predictor, samples: list[Sample], vocabulary: Vocabulary, settings: Settings) -> dict:
     """Calibrate a fine-tuned ``predictor`` (temperature, presence weight) and fit its ``min_region_score`` on
     the annotations, in the ``vocabulary`` its pre-labels are served in: every label of the config, not only
@@ -261,7 +279,21 @@ def main(argv=None) -> None:
         # The last line is the report the service shows (backend.jobs reads it from the pipe).
         print(f"{FAILURE_PREFIX}{reason}", file=sys.stderr, flush=True)
         sys.exit(1)
-    print(json.dumps({"project": project, "version": version.name, "path": str(version.path)}))
+    report = {"project": project, "version": version.name, "path": str(version.path)}
+    batch = Store(settings.model_dir).annotate_next(project)
+    if batch:
+        progress = Store(settings.model_dir).project_dir(project) / "job.json"
+        finished = {"state": "finished", "version": version.version}
+        with contextlib.suppress(OSError, ValueError):
+            finished = json.loads(progress.read_text())
+        write_progress(progress, **{**finished, "state": "pre-labeling"})
+        try:
+            report["annotate_next"] = renew_order(settings, project, batch)
+        except Exception as error:  # the version stands; the command (or the next training) renews the order
+            log.exception("project %s: pre-labeling with the new version failed", project)
+            report["annotate_next"] = {"error": describe_error(error)}
+        write_progress(progress, **{**finished, "annotate_next": report["annotate_next"]})
+    print(json.dumps(report))
 
 
 def _exit_with_parent() -> None:

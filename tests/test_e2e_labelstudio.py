@@ -270,8 +270,9 @@ def test_prelabel_cli_resumes_after_a_crash_without_duplicates(servers, pool_pro
     assert (again["skipped"], again["predicted"]) == (200, 0)
 
 
-def _train_and_wait(servers, project: int, ml: int) -> None:
-    """Label Studio's train action for the project's backend; wait for the project's next version."""
+def _train_and_wait(servers, project: int, ml: int) -> dict:
+    """Label Studio's train action for the project's backend; wait for the project's next version and for its job
+    to end (it may pre-label the project with the version after it); the job's status."""
     import requests
 
     label_studio, backend_url, _ = servers
@@ -283,18 +284,21 @@ def _train_and_wait(servers, project: int, ml: int) -> None:
     before = versions()
     label_studio.api("POST", f"/api/ml/{ml}/train", json={})
     deadline = time.time() + 900
-    while versions() == before:
+    while True:
         status = requests.get(f"{backend_url}/health", timeout=5).json()["training"].get(str(project), {})
         assert time.time() < deadline and status.get("state") != "failed", status
+        if versions() > before and status.get("state") == "finished":
+            return status
         time.sleep(2)
 
 
 def test_the_active_learning_loop_through_label_studio(servers, pool_project):
     """The active-learning recipe: ``prelabel --annotate-next 20`` clusters the tasks, writes the place of each of
     the next batches' tasks in the order into its data and makes the Data Manager tab "Annotate next"; the
-    annotator takes 20 tasks from that tab's *Label Tasks As Displayed* (annotated here from ground truth), trains,
-    pre-labels again; and 20 random tasks, same training seed. The tab gives the tasks in the order's places, one task per cluster, and both arms
-    beat zero-shot; which beats which by how much is bench.active_learning's to report over many draws (README)."""
+    annotator takes 20 tasks from that tab's *Label Tasks As Displayed* (annotated here from ground truth) and
+    trains, and the training job pre-labels the project again and renews the order; and 20 random tasks, same
+    training seed. The tab gives the tasks in the order's places, one task per cluster, and both arms beat
+    zero-shot; which beats which by how much is bench.active_learning's to report over many draws (README)."""
     from backend.prelabel import ANNOTATE_NEXT_TAB, PLACED_BATCHES, RANK_FIELD
     from tests.test_learning import annotation_results
 
@@ -309,11 +313,16 @@ def test_the_active_learning_loop_through_label_studio(servers, pool_project):
                                 json={"result": annotation_results(pool[ids["pool"][task]][1], range(len(world.NAMES)))})
 
     def train_and_predict() -> None:
+        """The train action; the job itself pre-labels every task with its version and renews the order, since the
+        project was ordered (the command below then finds nothing to predict)."""
         nonlocal trained
-        _train_and_wait(servers, project, ml)
+        renewed = _train_and_wait(servers, project, ml)["annotate_next"]
         trained += 1
+        assert renewed["predicted"] == 200 and f"-v{trained}:" in renewed["model_version"]
+        order = renewed["annotate_next"]
+        assert order["placed"] == PLACED_BATCHES * 20 and len(order["next"]) == 20 and not order["failed_tasks"]
         rerun = finished(prelabel(servers, project))
-        assert rerun["predicted"] == 200 and f"-v{trained}:" in rerun["model_version"]
+        assert (rerun["predicted"], rerun["skipped"], rerun["model_version"]) == (0, 200, renewed["model_version"])
 
     ordered = finished(prelabel(servers, project, "--annotate-next", "20"))["annotate_next"]
     assert ordered["clusters"] == 20 and ordered["predictions_updated"] == 200 and not ordered["failed_tasks"]

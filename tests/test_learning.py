@@ -171,11 +171,18 @@ def test_training_from_a_label_studio_export_file(tmp_path):
     (tmp_path / "config.xml").write_text(LABEL_CONFIG)
     settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()), inference_size=INFERENCE_SIZE,
                         dense_method=DENSE_METHOD, model_dir=tmp_path / "model_dir", train_steps=5)
+    # The project's tasks were ordered for active learning, but no Label Studio is known to pre-label them with the
+    # new version: the version stands and the job says why the order was not renewed.
+    Store(settings.model_dir).set_annotate_next("5", 3)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LABEL_STUDIO_")}
     result = subprocess.run(
         [sys.executable, "-m", "backend.training", "--project", "5", "--export", str(tmp_path / "export.json"),
          "--label-config", str(tmp_path / "config.xml")],
-        env={**os.environ, **settings.to_env()}, capture_output=True, text=True, timeout=300)
+        env={**env, **settings.to_env()}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["version"] == "v1"
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["version"] == "v1" and "no Label Studio address" in report["annotate_next"]["error"]
+    progress = json.loads((Store(settings.model_dir).project_dir("5") / "job.json").read_text())
+    assert progress["state"] == "finished" and progress["annotate_next"] == report["annotate_next"]
     runtime = ModelRuntime(settings, Store(settings.model_dir), loader=None)
     assert runtime.current_version("5").summary["images"] == 6

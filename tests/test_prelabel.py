@@ -63,6 +63,9 @@ class FakeService:
         self.projects = SimpleNamespace(set_up=lambda project, label_config: None)
         self.pipeline = SimpleNamespace(predict=self._predict)
 
+    def start(self) -> None:  # loads the model, in the real one
+        pass
+
     def _predict(self, project, tasks, targets, serving, views=False):
         self.predicted += [t["id"] for t in tasks]
         return [TaskPrediction(error="broken image") if t["id"] in self.broken else
@@ -176,3 +179,18 @@ def test_the_order_writes_the_next_batches_places_and_the_tab_and_a_failed_task_
     assert client.data[12][RANK_FIELD] == "09" and client.data[1][RANK_FIELD] == "10"
     assert again["next"] == [3, 8] and again["tab"] == order["tab"] and len(client.tabs) == 1
     assert client.writes == again["places_updated"] == 12
+
+
+def test_a_training_job_pre_labels_with_its_version_and_renews_the_order(monkeypatch):
+    from backend import training
+    from backend.settings import Settings
+
+    client, service = OrderedLabelStudio(12), OrderingService(broken={1})
+    monkeypatch.setattr(training, "LabelStudioClient", lambda url, token: SimpleNamespace(sdk=client))
+    monkeypatch.setattr(training, "SegmentationService", lambda settings: service)
+    settings = Settings(label_studio_url="http://127.0.0.1:8080", label_studio_api_key="token")
+    counts = training.renew_order(settings, "1", 2)
+    assert counts["predicted"] == 11 and counts["failed"] == 1 and client.model_version == VERSION
+    assert counts["annotate_next"]["next"] == [2, 7] and client.data[2][RANK_FIELD] == "01"
+    assert [tab.data["title"] for tab in client.tabs] == [ANNOTATE_NEXT_TAB]
+
