@@ -10,7 +10,9 @@ batches with the same model, settings and MODEL_DIR the backend uses (so the mod
 matches what Label Studio sees from /setup), and uploads each batch's predictions in one
 request. Interrupted, it resumes where it stopped without duplicating a prediction. At the
 end it selects this model version in the project, so the data manager sorts and filters by
-these predictions' scores and annotators see them as pre-annotations.
+these predictions' scores and annotators see them as pre-annotations. With ``--annotate-next N``
+it also orders the tasks for active learning (the Data Manager tab "Annotate next"), and each
+training job of the project renews that order with its new version.
 """
 from __future__ import annotations
 

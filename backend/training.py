@@ -6,7 +6,9 @@
 
 The backend runs the first two forms in a child process (``backend.jobs``); the third
 trains from a Label Studio JSON export file. Each run writes a checkpoint atomically and
-registers it as the project's next version; progress goes to ``<project dir>/job.json``.
+registers it as the project's next version; progress goes to ``<project dir>/job.json``. A project
+ordered for active learning (``backend.prelabel --annotate-next``) is then pre-labeled with that
+version and its order renewed (:func:`renew_order`).
 """
 from __future__ import annotations
 
@@ -288,11 +290,11 @@ def main(argv=None) -> None:
             finished = json.loads(progress.read_text())
         write_progress(progress, **{**finished, "state": "pre-labeling"})
         try:
-            report["annotate_next"] = renew_order(settings, project, batch)
+            report["prelabel"] = renew_order(settings, project, batch)
         except Exception as error:  # the version stands; the command (or the next training) renews the order
             log.exception("project %s: pre-labeling with the new version failed", project)
-            report["annotate_next"] = {"error": describe_error(error)}
-        write_progress(progress, **{**finished, "annotate_next": report["annotate_next"]})
+            report["prelabel"] = {"error": describe_error(error)}
+        write_progress(progress, **{**finished, "prelabel": report["prelabel"]})
     print(json.dumps(report))
 
 

@@ -120,6 +120,7 @@ def main(argv=None) -> None:
         first = tasks[min(tasks)][0] if tasks else 0
         base = [world.NAMES.index(n) for n in world.BASE]
         novel = [world.NAMES.index(n) for n in world.NOVEL]
+        command = prelabel_command(args.work_dir / "model_dir", label_studio, project)
         print(
             f"\nLabel Studio: {label_studio.url}/projects/{project}/data\n"
             f"clicks and boxes (README's Clicks and boxes): {label_studio.url}/projects/{clicks}/data\n"
@@ -132,9 +133,9 @@ def main(argv=None) -> None:
             f"task scores {min(scores, default=0):.2f}-{max(scores, default=0):.2f}\n"
             f"ready in {time.time() - started:.0f}s\n\n"
             f"pre-label the project again from the command line (the same model, so it skips what is done):\n"
-            f"  {prelabel_command(args.work_dir / 'model_dir', label_studio, project)}\n"
+            f"  {command}\n"
             f"order its tasks for a next batch of 6 (the Data Manager tab 'Annotate next'; README's An active-learning "
-            f"loop):\n  {prelabel_command(args.work_dir / 'model_dir', label_studio, project)} --annotate-next 6",
+            f"loop; each training then renews the order):\n  {command} --annotate-next 6",
             flush=True)
         if not args.exit:
             print("press Ctrl-C to stop", flush=True)

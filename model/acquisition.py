@@ -77,7 +77,8 @@ class Pool:
         return cls(np.stack([v.features for v in views_]).reshape(len(views), labels),
                    np.array([v.expected_error for v in views_], float),
                    np.stack([v.presence for v in views_]).reshape(len(views), labels).astype(float),
-                   np.array([v.stream_score for v in views_], float), np.asarray(annotated, bool), np.array([v is None for v in views]))
+                   np.array([v.stream_score for v in views_], float), np.asarray(annotated, bool),
+                   np.array([v is None for v in views]))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 COMMANDS = ["backend", "backend check", "backend.training", "backend.prelabel", "backend.worker", "demo", "demo.train_clip", "bench.postprocess",
             "bench.speed", "bench.prelabel_quality", "bench.interactive", "bench.accuracy", "bench.calibration", "bench.active_learning",
@@ -30,11 +32,12 @@ def test_every_command_answers_help_without_side_effects(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["home"], "a --help wrote files"
 
 
-def test_prelabel_refuses_to_order_the_label_stream_from_the_queue():
+@pytest.mark.parametrize(("flags", "why"), [(["--queue", "--annotate-next", "20"], "without --queue"),
+                                            (["--annotate-next", "-1"], "0 to stop ordering")])
+def test_prelabel_refuses_an_order_it_cannot_make(flags, why):
     result = subprocess.run([sys.executable, "-m", "backend.prelabel", "--url", "http://127.0.0.1:1", "--token", "t",
-                             "--project", "1", "--queue", "--annotate-next", "20"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2 and "--annotate-next" in result.stderr and "without --queue" in result.stderr
+                             "--project", "1", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--annotate-next" in result.stderr and why in result.stderr
 
 
 def test_the_gpu_benchmark_runs_on_the_cpu_with_quick():

@@ -316,7 +316,7 @@ def test_the_active_learning_loop_through_label_studio(servers, pool_project):
         """The train action; the job itself pre-labels every task with its version and renews the order, since the
         project was ordered (the command below then finds nothing to predict)."""
         nonlocal trained
-        renewed = _train_and_wait(servers, project, ml)["annotate_next"]
+        renewed = _train_and_wait(servers, project, ml)["prelabel"]
         trained += 1
         assert renewed["predicted"] == 200 and f"-v{trained}:" in renewed["model_version"]
         order = renewed["annotate_next"]

@@ -181,8 +181,8 @@ def test_training_from_a_label_studio_export_file(tmp_path):
         env={**env, **settings.to_env()}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["version"] == "v1" and "no Label Studio address" in report["annotate_next"]["error"]
+    assert report["version"] == "v1" and "no Label Studio address" in report["prelabel"]["error"]
     progress = json.loads((Store(settings.model_dir).project_dir("5") / "job.json").read_text())
-    assert progress["state"] == "finished" and progress["annotate_next"] == report["annotate_next"]
+    assert progress["state"] == "finished" and progress["prelabel"] == report["prelabel"]
     runtime = ModelRuntime(settings, Store(settings.model_dir), loader=None)
     assert runtime.current_version("5").summary["images"] == 6
