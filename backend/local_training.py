@@ -135,7 +135,10 @@ class LocalTrainingJobs:
             out = {}
             for project in sorted(projects):
                 if project in self._running:
-                    entry = {**self._progress(project), "state": "running", "pid": self._running[project].pid}
+                    progress = self._progress(project)
+                    # The job's own state is its phase: preparing, training, calibrating, pre-labeling.
+                    entry = {**progress, "state": "running", "pid": self._running[project].pid,
+                             **({"phase": progress["state"]} if "state" in progress else {})}
                 else:
                     entry = dict(self._last.get(project, {}))
                 entry["queued"] = project in self._queue

@@ -79,6 +79,7 @@ def test_annotations_train_a_new_version_that_is_served(service, file_server):
     while service.jobs.status()["7"].get("state") != "running" or "step" not in service.jobs.status()["7"]:
         assert time.time() < deadline and service.jobs.status()["7"].get("state") != "failed", service.jobs.status()
         time.sleep(0.2)
+    assert service.jobs.status()["7"]["phase"] == "training"
     during, _, _ = _predict_miou(client, tasks[:2], held_out[:2])
     assert during == zero_shot_version
     service.jobs.wait("7", timeout=600)
