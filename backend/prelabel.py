@@ -268,13 +268,13 @@ class Prelabeler:
                         ", ".join(map(str, failed[:20])))
         return {"clusters": int(clusters.max() + 1), "annotated": int(annotated.sum()),
                 "predictions_updated": len(changed), "placed": len(places), "places_updated": ranked,
-                "tab": self._tab(),
-                "next": [tasks[i].id for i in order[:self.annotate_next]], "failed_tasks": failed}
+                "tab": self._tab(), "next": [tasks[i].id for i in order[:self.annotate_next]],
+                "failed_tasks": failed}
 
     def _write_places(self, places: dict[int, str]) -> int:
         """Write each task's place in the order into its data (:data:`RANK_FIELD`), and take it from the tasks not
-        in ``places`` (annotated since, or past the placed batches); returns how many tasks changed. The data is read unresolved, so storage
-        URLs are written back as they were."""
+        in ``places`` (annotated since, or past the placed batches); returns how many tasks changed. The data is
+        read unresolved, so storage URLs are written back as they were."""
         raw = retrying(lambda: list(self.client.tasks.list(project=self.project, page_size=self.page_size,
                                                            resolve_uri=False, include="id,data",
                                                            request_options={"max_retries": self.retries})),

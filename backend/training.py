@@ -266,8 +266,8 @@ def main(argv=None) -> None:
     except ProjectIdError as error:
         sys.exit(f"training: {error}")
     _exit_with_parent()
+    store = Store(settings.model_dir)
     if args.export:
-        store = Store(settings.model_dir)
         if args.label_config:
             store.set_label_config(project, args.label_config.read_text())
         count = store.replace_annotations(project, json.loads(args.export.read_text()))
@@ -277,14 +277,14 @@ def main(argv=None) -> None:
     except Exception as error:
         log.exception("project %s: training failed", project)
         reason = describe_error(error)
-        write_progress(Store(settings.model_dir).project_dir(project) / "job.json", state="failed", error=reason)
+        write_progress(store.project_dir(project) / "job.json", state="failed", error=reason)
         # The last line is the report the service shows (backend.jobs reads it from the pipe).
         print(f"{FAILURE_PREFIX}{reason}", file=sys.stderr, flush=True)
         sys.exit(1)
     report = {"project": project, "version": version.name, "path": str(version.path)}
-    batch = Store(settings.model_dir).annotate_next(project)
+    batch = store.annotate_next(project)
     if batch:
-        progress = Store(settings.model_dir).project_dir(project) / "job.json"
+        progress = store.project_dir(project) / "job.json"
         finished = {"state": "finished", "version": version.version}
         with contextlib.suppress(OSError, ValueError):
             finished = json.loads(progress.read_text())
