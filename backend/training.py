@@ -62,11 +62,17 @@ def describe_error(error: BaseException) -> str:
     return f"{error.__class__.__name__}: {error}"
 
 
+def label_studio(settings: Settings, purpose: str) -> LabelStudioClient:
+    """The project's Label Studio, as its job's environment names it, for ``purpose`` (said when none is known)."""
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        raise RuntimeError(f"{purpose}: no Label Studio address and token are known for the project "
+                           "(LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or its /setup)")
+    return LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key, timeout=300)
+
+
 def pull_annotations(settings: Settings, store: Store, project: str) -> int:
     """Replace the stored annotations by Label Studio's current ones (its JSON export)."""
-    if not settings.label_studio_url:
-        raise RuntimeError("pulling annotations needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key, timeout=300)
+    client = label_studio(settings, "pulling annotations")
     exported = client.export_annotations(project)
     store.set_label_config(project, client.label_config(project))
     return store.replace_annotations(project, exported)
@@ -189,15 +195,13 @@ def train_project(settings: Settings, project: str, pull: bool = False) -> Versi
 def renew_order(settings: Settings, project: str, batch: int) -> dict:
     """Pre-label a project whose tasks ``backend.prelabel --annotate-next`` ordered (for a next ``batch``) with its
     newest version, and renew that order (:class:`backend.prelabel.Prelabeler`), so an active-learning loop needs
-    no step beyond annotating. Returns the pre-labeler's counts, or why it could not run."""
-    if not (settings.label_studio_url and settings.label_studio_api_key):
-        return {"error": "no Label Studio address and token are known for the project (LABEL_STUDIO_URL and "
-                         "LABEL_STUDIO_API_KEY, or its /setup): run backend.prelabel --annotate-next by hand"}
+    no step beyond annotating. Returns the pre-labeler's counts."""
+    client = label_studio(settings, "pre-labeling with the new version (run backend.prelabel --annotate-next by "
+                                    "hand)").sdk
     log.info("project %s: pre-labeling with the new version and renewing the order for a batch of %d", project,
              batch)
     service = SegmentationService(settings)
     service.start()
-    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key).sdk
     return Prelabeler(client, service, int(project), annotate_next=batch).run(progress=False)
 
 

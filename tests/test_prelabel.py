@@ -186,7 +186,7 @@ def test_a_training_job_pre_labels_with_its_version_and_renews_the_order(monkeyp
     from backend.settings import Settings
 
     client, service = OrderedLabelStudio(12), OrderingService(broken={1})
-    monkeypatch.setattr(training, "LabelStudioClient", lambda url, token: SimpleNamespace(sdk=client))
+    monkeypatch.setattr(training, "LabelStudioClient", lambda url, token, **options: SimpleNamespace(sdk=client))
     monkeypatch.setattr(training, "SegmentationService", lambda settings: service)
     settings = Settings(label_studio_url="http://127.0.0.1:8080", label_studio_api_key="token")
     counts = training.renew_order(settings, "1", 2)
