@@ -136,9 +136,11 @@ class LocalTrainingJobs:
             for project in sorted(projects):
                 if project in self._running:
                     progress = self._progress(project)
-                    # The job's own state is its phase: preparing, training, calibrating, pre-labeling.
+                    # The job's own state is its phase while it works (preparing, training, calibrating,
+                    # pre-labeling); once it has written "finished", it is only exiting.
+                    phase = progress.get("state")
                     entry = {**progress, "state": "running", "pid": self._running[project].pid,
-                             **({"phase": progress["state"]} if "state" in progress else {})}
+                             **({"phase": phase} if phase not in (None, "finished", "failed") else {})}
                 else:
                     entry = dict(self._last.get(project, {}))
                 entry["queued"] = project in self._queue
