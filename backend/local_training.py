@@ -137,7 +137,7 @@ class LocalTrainingJobs:
                 if project in self._running:
                     progress = self._progress(project)
                     # The job's own state is its phase while it works (preparing, training, calibrating,
-                    # pre-labeling); once it has written "finished", it is only exiting.
+                    # pre-labeling); once it has written its end (finished or failed), it is only exiting.
                     phase = progress.get("state")
                     entry = {**progress, "state": "running", "pid": self._running[project].pid,
                              **({"phase": phase} if phase not in (None, "finished", "failed") else {})}

@@ -30,10 +30,6 @@ def test_a_queue_that_does_not_answer_is_refused_in_words_and_remembered():
     assert not queue.answering and "Error" in queue.error
 
 
-def queue_url() -> str:
-    return "redis://127.0.0.1:9/0"  # the discard port: nothing listens
-
-
 def test_a_running_job_shows_its_phase_until_it_has_written_its_end(tmp_path):
     store = Store(tmp_path)
     jobs = LocalTrainingJobs(Settings(model_dir=tmp_path), store)
@@ -48,3 +44,7 @@ def test_a_running_job_shows_its_phase_until_it_has_written_its_end(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def queue_url() -> str:
+    return "redis://127.0.0.1:9/0"  # the discard port: nothing listens
