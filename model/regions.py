@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.calibration import scale_confidence
 from model.config import NO_PRUNING, RegionRules
 from model.presence import shown_labels
 from model.upsample import label_map_and_confidence
@@ -97,12 +98,24 @@ def _symmetric_inverse(matrices: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([aa, ab, ac]), torch.stack([ab, bb, bc]), torch.stack([ac, bc, cc])]) / determinant
 
 
-def _label_probabilities(scores: torch.Tensor, labels: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(K, height, width) bilinearly upsampled softmax probabilities of ``labels`` among all of ``scores``'
-    labels, with the log-sum-exp of all of them upsampled as one channel (the top-k upsampler's bound)."""
-    channels = torch.cat([scores[labels], scores.logsumexp(0, keepdim=True)])
-    up = F.interpolate(channels[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    return torch.exp(up[:-1] - up[-1:])
+def _label_probabilities(scores: torch.Tensor, labels: torch.Tensor, height: int, width: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, height, width) twice, the ``labels``' probabilities under bilinearly upsampled ``scores`` (C, h, w):
+
+    * the lower bound ``exp(up(score) - up(log-sum-exp of all scores))``, which refinement decides labels by (its
+      boundaries are the ones measured);
+    * the softmax of the upsampled scores, the other labels' mass upsampled as one more score, as
+      :func:`model.upsample.label_map_and_confidence` serves without refinement: the probability the temperature
+      was fitted for. The bound falls far under it between cells whose labels differ, so served as confidence it
+      made fine-tuned versions underconfident (README, *Measured → Calibration*).
+    """
+    total = scores.logsumexp(0, keepdim=True)
+    chosen = scores[labels]
+    rest = total + torch.log1p(-torch.exp(chosen.logsumexp(0, keepdim=True) - total).clamp(max=1 - 1e-7))
+    up = F.interpolate(torch.cat([chosen, total, rest])[None], size=(height, width), mode="bilinear",
+                       align_corners=False)[0]
+    count = len(labels)
+    return torch.exp(up[:count] - up[count:count + 1]), torch.cat([up[:count], up[count + 1:]]).softmax(0)[:count]
 
 
 def _label_stats(label_map: torch.Tensor, confidence: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,18 +152,21 @@ def _reassign(logits: torch.Tensor, height: int, width: int, temperature: float,
 
 def _refine(logits: torch.Tensor, image: np.ndarray, label_map: torch.Tensor, temperature: float,
             min_area: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The label map's labels re-decided by their guided-filtered probabilities, at the label map's size; a
-    label the filter leaves under ``min_area`` of the image gives its pixels to the best of the others."""
+    """The label map's labels re-decided by their guided-filtered probabilities, at the label map's size, with
+    the calibrated probability of each pixel's label, filtered alike, as its confidence; a label the filter leaves
+    under ``min_area`` of the image gives its pixels to the best of the others."""
     labels = torch.unique(label_map).long()
     if len(labels) < 2:
-        return label_map, _label_probabilities(logits.float() / temperature, labels, *label_map.shape)[0]
+        return label_map, _label_probabilities(logits.float() / temperature, labels, *label_map.shape)[1][0]
     height, width = label_map.shape
     small = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_AREA)
     guide = torch.from_numpy(small).to(logits.device).permute(2, 0, 1).float() / 255
-    probabilities = _label_probabilities(logits.float() / temperature, labels, height, width)
     radius = max(1, round(height / logits.shape[1]))  # one cell
-    filtered = guided_filter(guide, probabilities, radius, GUIDED_FILTER_EPS)
-    best, index = filtered.max(0)
+    # One filter over both: the guide's own statistics are shared.
+    filtered, calibrated = guided_filter(guide, torch.cat(_label_probabilities(logits.float() / temperature, labels,
+                                                                               height, width)),
+                                         radius, GUIDED_FILTER_EPS).split(len(labels))
+    _, index = filtered.max(0)
     while min_area > 0:  # refinement must not bring back the specks pruning removed
         counts = torch.bincount(index.flatten(), minlength=len(labels))
         small = (counts > 0) & (counts < min_area * index.numel())
@@ -158,8 +174,8 @@ def _refine(logits: torch.Tensor, image: np.ndarray, label_map: torch.Tensor, te
         if not small.any():
             break
         filtered[small] = -torch.inf
-        best, index = filtered.max(0)
-    return labels[index].to(torch.int16), best.clamp(0, 1)
+        _, index = filtered.max(0)
+    return labels[index].to(torch.int16), calibrated.gather(0, index[None])[0].clamp(0, 1)
 
 
 def _not_shown(present: torch.Tensor, scores: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
@@ -179,8 +195,8 @@ def working_shape(logits: torch.Tensor, height: int, width: int) -> tuple[int, i
 
 def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 1.0,
             rules: RegionRules = NO_PRUNING, image: np.ndarray | None = None,
-            prior: torch.Tensor | None = None,
-            presence: torch.Tensor | None = None
+            prior: torch.Tensor | None = None, presence: torch.Tensor | None = None,
+            confidence_scale: tuple[float, float] | None = None
             ) -> tuple[np.ndarray, np.ndarray, dict[int, float], dict[int, float], np.ndarray]:
     """logits (C, h, w) → (label map (height, width) int16 with ``UNLABELED`` where pruned,
     confidence (height, width) float32, the score of every label found before unlikely ones were
@@ -188,11 +204,14 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
     (:attr:`model.predictor.SemanticPrediction.missed`), every label's peak probability (C,)), after
     pruning by ``rules`` and, given the RGB ``image`` (height, width, 3), boundary refinement. ``prior``: the
     image's (C,) image-level log-probabilities, and ``presence`` (C,) their share of ``logits`` (none if None),
-    which ``rules.presence_cut`` reads (without ``prior`` nothing is cut)."""
+    which ``rules.presence_cut`` reads (without ``prior`` nothing is cut). ``confidence_scale``: a fine-tuned
+    version's map of the confidences to how often they are right as served
+    (:func:`model.calibration.fit_confidence_scale`), applied before the regions are scored."""
     shape = (height, width) if image is None else working_shape(logits, height, width)
     label_map, confidence = _reassign(logits, *shape, temperature, rules)
     if image is not None:
         label_map, confidence = _refine(logits, image, label_map, temperature, rules.min_area)
+    confidence = scale_confidence(confidence, confidence_scale)
     counts, scores = _label_stats(label_map, confidence, logits.shape[0])
     found = {int(c): float(scores[c]) for c in torch.nonzero(counts).flatten()}
     unlikely = (counts > 0) & (scores < rules.min_score)

@@ -68,6 +68,18 @@ def test_refinement_moves_the_boundary_to_the_image_edge_and_agrees_away_from_it
     assert ((refined.confidence >= 0) & (refined.confidence <= 1)).all()
 
 
+def test_refinement_serves_the_calibrated_probability_as_its_confidence():
+    size = 128  # the image's edge where the logits change label: refinement keeps the boundary
+    image = np.zeros((size, size, 3), np.uint8)
+    image[:, size // 2:] = (40, 80, 200)
+    plain = Predictor.to_semantic(_halves(8, 4), size, size)
+    refined = Predictor.to_semantic(_halves(8, 4), size, size, image=image)
+    assert np.array_equal(refined.label_map, plain.label_map)
+    # The lower bound refinement decides labels by read 0.896 here: served, it made versions underconfident.
+    for label in (0, 2):
+        assert refined.region_scores[label] == pytest.approx(plain.region_scores[label], abs=0.01)
+
+
 def test_refinement_keeps_a_single_label_map_whole():
     logits = torch.zeros(2, 4, 4)
     logits[1] = 2.0
