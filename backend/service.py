@@ -104,7 +104,8 @@ class SegmentationService:
                      "model_version": self.runtime.version_model_version(v),
                      "summary": {k: v.summary.get(k) for k in ("images", "classes", "steps", "seconds", "loss",
                                                                   "temperature", "presence_weight", "ece_before", "ece_after",
-                                                                  "min_region_score", "region_recall_weight", "frozen_trust",
+                                                                  "confidence_scale", "served_ece_before",
+                                                                  "served_ece_after", "min_region_score", "region_recall_weight", "frozen_trust",
                                                                   "skipped_annotations")},
                      **({"readable": False, "error": self.runtime.unreadable[v.project, v.version]}
                         if (v.project, v.version) in self.runtime.unreadable else {})}

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from backend.settings import Settings
-from backend.training import restrict_to_annotated, train_config
+from backend.training import fit_served_confidence, restrict_to_annotated, train_config
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
 from model.acquisition import Pool, TaskView, acquire, cluster_tasks, label_rarity, label_stream
@@ -84,6 +84,7 @@ class Loop:
         predictor = self.model.predictor(segmenter)
         # As training jobs do: in the whole vocabulary (their region rule is left out: min_score 0 here).
         calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], self.vocabulary)
+        fit_served_confidence(predictor, samples, self.vocabulary, Settings())
         return predictor
 
     def pool(self, predictor: Predictor, chosen: list[int]) -> tuple[Pool, np.ndarray]:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from backend.settings import Settings
-from backend.training import region_scores, train_config
+from backend.training import fit_served_confidence, region_scores, train_config
 from bench.calibration import task_miou
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
@@ -134,6 +134,7 @@ class Bench:
         predictor.refine_boundaries = settings.refine_boundaries  # the rule is fitted as pre-labels are served
         # fit_serving_rules' steps, with one pass over the samples for the rule at both recall weights.
         calibrate(predictor, [s.image for s in samples], [s.labels for s in samples], VOCABULARY)
+        fit_served_confidence(predictor, samples, VOCABULARY, settings)
         found, present = region_scores(predictor, samples, VOCABULARY, settings)
         rules = settings.region_rules(fit_min_score(found, present, settings.region_recall_weight), zero_shot=False)
         weight = self.args.recall_weight

@@ -77,8 +77,8 @@ class SegmentationModel:
         segmenter.compiled_tower = self._compiled_towers[method]
 
     def load_predictor(self, checkpoint: str | Path) -> Predictor:
-        """The predictor of a fine-tuned version, at the temperature, presence weight and trust in the frozen CLIP
-        its training fitted.
+        """The predictor of a fine-tuned version, at the temperature, presence weight, trust in the frozen CLIP and
+        confidence scale its training fitted.
 
         Raises:
             model.checkpoint.CheckpointError: the file can't serve this model (another CLIP or dense method).
@@ -88,6 +88,8 @@ class SegmentationModel:
         predictor = self.predictor(segmenter, temperature=metadata.get("temperature", 1.0))
         predictor.presence_weight = metadata.get("presence_weight", predictor.presence_weight)
         segmenter.frozen_trust = metadata.get("frozen_trust", {})  # versions from before it: α for every label
+        scale = metadata.get("confidence_scale")  # versions from before it serve the confidences as they come
+        predictor.confidence_scale = tuple(scale) if scale else None
         return predictor
 
 

@@ -88,6 +88,46 @@ def fit_scores(logits: list[torch.Tensor], labels: list[np.ndarray], priors: lis
     return float(log_t.detach().clamp(-5, 5).exp()), float(weight().detach())
 
 
+def fit_confidence_scale(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
+    """(a, b) of the map ``sigmoid(a × logit(c) + b)``, a > 0, from a served pixel confidence c to the chance that
+    the pixel's label is right: Platt scaling (least binary cross-entropy, with Platt's targets
+    ``(right + 1) / (right + 2)`` and ``1 / (wrong + 2)``, so pixels all right or all wrong give a finite map).
+
+    Args:
+        confidence: (N,) served confidences in [0, 1].
+        correct: (N,) bool, whether each pixel's label is the annotation's.
+    """
+    confidence, correct = np.asarray(confidence, np.float64).ravel(), np.asarray(correct, bool).ravel()
+    right = int(correct.sum())
+    target = torch.from_numpy(np.where(correct, (right + 1) / (right + 2), 1 / (len(correct) - right + 2)))
+    x = _logit(torch.from_numpy(confidence))
+    log_a, b = torch.zeros((), dtype=torch.float64, requires_grad=True), torch.zeros((), dtype=torch.float64,
+                                                                                     requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_a, b], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(log_a.exp() * x + b, target)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_a.detach().exp()), float(b.detach())
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return p.log() - (-p).log1p()
+
+
+def scale_confidence(confidence: torch.Tensor, scale: tuple[float, float] | None) -> torch.Tensor:
+    """``confidence`` through :func:`fit_confidence_scale`'s map (unchanged for None)."""
+    if scale is None:
+        return confidence
+    a, b = scale
+    return torch.sigmoid(a * _logit(confidence) + b).to(confidence.dtype)
+
+
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
     """ECE in percent: the pixel-weighted gap between confidence and accuracy over equal-width bins."""
     confidence, correct = np.asarray(confidence, np.float64).ravel(), np.asarray(correct, np.float64).ravel()

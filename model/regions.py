@@ -151,13 +151,15 @@ def _reassign(logits: torch.Tensor, height: int, width: int, temperature: float,
 
 
 def _refine(logits: torch.Tensor, image: np.ndarray, label_map: torch.Tensor, temperature: float,
-            min_area: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+            min_area: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The label map's labels re-decided by their guided-filtered probabilities, at the label map's size, with
-    the calibrated probability of each pixel's label, filtered alike, as its confidence; a label the filter leaves
-    under ``min_area`` of the image gives its pixels to the best of the others."""
+    the calibrated probability of each pixel's label, filtered alike, as its confidence, and the filtered bound
+    the label was decided by; a label the filter leaves under ``min_area`` of the image gives its pixels to the
+    best of the others."""
     labels = torch.unique(label_map).long()
     if len(labels) < 2:
-        return label_map, _label_probabilities(logits.float() / temperature, labels, *label_map.shape)[1][0]
+        bound, calibrated = _label_probabilities(logits.float() / temperature, labels, *label_map.shape)
+        return label_map, calibrated[0], bound[0]
     height, width = label_map.shape
     small = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_AREA)
     guide = torch.from_numpy(small).to(logits.device).permute(2, 0, 1).float() / 255
@@ -175,7 +177,8 @@ def _refine(logits: torch.Tensor, image: np.ndarray, label_map: torch.Tensor, te
             break
         filtered[small] = -torch.inf
         _, index = filtered.max(0)
-    return labels[index].to(torch.int16), calibrated.gather(0, index[None])[0].clamp(0, 1)
+    return (labels[index].to(torch.int16), calibrated.gather(0, index[None])[0].clamp(0, 1),
+            filtered.gather(0, index[None])[0].clamp(0, 1))
 
 
 def _not_shown(present: torch.Tensor, scores: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
@@ -197,11 +200,13 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
             rules: RegionRules = NO_PRUNING, image: np.ndarray | None = None,
             prior: torch.Tensor | None = None, presence: torch.Tensor | None = None,
             confidence_scale: tuple[float, float] | None = None
-            ) -> tuple[np.ndarray, np.ndarray, dict[int, float], dict[int, float], np.ndarray]:
+            ) -> tuple[np.ndarray, np.ndarray, dict[int, float], dict[int, float], np.ndarray, dict[int, float]]:
     """logits (C, h, w) → (label map (height, width) int16 with ``UNLABELED`` where pruned,
     confidence (height, width) float32, the score of every label found before unlikely ones were
     unlabeled, the labels the pre-label leaves out with their peak probabilities
-    (:attr:`model.predictor.SemanticPrediction.missed`), every label's peak probability (C,)), after
+    (:attr:`model.predictor.SemanticPrediction.missed`), every label's peak probability (C,), and each found
+    label's score by the confidences its pixels were decided by (:attr:`~model.predictor.SemanticPrediction.
+    ordering`)), after
     pruning by ``rules`` and, given the RGB ``image`` (height, width, 3), boundary refinement. ``prior``: the
     image's (C,) image-level log-probabilities, and ``presence`` (C,) their share of ``logits`` (none if None),
     which ``rules.presence_cut`` reads (without ``prior`` nothing is cut). ``confidence_scale``: a fine-tuned
@@ -209,11 +214,14 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
     (:func:`model.calibration.fit_confidence_scale`), applied before the regions are scored."""
     shape = (height, width) if image is None else working_shape(logits, height, width)
     label_map, confidence = _reassign(logits, *shape, temperature, rules)
+    decided_by = confidence
     if image is not None:
-        label_map, confidence = _refine(logits, image, label_map, temperature, rules.min_area)
+        label_map, confidence, decided_by = _refine(logits, image, label_map, temperature, rules.min_area)
     confidence = scale_confidence(confidence, confidence_scale)
     counts, scores = _label_stats(label_map, confidence, logits.shape[0])
     found = {int(c): float(scores[c]) for c in torch.nonzero(counts).flatten()}
+    ordering = dict(zip(found, _label_stats(label_map, decided_by, logits.shape[0])[1][list(found)].tolist(),
+                        strict=True))
     unlikely = (counts > 0) & (scores < rules.min_score)
     unlikely[list(rules.unscored)] = False
     if rules.presence_cut and prior is not None:
@@ -225,7 +233,7 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
         label_map = torch.where(unlikely[label_map.long()], torch.full_like(label_map, UNLABELED), label_map)
     if shape != (height, width):  # nearest: the working resolution's boundaries, undisturbed
         label_map, confidence = nearest_upsample((label_map, confidence), height, width)
-    return label_map.cpu().numpy(), confidence.cpu().numpy(), found, missed, peaks.cpu().numpy()
+    return label_map.cpu().numpy(), confidence.cpu().numpy(), found, missed, peaks.cpu().numpy(), ordering
 
 
 def peak_probabilities(logits: torch.Tensor, presence: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:

@@ -23,16 +23,20 @@ def mean_score(prediction, sure_at: float = 0.5) -> float:
 
 
 def stream_score(prediction) -> float:
-    """:func:`mean_score` with the regions the region check unlabeled kept at their found score: what the
+    """:func:`mean_score` over the scores the labels were decided by (:attr:`~model.predictor.SemanticPrediction.
+    ordering`), with the regions the region check unlabeled kept at their found score: what the
     acquisition's order reads inside a cluster (:func:`model.acquisition.label_stream`). The tasks whose confusions
     the check removed look sure to the review score once their wrong regions are gone, but they are the ones
     that teach a version most: ordered by the review score, the stream's picks led random by less on 4 of 6 pools
     and CLIPs (README, *Measured → Active learning*)."""
-    return _mean_with_left_out(prediction, prediction.missed)
+    return _mean_with_left_out(prediction, prediction.missed, prediction.ordering)
 
 
-def _mean_with_left_out(prediction, left_out: dict[int, float]) -> float:
-    scores = [score for label, score in prediction.found_scores.items() if label not in left_out]
+def _mean_with_left_out(prediction, left_out: dict[int, float], found: dict[int, float] | None = None) -> float:
+    """The mean of ``found`` (the prediction's found scores if None) over the labels not ``left_out``, each of
+    those counting 0 weighed by its value."""
+    found = prediction.found_scores if found is None else found
+    scores = [score for label, score in found.items() if label not in left_out]
     counted = len(scores) + sum(left_out.values())
     return float(sum(scores) / counted) if counted else 0.0
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.acquisition import TaskView
-from model.calibration import expected_calibration_error, fit_temperature
+from model.calibration import expected_calibration_error, fit_confidence_scale, fit_temperature, scale_confidence
 from model.predictor import Predictor, SemanticPrediction
 from model.task_scores import stream_score, task_score, unsure_fraction
 
@@ -27,6 +27,22 @@ def test_temperature_changes_confidence_not_the_winner():
     sharp, soft = Predictor.to_semantic(logits, 12, 14), Predictor.to_semantic(logits, 12, 14, temperature=3.0)
     assert np.array_equal(sharp.label_map, soft.label_map)
     assert (soft.confidence < sharp.confidence + 1e-6).all() and (soft.confidence < sharp.confidence).any()
+
+
+def test_the_confidence_scale_recovers_the_map_that_generated_the_outcomes():
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.2, 0.95, 50_000)
+    # Right as often as sigmoid(2 logit(c) + 1) says: an underconfident model, as refined versions were.
+    truth = scale_confidence(torch.from_numpy(confidence), (2.0, 1.0)).numpy()
+    correct = rng.random(len(confidence)) < truth
+    a, b = fit_confidence_scale(confidence, correct)
+    assert a == pytest.approx(2.0, abs=0.1) and b == pytest.approx(1.0, abs=0.1)
+    scaled = scale_confidence(torch.from_numpy(confidence), (a, b)).numpy()
+    assert expected_calibration_error(scaled, correct) < 1 < 10 < expected_calibration_error(confidence, correct)
+    # Pixels all right give a finite map, below certainty, that keeps the order of the confidences.
+    a, b = fit_confidence_scale(confidence, np.ones(len(confidence), bool))
+    scaled = scale_confidence(torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64), (a, b))
+    assert np.isfinite([a, b]).all() and (scaled.diff() > 0).all() and scaled.max() < 1
 
 
 def test_ece_of_known_bins():

@@ -95,6 +95,9 @@ def test_annotations_train_a_new_version_that_is_served(service, file_server):
     # Its trust in the frozen CLIP, per label it was trained on, is the version's too.
     assert set(summary["frozen_trust"]) == set(summary["classes"])
     assert serving.predictor.segmenter.frozen_trust == summary["frozen_trust"]
+    # So is the map of its served confidences to how often they are right, fitted as pre-labels are served.
+    assert serving.predictor.confidence_scale == pytest.approx(summary["confidence_scale"], abs=1e-4)
+    assert summary["served_ece_after"] < summary["served_ece_before"]
     # The pruning rule fitted on the annotations is the version's, served unless MIN_REGION_SCORE is set.
     assert 0 < summary["min_region_score"] < 1 and summary["region_recall_weight"] == 1.0
     assert serving.region_rules(service.settings).min_score == summary["min_region_score"]

@@ -6,7 +6,7 @@ import torch
 from model.config import RegionRules
 from model.predictor import Predictor
 from model.regions import _box_mean_torch, box_mean, guided_filter
-from model.task_scores import TASK_SCORES, task_score
+from model.task_scores import TASK_SCORES, stream_score, task_score
 from model.vocabulary import UNLABELED
 
 
@@ -78,6 +78,9 @@ def test_refinement_serves_the_calibrated_probability_as_its_confidence():
     # The lower bound refinement decides labels by read 0.896 here: served, it made versions underconfident.
     for label in (0, 2):
         assert refined.region_scores[label] == pytest.approx(plain.region_scores[label], abs=0.01)
+        # The active-learning order reads that bound, which reads how unsure the boundaries are.
+        assert refined.ordering[label] < refined.region_scores[label] - 0.03
+    assert stream_score(refined) < task_score(refined, "mean")
 
 
 def test_refinement_keeps_a_single_label_map_whole():

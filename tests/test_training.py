@@ -16,6 +16,7 @@ from backend.images import ImageFetcher
 from backend.settings import Settings
 from backend.training import build_samples, fit_serving_rules, restrict_to_annotated
 from model.build import SegmentationModel
+from model.calibration import scale_confidence
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.losses import (
@@ -301,9 +302,9 @@ def test_training_learns_every_segmentation_tag_of_the_config():
 
 class _RecordingPredictor:
     """A version fine-tuned on "a" and "b": flat logits and prior (every pixel's argmax is label 0); every
-    prediction finds labels 0, 1 and 2 at scores 0.6, 0.2 and 0.1."""
+    prediction labels every pixel 0 at confidence 0.6, and finds labels 0, 1 and 2 at scores 0.6, 0.2 and 0.1."""
 
-    temperature, presence_weight = 1.0, 0.5
+    temperature, presence_weight, confidence_scale = 1.0, 0.5, None
 
     def __init__(self):
         self.vocabularies = []
@@ -316,7 +317,8 @@ class _RecordingPredictor:
 
     def predict(self, images, vocabulary, rules):
         self.vocabularies.append(vocabulary.labels)
-        return [SimpleNamespace(found_scores={0: 0.6, 1: 0.2, 2: 0.1}) for _ in images]
+        return [SimpleNamespace(found_scores={0: 0.6, 1: 0.2, 2: 0.1}, label_map=np.zeros(image.shape[:2], np.int16),
+                                confidence=np.full(image.shape[:2], 0.6, np.float32)) for image in images]
 
     def presence(self, priors, vocabulary):
         return [self.presence_weight * prior for prior in priors]
@@ -338,3 +340,8 @@ def test_a_version_is_calibrated_in_every_label_it_serves_and_its_rule_on_the_an
     assert summary["calibration_images"] == 6
     # The frozen CLIP names all of "a"'s annotated pixels and none of "b"'s: the version trusts it in "a" alone.
     assert summary["frozen_trust"] == predictor.segmenter.frozen_trust == {"a": 1.0, "b": 0.0}
+    # Its pixels say 0.6 and three in four are right (all of "a"'s, none of "b"'s): served, they say so.
+    assert predictor.confidence_scale == pytest.approx(summary["confidence_scale"], abs=1e-4)
+    served = scale_confidence(torch.tensor([0.6]), predictor.confidence_scale)
+    assert float(served) == pytest.approx(0.75, abs=0.02)
+    assert summary["served_ece_after"] < 2 < 10 < summary["served_ece_before"]
