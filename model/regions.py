@@ -129,14 +129,15 @@ def _label_stats(label_map: torch.Tensor, confidence: torch.Tensor, classes: int
     return counts, (sums / counts.clamp(min=1)).float()
 
 
-def _reassign(logits: torch.Tensor, height: int, width: int, temperature: float,
-              rules: RegionRules) -> tuple[torch.Tensor, torch.Tensor]:
+def _reassign(logits: torch.Tensor, height: int, width: int, temperature: float, rules: RegionRules,
+              confidence_scale: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The label map and confidences once every label left covers at least ``min_area`` of the image
-    (and, with ``reassign_unlikely``, scores at least ``min_score``): the offenders' pixels go to the
-    best labels that stay, all offenders at once (one at a time measured the same, at up to 4x the cost)."""
+    (and, with ``reassign_unlikely``, scores at least ``min_score``, its confidences through ``confidence_scale`` as
+    :func:`regions` scores them): the offenders' pixels go to the best labels that stay, all offenders at once (one
+    at a time measured the same, at up to 4x the cost)."""
     label_map, confidence = label_map_and_confidence(logits, height, width, temperature)
     while rules.min_area > 0 or rules.reassign_unlikely:
-        counts, scores = _label_stats(label_map, confidence, logits.shape[0])
+        counts, scores = _label_stats(label_map, scale_confidence(confidence, confidence_scale), logits.shape[0])
         present = counts > 0
         offending = present & (counts < rules.min_area * label_map.numel())
         if rules.reassign_unlikely:
@@ -213,7 +214,7 @@ def regions(logits: torch.Tensor, height: int, width: int, temperature: float = 
     version's map of the confidences to how often they are right as served
     (:func:`model.calibration.fit_confidence_scale`), applied before the regions are scored."""
     shape = (height, width) if image is None else working_shape(logits, height, width)
-    label_map, confidence = _reassign(logits, *shape, temperature, rules)
+    label_map, confidence = _reassign(logits, *shape, temperature, rules, confidence_scale)
     decided_by = confidence
     if image is not None:
         label_map, confidence, decided_by = _refine(logits, image, label_map, temperature, rules.min_area)

@@ -46,6 +46,17 @@ def test_an_unlikely_region_becomes_unlabeled_and_the_others_stay():
     assert (reassigned.label_map == 0).all()  # the other choice: to the best label that stays (label 0 there)
 
 
+def test_reassigning_unlikely_regions_reads_their_scores_as_served():
+    logits = _halves()
+    logits[:, :, 4:] = torch.tensor([1.0, 0.8, 1.2])[:, None, None]  # label 2 scores under 0.5 unscaled
+    scale = (1.0, 3.0)  # a version whose pixels are right far more often than they say
+    served = Predictor.to_semantic(logits, 64, 64, rules=RegionRules(min_score=0.5), confidence_scale=scale)
+    assert served.region_scores[2] > 0.5
+    reassigned = Predictor.to_semantic(logits, 64, 64, rules=RegionRules(min_score=0.5, reassign_unlikely=True),
+                                       confidence_scale=scale)
+    assert np.array_equal(reassigned.label_map, served.label_map)  # label 2 stays: its served score passes
+
+
 def test_the_last_label_is_never_pruned_for_its_area():
     logits = torch.zeros(2, 4, 4)
     logits[0] = 3.0
