@@ -329,7 +329,7 @@ def test_a_version_is_calibrated_in_every_label_it_serves_and_its_rule_on_the_an
     count them: served, the rule spares them."""
     both, only_a = np.zeros((8, 8), np.int64), np.zeros((8, 8), np.int64)
     both[4:] = 1
-    samples = [Sample(np.zeros((8, 8, 3), np.uint8), labels) for labels in [both, only_a] * 3]
+    samples = [Sample(np.zeros((8, 8, 3), np.uint8), labels) for labels in [both, only_a] * 10]
     predictor = _RecordingPredictor()
     summary = fit_serving_rules(predictor, samples, Vocabulary.from_labels(["a", "b", "c"]), Settings())
     assert set(predictor.vocabularies) == {("a", "b", "c")}
@@ -337,7 +337,7 @@ def test_a_version_is_calibrated_in_every_label_it_serves_and_its_rule_on_the_an
     # threshold would fall halfway to it (0.15), without it every annotated label's region is kept.
     assert summary["min_region_score"] == 0.0
     assert summary["region_recall_weight"] == 1.0  # what the rule was fitted with, shown in /versions
-    assert summary["calibration_images"] == 6
+    assert summary["calibration_images"] == 20
     # The frozen CLIP names all of "a"'s annotated pixels and none of "b"'s: the version trusts it in "a" alone.
     assert summary["frozen_trust"] == predictor.segmenter.frozen_trust == {"a": 1.0, "b": 0.0}
     # Its pixels say 0.6 and three in four are right (all of "a"'s, none of "b"'s): served, they say so.
@@ -345,3 +345,8 @@ def test_a_version_is_calibrated_in_every_label_it_serves_and_its_rule_on_the_an
     served = scale_confidence(torch.tensor([0.6]), predictor.confidence_scale)
     assert float(served) == pytest.approx(0.75, abs=0.02)
     assert summary["served_ece_after"] < 2 < 10 < summary["served_ece_before"]
+    # A version trained on 10 images knows them by heart: a scale fitted on them made served pre-labels of two CLIPs
+    # overconfident (README, *Measured → Calibration*).
+    fewer = _RecordingPredictor()
+    summary = fit_serving_rules(fewer, samples[:10], Vocabulary.from_labels(["a", "b", "c"]), Settings())
+    assert summary["confidence_scale"] is None and fewer.confidence_scale is None
