@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 
 # The confidence scale is fitted on the images the version was trained on. Below this many, the version has learnt
 # them by heart: its served pixels there are right far more often than on other images, and the scale made served
-# pre-labels worse calibrated (10 images: ECE 4.6 -> 5.2 and 3.2 -> 10.8 on demo-clip and demo-clip-deep, where
-# from 20 it helps: README, *Measured → Calibration*).
+# pre-labels worse calibrated (10 images: ECE 4.6 -> 5.2 and 3.2 -> 10.8 on demo-clip and demo-clip-deep, though
+# 8.4 -> 3.5 on demo-clip-p16; from 20 it helps on all three: README, *Measured → Calibration*).
 CONFIDENCE_SCALE_MIN_IMAGES = 20
 
 
