@@ -136,8 +136,9 @@ def _reassign(logits: torch.Tensor, height: int, width: int, temperature: float,
     :func:`regions` scores them): the offenders' pixels go to the best labels that stay, all offenders at once (one
     at a time measured the same, at up to 4x the cost)."""
     label_map, confidence = label_map_and_confidence(logits, height, width, temperature)
+    scale = confidence_scale if rules.reassign_unlikely else None  # the areas alone read no score
     while rules.min_area > 0 or rules.reassign_unlikely:
-        counts, scores = _label_stats(label_map, scale_confidence(confidence, confidence_scale), logits.shape[0])
+        counts, scores = _label_stats(label_map, scale_confidence(confidence, scale), logits.shape[0])
         present = counts > 0
         offending = present & (counts < rules.min_area * label_map.numel())
         if rules.reassign_unlikely:
