@@ -18,6 +18,7 @@ from backend.settings import Settings
 from backend.store import Store
 from demo import world
 from demo.train_clip import CONFIG, DENSE_METHOD, INFERENCE_SIZE, materialize
+from model.build import load_model
 from model.evaluation import ConfusionMatrix
 from model.predictor import SemanticPrediction
 from tests.conftest import png_bytes
@@ -190,3 +191,41 @@ def test_training_from_a_label_studio_export_file(tmp_path):
     assert progress["state"] == "finished" and progress["prelabel"] == report["prelabel"]
     runtime = ModelRuntime(settings, Store(settings.model_dir), loader=None)
     assert runtime.current_version("5").summary["images"] == 6
+
+
+def test_a_training_job_pre_labels_from_the_base_model_it_trained_on(tmp_path, monkeypatch, capsys):
+    """A job of a project ordered for active learning loads the CLIP once, though it trains and then pre-labels."""
+    import base64
+    from types import SimpleNamespace
+
+    from backend import runtime, training
+    from tests.test_prelabel import OrderedLabelStudio
+
+    scenes = world.test_scenes(6, seed=11)
+    images = ["data:image/png;base64," + base64.b64encode(png_bytes(image)).decode() for image, _ in scenes]
+    export = [{"id": i + 1, "data": {"image": image},
+               "annotations": [{"id": 100 + i, "result": annotation_results(labels), "was_cancelled": False}]}
+              for i, (image, (_, labels)) in enumerate(zip(images, scenes, strict=True))]
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    (tmp_path / "config.xml").write_text(LABEL_CONFIG)
+    client = OrderedLabelStudio(len(scenes))
+    client.data = {i + 1: {"image": image} for i, image in enumerate(images)}
+    client.projects.get = lambda id: SimpleNamespace(label_config=LABEL_CONFIG, model_version=client.model_version)
+    client.tasks.list = lambda project, page_size, include, request_options, query=None, resolve_uri=True: iter(
+        [SimpleNamespace(id=i, data=dict(client.data[i]), total_annotations=0,
+                         predictions_model_versions=",".join(client.stored[i])) for i in sorted(client.data)])
+    monkeypatch.setattr(training, "LabelStudioClient", lambda url, token, **options: SimpleNamespace(sdk=client))
+    loads = []
+    monkeypatch.setattr(runtime, "build_model", lambda config: loads.append(config) or load_model(config))
+    settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()), inference_size=INFERENCE_SIZE,
+                        dense_method=DENSE_METHOD, model_dir=tmp_path / "model_dir", train_steps=5,
+                        label_studio_url="http://127.0.0.1:9", label_studio_api_key="token")
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    Store(settings.model_dir).set_annotate_next("5", 2)
+    training.main(["--project", "5", "--export", str(tmp_path / "export.json"),
+                   "--label-config", str(tmp_path / "config.xml")])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["version"] == "v1" and report["prelabel"]["predicted"] == 6 and report["prelabel"]["failed"] == 0
+    assert "@p5-v1:" in client.model_version and report["prelabel"]["annotate_next"]["placed"] == 6
+    assert len(loads) == 1

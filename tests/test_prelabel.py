@@ -187,7 +187,7 @@ def test_a_training_job_pre_labels_with_its_version_and_renews_the_order(monkeyp
 
     client, service = OrderedLabelStudio(12), OrderingService(broken={1})
     monkeypatch.setattr(training, "LabelStudioClient", lambda url, token, **options: SimpleNamespace(sdk=client))
-    monkeypatch.setattr(training, "SegmentationService", lambda settings: service)
+    monkeypatch.setattr(training, "SegmentationService", lambda settings, model_loader: service)
     settings = Settings(label_studio_url="http://127.0.0.1:8080", label_studio_api_key="token")
     counts = training.renew_order(settings, "1", 2)
     assert counts["predicted"] == 11 and counts["failed"] == 1 and client.model_version == VERSION
