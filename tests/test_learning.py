@@ -208,13 +208,21 @@ def test_a_training_job_pre_labels_from_the_base_model_it_trained_on(tmp_path, m
               for i, (image, (_, labels)) in enumerate(zip(images, scenes, strict=True))]
     (tmp_path / "export.json").write_text(json.dumps(export))
     (tmp_path / "config.xml").write_text(LABEL_CONFIG)
-    client = OrderedLabelStudio(len(scenes))
-    client.data = {i + 1: {"image": image} for i, image in enumerate(images)}
-    client.projects.get = lambda id: SimpleNamespace(label_config=LABEL_CONFIG, model_version=client.model_version)
-    client.tasks.list = lambda project, page_size, include, request_options, query=None, resolve_uri=True: iter(
-        [SimpleNamespace(id=i, data=dict(client.data[i]), total_annotations=0,
-                         predictions_model_versions=",".join(client.stored[i])) for i in sorted(client.data)])
-    monkeypatch.setattr(training, "LabelStudioClient", lambda url, token, **options: SimpleNamespace(sdk=client))
+    def label_studio():
+        """A project of the scenes, recording each task's uploaded prediction."""
+        client = OrderedLabelStudio(len(scenes))
+        client.data, client.uploaded = {i + 1: {"image": image} for i, image in enumerate(images)}, {}
+        client.projects.get = lambda id: SimpleNamespace(label_config=LABEL_CONFIG, model_version=client.model_version)
+        client.tasks.list = lambda project, page_size, include, request_options, query=None, resolve_uri=True: iter(
+            [SimpleNamespace(id=i, data=dict(client.data[i]), total_annotations=0,
+                             predictions_model_versions=",".join(client.stored[i])) for i in sorted(client.data)])
+        store = client._store
+        client._store = lambda request: client.uploaded.update((p["task"], p) for p in request) or store(request)
+        return client
+
+    job, fresh = label_studio(), label_studio()
+    clients = iter([job, fresh])
+    monkeypatch.setattr(training, "LabelStudioClient", lambda url, token, **options: SimpleNamespace(sdk=next(clients)))
     loads = []
     monkeypatch.setattr(runtime, "build_model", lambda config: loads.append(config) or load_model(config))
     settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()), inference_size=INFERENCE_SIZE,
@@ -227,5 +235,9 @@ def test_a_training_job_pre_labels_from_the_base_model_it_trained_on(tmp_path, m
                    "--label-config", str(tmp_path / "config.xml")])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["version"] == "v1" and report["prelabel"]["predicted"] == 6 and report["prelabel"]["failed"] == 0
-    assert "@p5-v1:" in client.model_version and report["prelabel"]["annotate_next"]["placed"] == 6
+    assert "@p5-v1:" in job.model_version and report["prelabel"]["annotate_next"]["placed"] == 6
     assert len(loads) == 1
+    # The version pre-labels from the model it trained on as from a fresh one: the same results, scores and order.
+    again = training.renew_order(settings, "5", 2)
+    assert len(loads) == 2 and job.uploaded == fresh.uploaded and len(job.uploaded) == 6
+    assert again["annotate_next"]["next"] == report["prelabel"]["annotate_next"]["next"]
