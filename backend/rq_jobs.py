@@ -34,7 +34,7 @@ import redis
 from redis import Redis, RedisError
 from redis.backoff import NoBackoff
 from redis.retry import Retry as RedisRetry
-from rq import Queue, Retry, SimpleWorker, worker_registration
+from rq import Queue, Retry, SimpleWorker, get_current_job, worker_registration
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -184,7 +184,10 @@ class RQJobQueue:
             state = {JobStatus.STARTED: "running", JobStatus.FINISHED: "finished"}.get(status)
             entry = {"state": state or (status.value if status else "unknown"),
                      "job": job.id, "queued": status == JobStatus.QUEUED}
-            if status == JobStatus.FINISHED:
+            if status == JobStatus.STARTED:  # the worker's copy of its job's progress (phase, step, loss)
+                entry.update({k: v for k, v in job.meta.get("progress", {}).items()
+                              if k not in ("state", "queued", "pid")})
+            elif status == JobStatus.FINISHED:
                 entry.update(job.return_value() or {})
             elif status == JobStatus.FAILED:
                 result = job.latest_result()
@@ -193,6 +196,19 @@ class RQJobQueue:
                                   if "AbandonedJobError" in error else error.removeprefix("backend.worker.TrainingFailed: "))
             out[project] = entry
         return out
+
+
+def report_progress(progress: dict) -> None:
+    """In a worker's job: keep ``progress`` with the job, where :meth:`RQJobQueue.training_status` reads it. A write
+    Redis refuses is left for the next one (the job goes on)."""
+    job = get_current_job()
+    if job is None:
+        return
+    job.meta["progress"] = progress
+    try:
+        job.save_meta()
+    except RedisError as error:
+        log.warning("job %s: progress not written to the queue: %s", job.id, error)
 
 
 def _training_key(project: str) -> str:

@@ -31,12 +31,14 @@ from backend.errors import ServiceError
 from backend.label_studio_client import LabelStudioClient, LabelStudioError
 from backend.local_training import LocalTrainingJobs
 from backend.prelabel import Prelabeler
-from backend.rq_jobs import PREDICT_CHUNK, PRELABEL_QUEUE, TRAIN_PROJECT, TRAINING_QUEUE, run_worker
+from backend.rq_jobs import PREDICT_CHUNK, PRELABEL_QUEUE, TRAIN_PROJECT, TRAINING_QUEUE, report_progress, run_worker
 from backend.service import SegmentationService
 from backend.settings import Settings
 from backend.store import Store
 
 log = logging.getLogger("backend.worker")
+
+PROGRESS_SECONDS = 2.0  # how often a training job's progress (phase, step, loss) is copied to its queue job
 
 
 @dataclasses.dataclass
@@ -67,7 +69,12 @@ def train_project(project: str, pull: bool) -> dict:
     jobs = LocalTrainingJobs(settings, Store(settings.model_dir), env={
         "LABEL_STUDIO_URL": settings.label_studio_url, "LABEL_STUDIO_API_KEY": settings.label_studio_api_key})
     jobs.request(project, pull)
-    jobs.wait(project, timeout=float("inf"))
+    while True:  # the job's progress goes on its queue job, where the service's /health reads it
+        try:
+            jobs.wait(project, timeout=PROGRESS_SECONDS)
+            break
+        except TimeoutError:
+            report_progress(jobs.status().get(project, {}))
     status = jobs.status()[project]
     if status.get("state") != "finished":
         raise TrainingFailed(status.get("error") or "the training job did not finish")

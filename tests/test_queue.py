@@ -141,6 +141,10 @@ def test_a_training_job_whose_worker_dies_is_failed_and_changes_nothing(tmp_path
     progress = tmp_path / "model_dir" / "projects" / key / "job.json"
     wait_until(lambda: progress.exists() and json.loads(progress.read_text()).get("state") == "training", 300,
                "the training to start")
+    # The service reads the job's progress from the queue, as it reads a local job's.
+    running = wait_until(lambda: queue.training_status().get(key, {}).get("phase") == "training"
+                         and queue.training_status()[key], 60, "the queue to show the job's progress")
+    assert running["state"] == "running" and running["steps"] == 2000 and "pid" not in running
     child = json.loads(progress.read_text())["pid"]
     os.kill(worker.pid, signal.SIGKILL)
     worker.process.wait()
