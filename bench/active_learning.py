@@ -19,6 +19,8 @@ third of the pool's labels, and the labels the picked tasks cover. Arms:
 * ``acquire``: :func:`model.acquisition.acquire` as the backend serves it;
 * ``oracle``: the ground truth's labels, covered greedily with the rarity weight of
   :func:`model.acquisition.label_rarity` (no backend can pick so: a bound on what covering labels gives).
+* ``rare-oracle``: the same, the pool's rarest third of the labels first (what picking for the rarest third can
+  give at most).
 
 The clustered arms run once per k-means seed (``--seeds``); a row gives their mean and spread, as random's
 draws do.
@@ -47,7 +49,7 @@ from model.train import Sample, finetune
 from model.vocabulary import Vocabulary
 
 POOLS = {"uniform": lambda count: world.test_scenes(count, seed=2024), "long-tailed": world.long_tailed_scenes}
-ARMS = ("random", "lowest", "stream", "typical", "uncertain", "acquire", "oracle")
+ARMS = ("random", "lowest", "stream", "typical", "uncertain", "acquire", "oracle", "rare-oracle")
 
 
 class Loop:
@@ -109,18 +111,22 @@ class Loop:
         counts = self.shows[chosen].sum(0) if chosen else np.zeros(len(world.NAMES))
         if arm == "lowest":
             return [int(i) for i in np.argsort(scores) if i not in chosen][:count]
-        if arm == "oracle":
-            return self.covering(chosen, count)
+        if arm in ("oracle", "rare-oracle"):
+            return self.covering(chosen, count, rare_first=arm == "rare-oracle")
         below = {"typical": 10 ** 9, "uncertain": 0}.get(arm, typical_below)
         if arm == "stream":
             return label_stream(cluster_tasks(pool, count, seed), pool.stream_scores, pool.annotated, count)
         return acquire(pool, count, counts, below, seed).order[:count]
 
-    def covering(self, chosen: list[int], count: int) -> list[int]:
-        """``count`` tasks, each showing the most of the labels the picks so far show least (ground truth)."""
+    def covering(self, chosen: list[int], count: int, rare_first: bool = False) -> list[int]:
+        """``count`` tasks, each showing the most of the labels the picks so far show least (ground truth);
+        ``rare_first``: a label of the pool's rarest third outweighs any number of the others."""
         counts, picked = self.shows[chosen].sum(0).astype(float), []
+        boost = np.ones(len(world.NAMES))
+        if rare_first:
+            boost[self.rare] = 1 + 100 * len(world.NAMES)
         for _ in range(count):
-            gain = self.shows @ label_rarity(counts)
+            gain = self.shows @ (label_rarity(counts) * boost)
             gain[chosen + picked] = -1
             picked.append(int(gain.argmax()))
             counts += self.shows[picked[-1]]
@@ -177,7 +183,7 @@ def main(argv=None) -> None:
         for budget in map(int, args.budgets.split(",")):
             for arm in args.arms.split(","):
                 for rounds in ([1] if arm == "random" else map(int, args.rounds.split(","))):
-                    draws = range({"random": args.random_draws, "lowest": 1, "oracle": 1}.get(arm, args.seeds))
+                    draws = range({"random": args.random_draws, "lowest": 1, "oracle": 1, "rare-oracle": 1}.get(arm, args.seeds))
                     started = time.time()
                     runs = [loop.run(arm, budget, rounds, args.typical_below, draw) for draw in draws]
                     row = {"clip": args.clip, "pool": pool_name, "budget": budget, "arm": arm, "rounds": rounds,
