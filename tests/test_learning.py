@@ -163,17 +163,25 @@ def test_store_survives_restarts_and_pins_versions(tmp_path):
     assert current(pinned_versions={"1": 0}) is None
 
 
-def test_training_from_a_label_studio_export_file(tmp_path):
+def write_export(directory: Path, scenes: list) -> list[str]:
+    """A Label Studio export of ``scenes`` annotated from ground truth (tasks 1, 2, ...), and the label config, in
+    ``directory``; returns the tasks' images (data URIs)."""
     import base64
+
+    images = ["data:image/png;base64," + base64.b64encode(png_bytes(image)).decode() for image, _ in scenes]
+    export = [{"id": i + 1, "data": {"image": image},
+               "annotations": [{"id": 100 + i, "result": annotation_results(labels), "was_cancelled": False}]}
+              for i, (image, (_, labels)) in enumerate(zip(images, scenes, strict=True))]
+    (directory / "export.json").write_text(json.dumps(export))
+    (directory / "config.xml").write_text(LABEL_CONFIG)
+    return images
+
+
+def test_training_from_a_label_studio_export_file(tmp_path):
     import subprocess
     import sys
 
-    scenes = world.test_scenes(6, seed=11)
-    export = [{"id": i, "data": {"image": "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()},
-               "annotations": [{"id": 100 + i, "result": annotation_results(labels), "was_cancelled": False}]}
-              for i, (image, labels) in enumerate(scenes)]
-    (tmp_path / "export.json").write_text(json.dumps(export))
-    (tmp_path / "config.xml").write_text(LABEL_CONFIG)
+    write_export(tmp_path, world.test_scenes(6, seed=11))
     settings = Settings(clip_model=str(CONFIG), clip_pretrained=str(materialize()), inference_size=INFERENCE_SIZE,
                         dense_method=DENSE_METHOD, model_dir=tmp_path / "model_dir", train_steps=5)
     # The project's tasks were ordered for active learning, but no Label Studio is known to pre-label them with the
@@ -195,22 +203,16 @@ def test_training_from_a_label_studio_export_file(tmp_path):
 
 def test_a_training_job_pre_labels_from_the_base_model_it_trained_on(tmp_path, monkeypatch, capsys):
     """A job of a project ordered for active learning loads the CLIP once, though it trains and then pre-labels."""
-    import base64
     from types import SimpleNamespace
 
     from backend import runtime, training
     from tests.test_prelabel import OrderedLabelStudio
 
-    scenes = world.test_scenes(6, seed=11)
-    images = ["data:image/png;base64," + base64.b64encode(png_bytes(image)).decode() for image, _ in scenes]
-    export = [{"id": i + 1, "data": {"image": image},
-               "annotations": [{"id": 100 + i, "result": annotation_results(labels), "was_cancelled": False}]}
-              for i, (image, (_, labels)) in enumerate(zip(images, scenes, strict=True))]
-    (tmp_path / "export.json").write_text(json.dumps(export))
-    (tmp_path / "config.xml").write_text(LABEL_CONFIG)
+    images = write_export(tmp_path, world.test_scenes(6, seed=11))
+
     def label_studio():
         """A project of the scenes, recording each task's uploaded prediction."""
-        client = OrderedLabelStudio(len(scenes))
+        client = OrderedLabelStudio(len(images))
         client.data, client.uploaded = {i + 1: {"image": image} for i, image in enumerate(images)}, {}
         client.projects.get = lambda id: SimpleNamespace(label_config=LABEL_CONFIG, model_version=client.model_version)
         client.tasks.list = lambda project, page_size, include, request_options, query=None, resolve_uri=True: iter(
