@@ -50,6 +50,7 @@ from model.vocabulary import Vocabulary
 
 POOLS = {"uniform": lambda count: world.test_scenes(count, seed=2024), "long-tailed": world.long_tailed_scenes}
 ARMS = ("random", "lowest", "stream", "typical", "uncertain", "acquire", "oracle", "rare-oracle")
+UNSEEDED = ("lowest", "oracle", "rare-oracle")  # no clusters, so one run each
 
 
 class Loop:
@@ -183,7 +184,7 @@ def main(argv=None) -> None:
         for budget in map(int, args.budgets.split(",")):
             for arm in args.arms.split(","):
                 for rounds in ([1] if arm == "random" else map(int, args.rounds.split(","))):
-                    draws = range({"random": args.random_draws, "lowest": 1, "oracle": 1, "rare-oracle": 1}.get(arm, args.seeds))
+                    draws = range(args.random_draws if arm == "random" else 1 if arm in UNSEEDED else args.seeds)
                     started = time.time()
                     runs = [loop.run(arm, budget, rounds, args.typical_below, draw) for draw in draws]
                     row = {"clip": args.clip, "pool": pool_name, "budget": budget, "arm": arm, "rounds": rounds,
