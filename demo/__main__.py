@@ -25,6 +25,7 @@ from xml.sax.saxutils import escape
 
 from backend.annotations import results_to_label_map
 from backend.label_config import parse_targets
+from backend.settings import Settings
 from demo import world
 from demo.labelstudio import DEMO_MODEL_SETTINGS, ROOT, LabelStudio, backend_env, port_is_free, start_backend
 from model.evaluation import ConfusionMatrix
@@ -32,6 +33,7 @@ from model.evaluation import ConfusionMatrix
 CONFIG = ROOT / "labeling_config" / "demo-world.xml"
 SCENE_NAME = re.compile(r"scene-(\d+)\.png$")
 INTERACTIVE_TASKS = 6
+ANNOTATE_NEXT_BATCH = 6  # the printed active-learning batch, unless TRAIN_AFTER_ANNOTATIONS sets one
 
 
 def with_smart_tools(label_config: str) -> str:
@@ -78,6 +80,12 @@ def prelabel_command(model_dir: Path, label_studio: LabelStudio, project: int) -
     settings = " ".join(f"{name}={shlex.quote(env[name])}" for name in DEMO_MODEL_SETTINGS)
     return (f"{settings} {shlex.quote(sys.executable)} -m backend.prelabel --url {label_studio.url} "
             f"--token {label_studio.token} --project {project}")
+
+
+def annotate_next_batch() -> int:
+    """The active-learning batch the demo suggests: as large as ``TRAIN_AFTER_ANNOTATIONS``, where it is set, so each
+    batch's last submit starts the training job that renews the order."""
+    return Settings().train_after_annotations or ANNOTATE_NEXT_BATCH
 
 
 def main(argv=None) -> None:
@@ -134,8 +142,9 @@ def main(argv=None) -> None:
             f"ready in {time.time() - started:.0f}s\n\n"
             f"pre-label the project again from the command line (the same model, so it skips what is done):\n"
             f"  {command}\n"
-            f"order its tasks for a next batch of 6 (the Data Manager tab 'Annotate next'; README's An active-learning "
-            f"loop; each training then renews the order):\n  {command} --annotate-next 6",
+            f"order its tasks for a next batch of {annotate_next_batch()} (the Data Manager tab 'Annotate next'; "
+            f"README's An active-learning loop; each training then renews the order):\n  "
+            f"{command} --annotate-next {annotate_next_batch()}",
             flush=True)
         if not args.exit:
             print("press Ctrl-C to stop", flush=True)

@@ -61,3 +61,12 @@ def test_the_prelabel_throughput_benchmark_prelabels_every_task_over_http():
     assert summary[0] == "throughput:", result.stdout[-1000:]
     rates = dict(item.split("=") for item in summary[1:])
     assert set(rates) == {"fp32_torch", "auto_auto"} and all(float(rate) > 0 for rate in rates.values())
+
+
+def test_the_demo_suggests_an_active_learning_batch_as_large_as_its_training_trigger(monkeypatch):
+    from demo.__main__ import ANNOTATE_NEXT_BATCH, annotate_next_batch
+
+    monkeypatch.delenv("TRAIN_AFTER_ANNOTATIONS", raising=False)
+    assert annotate_next_batch() == ANNOTATE_NEXT_BATCH
+    monkeypatch.setenv("TRAIN_AFTER_ANNOTATIONS", "5")
+    assert annotate_next_batch() == 5  # each batch's last submit then starts the job that renews the order
