@@ -12,7 +12,9 @@ request. Interrupted, it resumes where it stopped without duplicating a predicti
 end it selects this model version in the project, so the data manager sorts and filters by
 these predictions' scores and annotators see them as pre-annotations. With ``--annotate-next N``
 it also orders the tasks for active learning (the Data Manager tab "Annotate next"), and each
-training job of the project renews that order with its new version.
+training job of the project renews that order with its new version. With ``--keep-versions K`` it
+deletes the predictions of the model's versions of the project but the K last predicted, as each
+renewal then does, so the rounds of a loop do not leave one prediction per task each.
 """
 from __future__ import annotations
 
@@ -80,9 +82,11 @@ class Prelabeler:
     """Pre-labels one project; ``run`` returns counts of predicted, skipped and failed tasks."""
 
     def __init__(self, client: LabelStudio, service: SegmentationService, project: int, batch_size: int = 16,
-                 page_size: int = 100, retries: int = 5, activate: bool = True, annotate_next: int = 0):
+                 page_size: int = 100, retries: int = 5, activate: bool = True, annotate_next: int = 0,
+                 keep_versions: int = 0):
         self.client = client
         self.annotate_next = annotate_next  # the next batch to annotate; 0: no order
+        self.keep_versions = keep_versions  # the model's versions whose predictions stay; 0: all
         self.activate = activate
         self.service = service
         self.project = project
@@ -137,6 +141,8 @@ class Prelabeler:
         self._select(version)
         if self.annotate_next:
             counts["annotate_next"] = self._order(tasks, targets, version, views)
+        if self.keep_versions:
+            counts["versions_deleted"] = self._delete_older_versions(version)
         return counts
 
     def run_tasks(self, task_ids: list[int]) -> dict:
@@ -182,6 +188,8 @@ class Prelabeler:
                   "chunks_failed": state["chunks_failed"], "seconds": round(seconds, 1),
                   "images_per_second": round(len(todo) / seconds, 2) if todo else 0.0}
         self._select(version)
+        if self.keep_versions:
+            counts["versions_deleted"] = self._delete_older_versions(version)
         return counts
 
     def _predict(self, todo: list, targets: tuple[ControlTag, ...], version: str, progress: bool,
@@ -306,6 +314,35 @@ class Prelabeler:
                            self.retries)
         return int(tab.id)
 
+    def _delete_older_versions(self, version: str) -> dict[str, int]:
+        """Delete the predictions of the model's versions of the project but the :attr:`keep_versions` last
+        predicted, ``version`` (this run's) and the project's selected one always among the kept; other models'
+        predictions and every annotation stay. Returns the deleted versions with their predictions' counts."""
+        http = self.client._client_wrapper.httpx_client  # the SDK does not wrap this endpoint
+        path = f"api/projects/{self.project}/model-versions/"
+
+        def call(method: str, **kwargs):
+            response = http.request(path, method=method, request_options={"max_retries": self.retries}, **kwargs)
+            if response.status_code >= 400:
+                raise ApiError(status_code=response.status_code, body=response.text[:500])
+            return response.json()
+
+        listed = retrying(lambda: call("GET", params={"extended": "true"}), "listing model versions", self.retries)
+        model = version.split("@")[0] + "@"  # this model's versions: "<model>@zero-shot:…", "<model>@p1-v2:…"
+        ours = [v["model_version"] for v in sorted(listed["static"], key=lambda v: v["latest"] or "", reverse=True)
+                if v["model_version"].startswith(model)]
+        selected = version if self.activate else self._project_version
+        kept = set(list(dict.fromkeys([version, selected, *ours]))[:max(self.keep_versions, len({version, selected}))])
+        deleted = {}
+        for name in ours:
+            if name not in kept:
+                answer = retrying(lambda n=name: call("DELETE", json={"model_version": n}),
+                                  "deleting a model version's predictions", self.retries)
+                deleted[name] = int(answer["deleted_predictions"] if isinstance(answer, dict) else answer)
+        if deleted:
+            log.info("project %s: deleted the predictions of %s", self.project, deleted)
+        return deleted
+
     def _select(self, version: str) -> None:
         if self.activate and self._project_version != version:
             # The data manager's "Prediction score" column (and its sorting) and the pre-annotations
@@ -333,11 +370,18 @@ def main(argv=None) -> None:
                              f"the next {PLACED_BATCHES} batches' tasks in its data field annotate_next, and the Data "
                              "Manager tab 'Annotate next' in that order; each training job of the project then "
                              "pre-labels it and renews the order (0: no longer)")
+    parser.add_argument("--keep-versions", type=int, metavar="K",
+                        help="then delete the predictions of this model's versions of the project but the K last "
+                             "predicted (this run's and the project's selected one always kept; other models' "
+                             "predictions and all annotations stay), as each training job's renewal of the order then "
+                             "does too (0: keep every version, the default)")
     parser.add_argument("--keep-project-version", action="store_true",
                         help="don't make this model version the project's selected one at the end")
     args = parser.parse_args(argv)
     if args.annotate_next is not None and args.annotate_next < 0:
         parser.error("--annotate-next takes a batch of 1 or more tasks, or 0 to stop ordering")
+    if args.keep_versions is not None and args.keep_versions < 0:
+        parser.error("--keep-versions takes 1 or more versions, or 0 to keep every version")
     if args.queue and args.annotate_next:
         parser.error("--annotate-next clusters every task's pass here, and --queue has the workers predict: "
                      "run it without --queue once the workers are done")
@@ -361,8 +405,11 @@ def main(argv=None) -> None:
         sys.exit(f"prelabel: {error}")
     if args.annotate_next is not None:
         service.store.set_annotate_next(str(args.project), args.annotate_next)
+    if args.keep_versions is not None:
+        service.store.set_keep_versions(str(args.project), args.keep_versions)
     prelabeler = Prelabeler(client, service, args.project, args.batch_size, args.page_size, args.retries,
-                            activate=not args.keep_project_version, annotate_next=args.annotate_next or 0)
+                            activate=not args.keep_project_version, annotate_next=args.annotate_next or 0,
+                            keep_versions=args.keep_versions or 0)
     try:
         counts = (prelabeler.enqueue(queue, progress=not args.no_progress) if queue is not None
                   else prelabeler.run(progress=not args.no_progress))

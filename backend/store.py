@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 _PROJECT_ID = re.compile(r"([0-9]{1,18})(\.[0-9]{1,30})?")  # ASCII digits: "²" is a digit to \d
 _SET_UP = "set_up:"  # meta key prefix of the projects Label Studio's /setup has named
 _ANNOTATE_NEXT = "annotate_next:"  # meta key prefix of each project's active-learning batch
+_KEEP_VERSIONS = "keep_versions:"  # meta key prefix of how many model versions' predictions a renewal keeps
 MAX_ID = 2**63 - 1  # SQLite's INTEGER; Label Studio's ids are 64-bit too
 
 
@@ -185,6 +186,14 @@ class Store:
 
     def annotate_next(self, project: str) -> int:
         return int(self.get_meta(_ANNOTATE_NEXT + project) or 0)
+
+    def set_keep_versions(self, project: str, count: int) -> None:
+        """How many of the model's versions keep their predictions in the project after each renewal of its order
+        (``backend.prelabel --keep-versions``); 0: every version."""
+        self.set_meta(_KEEP_VERSIONS + project, str(count))
+
+    def keep_versions(self, project: str) -> int:
+        return int(self.get_meta(_KEEP_VERSIONS + project) or 0)
 
     # ------------------------------------------------------------------ service-wide facts
     def get_meta(self, key: str) -> str | None:

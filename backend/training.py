@@ -210,10 +210,11 @@ def train_project(settings: Settings, project: str, pull: bool = False,
 
 
 def renew_order(settings: Settings, project: str, batch: int,
-                model_loader: Callable[[Settings], SegmentationModel] = load_model) -> dict:
+                model_loader: Callable[[Settings], SegmentationModel] = load_model, keep_versions: int = 0) -> dict:
     """Pre-label a project whose tasks ``backend.prelabel --annotate-next`` ordered (for a next ``batch``) with its
     newest version, and renew that order (:class:`backend.prelabel.Prelabeler`), so an active-learning loop needs
-    no step beyond annotating. ``model_loader``: the base model (the job's, which trained the version). Returns the
+    no step beyond annotating. ``model_loader``: the base model (the job's, which trained the version);
+    ``keep_versions``: the model's versions whose predictions stay (``--keep-versions``; 0: all). Returns the
     pre-labeler's counts."""
     client = label_studio(settings, "pre-labeling with the new version (run backend.prelabel --annotate-next by "
                                     "hand)").sdk
@@ -221,7 +222,8 @@ def renew_order(settings: Settings, project: str, batch: int,
              batch)
     service = SegmentationService(settings, model_loader)
     service.start()
-    return Prelabeler(client, service, int(project), annotate_next=batch).run(progress=False)
+    return Prelabeler(client, service, int(project), annotate_next=batch,
+                      keep_versions=keep_versions).run(progress=False)
 
 
 def fit_serving_rules(predictor, samples: list[Sample], vocabulary: Vocabulary, settings: Settings) -> dict:
@@ -353,7 +355,8 @@ def main(argv=None) -> None:
             finished = json.loads(progress.read_text())
         write_progress(progress, **{**finished, "state": "pre-labeling"})
         try:
-            report["prelabel"] = renew_order(settings, project, batch, lambda _settings: runtime.load())
+            report["prelabel"] = renew_order(settings, project, batch, lambda _settings: runtime.load(),
+                                             store.keep_versions(project))
         except Exception as error:  # the version stands; the command (or the next training) renews the order
             log.exception("project %s: pre-labeling with the new version failed", project)
             report["prelabel"] = {"error": describe_error(error)}

@@ -296,8 +296,8 @@ def test_the_active_learning_loop_through_label_studio(servers, pool_project):
     """The active-learning recipe: ``prelabel --annotate-next 20`` clusters the tasks, writes the place of each of
     the next batches' tasks in the order into its data and makes the Data Manager tab "Annotate next"; the
     annotator takes 20 tasks from that tab's *Label Tasks As Displayed* (annotated here from ground truth) and
-    trains, and the training job pre-labels the project again and renews the order; and 20 random tasks, same
-    training seed. The tab gives the tasks in the order's places, one task per cluster, and both arms beat
+    trains, and the training job pre-labels the project again, renews the order and deletes the round before's
+    predictions (``--keep-versions 1``); and 20 random tasks, same training seed. The tab gives the tasks in the order's places, one task per cluster, and both arms beat
     zero-shot; which beats which by how much is bench.active_learning's to report over many draws (README)."""
     from backend.prelabel import ANNOTATE_NEXT_TAB, PLACED_BATCHES, RANK_FIELD
     from tests.test_learning import annotation_results
@@ -319,12 +319,15 @@ def test_the_active_learning_loop_through_label_studio(servers, pool_project):
         renewed = _train_and_wait(servers, project, ml)["prelabel"]
         trained += 1
         assert renewed["predicted"] == 200 and f"-v{trained}:" in renewed["model_version"]
+        # --keep-versions 1: the renewal deleted the round before's predictions, so each task holds one.
+        assert len(renewed["versions_deleted"]) == 1
+        assert label_studio.api("GET", f"/api/projects/{project}/model-versions/") == {renewed["model_version"]: 200}
         order = renewed["annotate_next"]
         assert order["placed"] == PLACED_BATCHES * 20 and len(order["next"]) == 20 and not order["failed_tasks"]
         rerun = finished(prelabel(servers, project))
         assert (rerun["predicted"], rerun["skipped"], rerun["model_version"]) == (0, 200, renewed["model_version"])
 
-    ordered = finished(prelabel(servers, project, "--annotate-next", "20"))["annotate_next"]
+    ordered = finished(prelabel(servers, project, "--annotate-next", "20", "--keep-versions", "1"))["annotate_next"]
     assert ordered["clusters"] == 20 and ordered["predictions_updated"] == 200 and not ordered["failed_tasks"]
     # Places for the next PLACED_BATCHES batches of 20; Label Studio lists the tasks without one after them.
     assert ordered["placed"] == ordered["places_updated"] == PLACED_BATCHES * 20 and len(ordered["next"]) == 20

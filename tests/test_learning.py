@@ -202,7 +202,8 @@ def test_training_from_a_label_studio_export_file(tmp_path):
 
 
 def test_a_training_job_pre_labels_from_the_base_model_it_trained_on(tmp_path, monkeypatch, capsys):
-    """A job of a project ordered for active learning loads the CLIP once, though it trains and then pre-labels."""
+    """A job of a project ordered for active learning loads the CLIP once, though it trains and then pre-labels, and
+    keeps the predictions of as many of the model's versions as ``--keep-versions`` said."""
     from types import SimpleNamespace
 
     from backend import runtime, training
@@ -233,10 +234,14 @@ def test_a_training_job_pre_labels_from_the_base_model_it_trained_on(tmp_path, m
     for name, value in settings.to_env().items():
         monkeypatch.setenv(name, value)
     Store(settings.model_dir).set_annotate_next("5", 2)
+    Store(settings.model_dir).set_keep_versions("5", 1)
+    zero_shot = f"{runtime.identity_of(settings)}@zero-shot:vocab-1"
+    job._store([{"task": task, "model_version": zero_shot} for task in job.data])  # the round before
     training.main(["--project", "5", "--export", str(tmp_path / "export.json"),
                    "--label-config", str(tmp_path / "config.xml")])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["version"] == "v1" and report["prelabel"]["predicted"] == 6 and report["prelabel"]["failed"] == 0
+    assert report["prelabel"]["versions_deleted"] == {zero_shot: 6}
     assert "@p5-v1:" in job.model_version and report["prelabel"]["annotate_next"]["placed"] == 6
     assert len(loads) == 1
     # The version pre-labels from the model it trained on as from a fresh one: the same results, scores and order.

@@ -1,5 +1,6 @@
 """The pre-labeler's resume and retry logic against an in-memory Label Studio."""
 import json
+from collections import Counter
 from types import SimpleNamespace
 
 import httpx
@@ -23,8 +24,11 @@ class FakeLabelStudio:
         self.failures = list(failures or [])
         self.store_before_failing = store_before_failing  # the answer is lost after the commit
         self.model_version = ""
+        self.latest: dict[str, int] = {}  # each version's last upload, in order (Label Studio's "latest")
         self.tasks = SimpleNamespace(list=self._list)
         self.projects = SimpleNamespace(get=self._get, update=self._update, import_predictions=self._import)
+        # The model-versions endpoint, which the SDK does not wrap.
+        self._client_wrapper = SimpleNamespace(httpx_client=SimpleNamespace(request=self._request))
 
     def _list(self, project, page_size, include, request_options, query=None, resolve_uri=True):
         ids = sorted(self.stored)
@@ -50,15 +54,30 @@ class FakeLabelStudio:
     def _store(self, request):
         for prediction in request:
             self.stored[prediction["task"]].append(prediction["model_version"])
+            self.latest[prediction["model_version"]] = max(self.latest.values(), default=0) + 1
+
+    def _request(self, path, method, params=None, json=None, request_options=None):
+        assert path.endswith("/model-versions/"), path
+        if method == "GET":
+            counts = Counter(version for versions in self.stored.values() for version in versions)
+            body = {"static": [{"model_version": version, "count": count, "latest": f"{self.latest[version]:06d}"}
+                               for version, count in counts.items()], "live": None}
+        else:
+            assert method == "DELETE", method
+            deleted = sum(versions.count(json["model_version"]) for versions in self.stored.values())
+            self.stored = {task: [v for v in versions if v != json["model_version"]]
+                           for task, versions in self.stored.items()}
+            body = {"deleted_predictions": deleted}
+        return SimpleNamespace(status_code=200, json=lambda: body, text="")
 
 
 class FakeService:
     """The library-level service a Prelabeler drives; predicts every task except those whose id is in ``broken``."""
 
-    def __init__(self, broken=()):
+    def __init__(self, broken=(), version=VERSION):
         self.broken = set(broken)
         self.predicted: list[int] = []
-        serving = SimpleNamespace(model_version=lambda targets: VERSION)
+        serving = SimpleNamespace(model_version=lambda targets: version)
         self.runtime = SimpleNamespace(naming=lambda project: serving, serving=lambda project: serving)
         self.projects = SimpleNamespace(set_up=lambda project, label_config: None)
         self.pipeline = SimpleNamespace(predict=self._predict)
@@ -109,6 +128,23 @@ def test_permanent_errors_stop_and_broken_images_are_left_for_the_next_run(monke
     assert (counts["predicted"], counts["failed"]) == (5, 1) and client.stored[2] == []
     assert run(client, FakeService())["predicted"] == 1
 
+
+
+def test_keeping_versions_deletes_the_models_older_predictions_and_nothing_else():
+    client = FakeLabelStudio(4)
+    client._store([{"task": 1, "model_version": "other@v9"}])  # another model's prediction, the oldest
+    versions = ["model@zero-shot:vocab-1", "model@p1-v1:vocab-1", "model@p1-v2:vocab-1"]
+    assert run(client, FakeService(version=versions[0]), keep_versions=2)["versions_deleted"] == {}
+    assert run(client, FakeService(version=versions[1]), keep_versions=2)["versions_deleted"] == {}
+    # A third version: the two last predicted stay, the zero-shot one's four predictions go, the other model's stay.
+    assert run(client, FakeService(version=versions[2]), keep_versions=2)["versions_deleted"] == {versions[0]: 4}
+    assert client.stored[1] == ["other@v9", versions[1], versions[2]] and client.stored[4] == versions[1:]
+    # Kept at 1 without selecting the new version: the project's selected one stays as well, and nothing else.
+    newer = "model@p1-v3:vocab-1"
+    counts = run(client, FakeService(version=newer), keep_versions=1, activate=False)
+    assert counts["versions_deleted"] == {versions[1]: 4} and client.model_version == versions[2]
+    assert client.stored[2] == [versions[2], newer]
+    assert "versions_deleted" not in run(client, FakeService(version=newer))  # 0: every version stays
 
 
 class OrderedLabelStudio(FakeLabelStudio):
