@@ -84,3 +84,12 @@ class LabelStudioClient:
 def _detail(error: ApiError) -> str:
     body = error.body if isinstance(error.body, dict) else {}
     return str(body.get("detail") or error.status_code)
+
+
+def default_hidden_columns(columns: list[dict], view: str = "explore") -> list[str]:
+    """The ``hiddenColumns`` ids of the Data Manager columns (``GET /api/dm/columns``) that Label Studio hides by
+    default in ``view`` ("explore": the table; "labeling": the list beside the editor), but the *Prediction score*.
+    A tab must name them: Label Studio computes a column's values only for a tab that says which columns it hides
+    (``data_manager/managers.py``), so a tab without them shows the score column empty."""
+    return [f"tasks:{'data.' if column.get('parent') == 'data' else ''}{column['id']}" for column in columns
+            if not (column.get("visibility_defaults") or {}).get(view, True) and column["id"] != "predictions_score"]

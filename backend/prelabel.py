@@ -35,7 +35,7 @@ from tqdm import tqdm
 from backend.control_tags import ControlTag
 from backend.errors import ServiceError
 from backend.jobs import JobQueue, job_queue
-from backend.label_studio_client import LabelStudioClient, LabelStudioError
+from backend.label_studio_client import LabelStudioClient, LabelStudioError, default_hidden_columns
 from backend.memory import release_freed_memory
 from backend.payloads import targets_of
 from backend.service import SegmentationService
@@ -300,9 +300,13 @@ class Prelabeler:
 
     def _tab(self) -> int:
         """The id of the project's :data:`ANNOTATE_NEXT_TAB` tab, made (or set back) to list the tasks by their
-        place in the order, with no filter."""
+        place in the order, with no filter, and the columns Label Studio shows by default and the *Prediction
+        score* (:func:`default_hidden_columns`)."""
+        columns = self._api("GET", "api/dm/columns", "listing the Data Manager's columns",
+                            params={"project": self.project})["columns"]
         data = {"title": ANNOTATE_NEXT_TAB, "type": "list", "target": "tasks",
-                "ordering": [f"tasks:data.{RANK_FIELD}"], "filters": {"conjunction": "and", "items": []}}
+                "ordering": [f"tasks:data.{RANK_FIELD}"], "filters": {"conjunction": "and", "items": []},
+                "hiddenColumns": {view: default_hidden_columns(columns, view) for view in ("explore", "labeling")}}
         views = retrying(lambda: self.client.views.list(project=self.project), "listing tabs", self.retries)
         tab = next((v for v in views if (v.data or {}).get("title") == ANNOTATE_NEXT_TAB), None)
         if tab is None:
@@ -318,16 +322,8 @@ class Prelabeler:
         """Delete the predictions of the model's versions of the project but the :attr:`keep_versions` last
         predicted, ``version`` (this run's) and the project's selected one always among the kept; other models'
         predictions and every annotation stay. Returns the deleted versions with their predictions' counts."""
-        http = self.client._client_wrapper.httpx_client  # the SDK does not wrap this endpoint
         path = f"api/projects/{self.project}/model-versions/"
-
-        def call(method: str, **kwargs):
-            response = http.request(path, method=method, request_options={"max_retries": self.retries}, **kwargs)
-            if response.status_code >= 400:
-                raise ApiError(status_code=response.status_code, body=response.text[:500])
-            return response.json()
-
-        listed = retrying(lambda: call("GET", params={"extended": "true"}), "listing model versions", self.retries)
+        listed = self._api("GET", path, "listing model versions", params={"extended": "true"})
         model = version.split("@")[0] + "@"  # this model's versions: "<model>@zero-shot:…", "<model>@p1-v2:…"
         ours = [v["model_version"] for v in sorted(listed["static"], key=lambda v: v["latest"] or "", reverse=True)
                 if v["model_version"].startswith(model)]
@@ -336,12 +332,24 @@ class Prelabeler:
         deleted = {}
         for name in ours:
             if name not in kept:
-                answer = retrying(lambda n=name: call("DELETE", json={"model_version": n}),
-                                  "deleting a model version's predictions", self.retries)
+                answer = self._api("DELETE", path, "deleting a model version's predictions", json={"model_version": name})
                 deleted[name] = int(answer["deleted_predictions"] if isinstance(answer, dict) else answer)
         if deleted:
             log.info("project %s: deleted the predictions of %s", self.project, deleted)
         return deleted
+
+    def _api(self, method: str, path: str, what: str, **kwargs):
+        """A call to an endpoint the SDK does not wrap, through the SDK's own HTTP client (its auth), retried as the
+        others are; the answer's JSON."""
+        http = self.client._client_wrapper.httpx_client
+
+        def call():
+            response = http.request(path, method=method, request_options={"max_retries": self.retries}, **kwargs)
+            if response.status_code >= 400:
+                raise ApiError(status_code=response.status_code, body=response.text[:500])
+            return response.json()
+
+        return retrying(call, what, self.retries)
 
     def _select(self, version: str) -> None:
         if self.activate and self._project_version != version:

@@ -21,7 +21,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-from backend.label_studio_client import LabelStudioClient
+from backend.label_studio_client import LabelStudioClient, default_hidden_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_STUDIO_BIN = ROOT / ".venv-ls" / "bin" / "label-studio"
@@ -192,9 +192,7 @@ class LabelStudio:
     def add_score_tab(self, project: int) -> None:
         """A Data Manager tab that shows the prediction score column, lowest first (Label Studio hides the
         column by default; by hand: *Columns → Prediction score*, then *Order by*)."""
-        columns = self.api("GET", f"/api/dm/columns?project={project}")["columns"]
-        hidden = [f"tasks:{c['id']}" for c in columns
-                  if not (c.get("visibility_defaults") or {}).get("explore", True) and c["id"] != "predictions_score"]
+        hidden = default_hidden_columns(self.api("GET", f"/api/dm/columns?project={project}")["columns"])
         self.client.sdk.views.create(project=project, data={
             "title": "Lowest score first", "ordering": ["tasks:predictions_score"],
             "hiddenColumns": {"explore": hidden, "labeling": hidden + ["tasks:predictions_score"]}})

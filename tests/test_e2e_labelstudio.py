@@ -336,6 +336,9 @@ def test_the_active_learning_loop_through_label_studio(servers, pool_project):
     assert (again["tab"], again["next"], again["places_updated"]) == (ordered["tab"], ordered["next"], 0)
     tab = label_studio.api("GET", f"/api/dm/views/{ordered['tab']}?project={project}")
     assert tab["data"]["title"] == ANNOTATE_NEXT_TAB
+    # The tab shows the review score: Label Studio computes it only for a tab that names the columns it hides.
+    listed = label_studio.api("GET", f"/api/tasks?project={project}&view={tab['id']}&page_size=5")["tasks"]
+    assert len(listed) == 5 and all(task["predictions_score"] is not None for task in listed)
     clusters, places = {}, {}
     for task in label_studio.tasks(project):
         (prediction,) = task["predictions"]

@@ -57,8 +57,15 @@ class FakeLabelStudio:
             self.latest[prediction["model_version"]] = max(self.latest.values(), default=0) + 1
 
     def _request(self, path, method, params=None, json=None, request_options=None):
-        assert path.endswith("/model-versions/"), path
-        if method == "GET":
+        if path == "api/dm/columns":  # as Label Studio 1.23.2 lists them, in part
+            body = {"columns": [{"id": "image", "parent": "data", "visibility_defaults": {"explore": True}},
+                                {"id": "inner_id", "visibility_defaults": {"explore": False, "labeling": False}},
+                                {"id": "total_annotations", "visibility_defaults": {"explore": True, "labeling": True}},
+                                {"id": "annotators", "visibility_defaults": {"explore": True, "labeling": False}},
+                                {"id": "predictions_score", "visibility_defaults": {"explore": False, "labeling": False}},
+                                {"id": "data"}]}
+        elif method == "GET":
+            assert path.endswith("/model-versions/"), path
             counts = Counter(version for versions in self.stored.values() for version in versions)
             body = {"static": [{"model_version": version, "count": count, "latest": f"{self.latest[version]:06d}"}
                                for version, count in counts.items()], "live": None}
@@ -207,6 +214,10 @@ def test_the_order_writes_the_next_batches_places_and_the_tab_and_a_failed_task_
     assert client.data[2] == {"image": "s3://bucket/2.png", RANK_FIELD: "01"}
     assert [tab.data["title"] for tab in client.tabs] == [ANNOTATE_NEXT_TAB]
     assert client.tabs[0].data["ordering"] == [f"tasks:data.{RANK_FIELD}"]
+    # The tab names the columns it hides (Label Studio's defaults) but the prediction score: Label Studio computes
+    # the score column's values only for a tab that names them.
+    assert client.tabs[0].data["hiddenColumns"] == {"explore": ["tasks:inner_id"],
+                                                    "labeling": ["tasks:inner_id", "tasks:annotators"]}
     # Again, with tasks 2 and 7 annotated since: they lose their places, the others move up and the ten left all
     # fit, the failed task last; the tab stays one.
     client.annotated, client.writes = {2, 7}, 0
