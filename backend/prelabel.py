@@ -324,11 +324,11 @@ class Prelabeler:
         predictions and every annotation stay. Returns the deleted versions with their predictions' counts."""
         path = f"api/projects/{self.project}/model-versions/"
         listed = self._api("GET", path, "listing model versions", params={"extended": "true"})
-        model = version.split("@")[0] + "@"  # this model's versions: "<model>@zero-shot:…", "<model>@p1-v2:…"
+        model = version.rsplit("@", 1)[0] + "@"  # this model's versions: "<model>@zero-shot:…", "<model>@p1-v2:…"
         ours = [v["model_version"] for v in sorted(listed["static"], key=lambda v: v["latest"] or "", reverse=True)
                 if v["model_version"].startswith(model)]
-        selected = version if self.activate else self._project_version
-        kept = set(list(dict.fromkeys([version, selected, *ours]))[:max(self.keep_versions, len({version, selected}))])
+        always = list(dict.fromkeys([version, version if self.activate else self._project_version]))
+        kept = set(always + [name for name in ours if name not in always][:max(0, self.keep_versions - len(always))])
         deleted = {}
         for name in ours:
             if name not in kept:

@@ -200,9 +200,10 @@ def test_prelabel_queue_says_when_no_worker_takes_its_chunks_follows_them_and_re
     assert first.returncode == 0, log.read_text()[-2000:]
     counts = json.loads(stdout.strip().splitlines()[-1])
     assert counts["predicted"] == len(ids) and counts["chunks"] == 4 and counts["failed"] == 0
-    again = json.loads(subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True,
-                                      timeout=600).stdout.strip().splitlines()[-1])
+    again = json.loads(subprocess.run([*command, "--keep-versions", "1"], env=env, cwd=ROOT, capture_output=True,
+                                      text=True, timeout=600).stdout.strip().splitlines()[-1])
     assert again["skipped"] == len(ids) and again["chunks"] == 0
+    assert again["versions_deleted"] == {}  # the model's one version is this run's
     assert predictions_per_task(label_studio, project) == Counter({i: 1 for i in ids})
 
 
