@@ -138,11 +138,9 @@ class Prelabeler:
         views: dict[int, TaskView | None] | None = {} if self.annotate_next else None
         counts = {**self._predict(todo, targets, version, progress, views), "tasks": len(tasks),
                   "skipped": len(tasks) - len(todo)}
-        self._select(version)
+        counts.update(self._conclude(version))
         if self.annotate_next:
             counts["annotate_next"] = self._order(tasks, targets, version, views)
-        if self.keep_versions:
-            counts["versions_deleted"] = self._delete_older_versions(version)
         return counts
 
     def run_tasks(self, task_ids: list[int]) -> dict:
@@ -187,9 +185,7 @@ class Prelabeler:
                   "predicted": state["predicted"], "failed": state["failed"], "chunks": len(job_ids),
                   "chunks_failed": state["chunks_failed"], "seconds": round(seconds, 1),
                   "images_per_second": round(len(todo) / seconds, 2) if todo else 0.0}
-        self._select(version)
-        if self.keep_versions:
-            counts["versions_deleted"] = self._delete_older_versions(version)
+        counts.update(self._conclude(version))
         return counts
 
     def _predict(self, todo: list, targets: tuple[ControlTag, ...], version: str, progress: bool,
@@ -350,6 +346,12 @@ class Prelabeler:
             return response.json()
 
         return retrying(call, what, self.retries)
+
+    def _conclude(self, version: str) -> dict:
+        """Once the project holds ``version``'s predictions: select it, and delete the older versions' predictions
+        if asked (:attr:`keep_versions`); what to add to the summary."""
+        self._select(version)
+        return {"versions_deleted": self._delete_older_versions(version)} if self.keep_versions else {}
 
     def _select(self, version: str) -> None:
         if self.activate and self._project_version != version:
