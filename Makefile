@@ -35,9 +35,9 @@ $(CACHE)/.demo-model: demo/assets/demo-clip-weights.pt $(VENV)/.installed
 
 # Label Studio lives in its own environment: its pins must not meet the model's.
 setup-ls: $(VENV_LS)/.installed
-$(VENV_LS)/.installed:
+$(VENV_LS)/.installed: constraints-label-studio.txt
 	test -x $(VENV_LS)/bin/python || $(PYTHON) -m venv $(VENV_LS)
-	$(VENV_LS)/bin/pip install -q label-studio==1.23.2
+	$(VENV_LS)/bin/pip install -q label-studio==1.23.2 -c constraints-label-studio.txt
 	touch $@
 
 # Lint settings (and why a rule is off) are in pyproject.toml.
