@@ -16,7 +16,7 @@ third of the pool's labels, and the labels the picked tasks cover. Arms:
   uncertainty-sampling rule over our clusters (the least-solved cluster, then the lowest stream score,
   :func:`model.task_scores.stream_score`: ``projects/functions/next_task.py``);
 * ``typical`` / ``uncertain``: :func:`model.acquisition.acquire` always typical-first / never;
-* ``acquire``: :func:`model.acquisition.acquire` as the backend serves it;
+* ``acquire``: :func:`model.acquisition.acquire` with its switch from typical-first (``--typical-below``);
 * ``oracle``: the ground truth's labels, covered greedily with the rarity weight of
   :func:`model.acquisition.label_rarity` (no backend can pick so: a bound on what covering labels gives).
 * ``rare-oracle``: the same, the pool's rarest third of the labels first (what picking for the rarest third can

@@ -1,8 +1,14 @@
-"""What to annotate next: a budget-aware, diverse order over a project's tasks (numpy only).
+"""What to annotate next: a diverse order over a project's tasks (numpy only).
 
-The tasks are clustered on what the frozen CLIP sees in each image (k-means, with as many clusters as
-annotated tasks plus the next batch, as TypiClust does), and the order visits the clusters in turn,
-least-annotated and largest first, so that any prefix of it is spread over the pool. Inside a cluster:
+What the backend serves (``backend.prelabel --annotate-next``): the tasks are clustered on what the frozen CLIP
+sees in each image (:func:`cluster_tasks`: k-means, with as many clusters as annotated tasks plus the next batch,
+as TypiClust does), and :func:`label_stream` orders them as Label Studio's uncertainty sampling does over those
+clusters: from the cluster annotated least, the lowest stream score, so any prefix of the order is spread over
+the pool. Tasks that failed come last.
+
+:func:`acquire` is the budget-aware design it was measured against (``bench.active_learning --arms
+acquire,typical,uncertain``; README, *Active learning*). It visits the clusters in turn, least-annotated and
+largest first, and inside a cluster takes:
 
 * **typical first** while the project has few annotations (TypiClust, Hacohen et al. 2022): the task
   densest among its cluster's, since the hardest images are rare kinds that teach a cold model little;
@@ -10,7 +16,7 @@ least-annotated and largest first, so that any prefix of it is spread over the p
   confidence, weighted by ``1 / sqrt(1 + annotated examples)`` of each predicted label (class-balanced
   acquisition, Cai et al. 2021), so labels the project has few examples of come next.
 
-Tasks that failed come last. Measured by ``python -m bench.active_learning`` (README).
+On the benchmark's pools it was, on the whole, level with the stream or behind it, so it is not served.
 """
 from __future__ import annotations
 
