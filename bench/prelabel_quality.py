@@ -1,13 +1,15 @@
 """Pre-labels annotators keep: region pruning, boundaries that follow the image, task scores.
 
-    python -m bench.prelabel_quality [--test-images 80] [--train-images 100] [--steps 300]
+    python -m bench.prelabel_quality [--test-images 80] [--train-images 100] [--steps 300] [--train-world shifted]
 
 Two worlds: the demo world's test scenes (where the defaults were chosen) and
 :func:`demo.world.shifted_scenes` (smaller things, a random camera; never tuned on). Two
 models: zero-shot at the demo CLIP's temperature, and fine-tuned with GKC on
 ``--train-images`` annotated demo scenes, calibrated on them as training jobs do (with
 ``--held-out-images N``, also the region rule fitted on N other annotated scenes the version never
-trained on, at both recall weights: what a rule fitted on its own training images gives away).
+trained on, at both recall weights: what a rule fitted on its own training images gives away). With
+``--train-world shifted`` the annotated scenes are other scenes of the shifted world: a project whose own
+images are all like that, where the default asks how a version does on images unlike its annotations.
 
 * **Pruning**: regions per image, region precision (the share of predicted regions whose
   label is in the image's ground truth) and dataset mIoU, today's post-processing against
@@ -122,11 +124,16 @@ class Bench:
         self.worlds = {"demo world": world.test_scenes(args.test_images),
                        "shifted world": world.shifted_scenes(args.test_images)}
 
+    def annotated(self, count: int, seed: int) -> list[Sample]:
+        """``count`` annotated scenes of ``--train-world``, none of them a test scene."""
+        scenes = (world.shifted_scenes(count, seed=seed) if self.args.train_world == "shifted"
+                  else world.test_scenes(count, seed=seed))
+        return [Sample(i, t) for i, t in scenes]
+
     def fine_tuned(self) -> tuple[Predictor, RegionRules, dict[str, RegionRules]]:
         """Fine-tuned and calibrated as a training job does; with the pruning it fits and serves, and that rule
         fitted at ``--recall-weight`` (by row name)."""
-        scenes = world.test_scenes(self.args.train_images, seed=777)
-        samples = [Sample(i, t) for i, t in scenes]
+        samples = self.annotated(self.args.train_images, seed=777)
         segmenter, settings = self.model.segmenter(), Settings()
         finetune(segmenter, self.model.clip, self.model.encoder, samples, VOCABULARY,
                  train_config(settings, steps=self.args.steps, size=self.clip.inference_size))
@@ -142,7 +149,7 @@ class Bench:
         alternatives = {f"pruned and refined, min_score fitted at REGION_RECALL_WEIGHT={weight} "
                         f"({preciser.min_score})": preciser}
         if self.args.held_out_images:
-            held_out = [Sample(i, t) for i, t in world.test_scenes(self.args.held_out_images, seed=778)]
+            held_out = self.annotated(self.args.held_out_images, seed=778)
             found, present = region_scores(predictor, held_out, VOCABULARY, settings)
             for recall_weight in (settings.region_recall_weight, weight):
                 fitted = settings.region_rules(fit_min_score(found, present, recall_weight), zero_shot=False)
@@ -258,6 +265,8 @@ def main(argv=None) -> None:
                         help="the fine-tuned rows also show the region rule fitted at this REGION_RECALL_WEIGHT")
     parser.add_argument("--held-out-images", type=int, default=0,
                         help="the fine-tuned rows also show the rule fitted on this many held-out annotated scenes")
+    parser.add_argument("--train-world", choices=("demo", "shifted"), default="demo",
+                        help="the world of the fine-tuned version's annotated scenes")
     add_clip_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -266,7 +275,8 @@ def main(argv=None) -> None:
     zero_shot = bench.model.predictor()
     with torch.enable_grad():
         tuned, tuned_rules, alternatives = bench.fine_tuned()
-    print(f"fine-tuned version: T = {tuned.temperature:.3f}, fitted min_score = {tuned_rules.min_score}")
+    print(f"fine-tuned version ({args.train_images} annotated scenes of the {args.train_world} world): "
+          f"T = {tuned.temperature:.3f}, fitted min_score = {tuned_rules.min_score}")
     served = {}
     for world_name, scenes in bench.worlds.items():
         for model_name, predictor, rules, others in (("zero-shot", zero_shot, Settings().region_rules(), None),
@@ -289,7 +299,7 @@ def main(argv=None) -> None:
     for key, result in served.items():
         bench.task_scores(", ".join(key), result["today"], bench.worlds[key[0]])
     kind = Settings().task_score
-    print(f"\nprelabel_quality: clip={args.clip} " + " ".join(
+    print(f"\nprelabel_quality: clip={args.clip} train_world={args.train_world} " + " ".join(
         f"spearman_{w.split()[0]}_{m.split('-')[0]}={rhos[w, m][kind]:.2f}" for w, m in rhos))
 
 
