@@ -8,8 +8,9 @@ models: zero-shot at the demo CLIP's temperature, and fine-tuned with GKC on
 ``--train-images`` annotated demo scenes, calibrated on them as training jobs do (with
 ``--held-out-images N``, also the region rule fitted on N other annotated scenes the version never
 trained on, at both recall weights: what a rule fitted on its own training images gives away). With
-``--train-world shifted`` the annotated scenes are other scenes of the shifted world: a project whose own
-images are all like that, where the default asks how a version does on images unlike its annotations.
+``--train-world shifted`` the annotated scenes are other scenes of the shifted world, as in a project whose
+images are all like that; by default the shifted world's rows ask how a version does on images unlike its
+annotations.
 
 * **Pruning**: regions per image, region precision (the share of predicted regions whose
   label is in the image's ground truth) and dataset mIoU, today's post-processing against
