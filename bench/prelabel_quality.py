@@ -126,7 +126,7 @@ class Bench:
                        "shifted world": world.shifted_scenes(args.test_images)}
 
     def annotated(self, count: int, seed: int) -> list[Sample]:
-        """``count`` annotated scenes of ``--train-world``, none of them a test scene."""
+        """``count`` annotated scenes of ``--train-world``, drawn from a seed of their own (not the test scenes')."""
         scenes = (world.shifted_scenes(count, seed=seed) if self.args.train_world == "shifted"
                   else world.test_scenes(count, seed=seed))
         return [Sample(i, t) for i, t in scenes]
