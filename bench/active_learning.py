@@ -21,6 +21,8 @@ third of the pool's labels, and the labels the picked tasks cover. Arms:
   :func:`model.acquisition.label_rarity` (no backend can pick so: a bound on what covering labels gives).
 * ``rare-oracle``: the same, the pool's rarest third of the labels first (what picking for the rarest third can
   give at most).
+* ``herding`` / ``herding-doubt``: MaxHerding (Bae et al., ECCV 2024), :func:`max_herding` over the served
+  features; ``herding-doubt`` weighs each task's coverage gain by its doubt, one minus its stream score.
 
 The clustered arms run once per k-means seed (``--seeds``); a row gives their mean and spread, as random's
 draws do.
@@ -49,8 +51,9 @@ from model.train import Sample, finetune
 from model.vocabulary import Vocabulary
 
 POOLS = {"uniform": lambda count: world.test_scenes(count, seed=2024), "long-tailed": world.long_tailed_scenes}
-ARMS = ("random", "lowest", "stream", "typical", "uncertain", "acquire", "oracle", "rare-oracle")
-UNSEEDED = ("lowest", "oracle", "rare-oracle")  # no clusters, so one run each
+ARMS = ("random", "lowest", "stream", "typical", "uncertain", "acquire", "oracle", "rare-oracle", "herding",
+        "herding-doubt")
+UNSEEDED = ("lowest", "oracle", "rare-oracle", "herding", "herding-doubt")  # no clusters, so one run each
 
 
 class Loop:
@@ -114,6 +117,9 @@ class Loop:
             return [int(i) for i in np.argsort(scores) if i not in chosen][:count]
         if arm in ("oracle", "rare-oracle"):
             return self.covering(chosen, count, rare_first=arm == "rare-oracle")
+        if arm in ("herding", "herding-doubt"):
+            return max_herding(pool.features, pool.annotated, count,
+                               1 - pool.stream_scores if arm == "herding-doubt" else None)
         below = {"typical": 10 ** 9, "uncertain": 0}.get(arm, typical_below)
         if arm == "stream":
             return label_stream(cluster_tasks(pool, count, seed), pool.stream_scores, pool.annotated, count)
@@ -153,6 +159,26 @@ class Loop:
             for (_, truth), p in zip(chunk, predictor.predict([i for i, _ in chunk], self.vocabulary), strict=True):
                 confusion.update(truth, p.label_map)
         return {"miou": confusion.miou(), "rare": confusion.miou(self.rare)}
+
+
+def max_herding(features: np.ndarray, annotated: np.ndarray, count: int, weights: np.ndarray | None = None) -> list[int]:
+    """``count`` tasks, each the one that most raises the pool's kernel coverage ``sum_i max_s k(x_i, x_s)`` over the
+    tasks annotated and picked (features (N, D), L2-normalised; a Gaussian kernel whose bandwidth is the median
+    distance between tasks, so no constant), its gain times its ``weights`` (N,) if given."""
+    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    squared = np.maximum(((x[:, None] - x[None]) ** 2).sum(-1), 0)
+    bandwidth = np.median(np.sqrt(squared[np.triu_indices(len(x), 1)]))
+    kernel = np.exp(-squared / (2 * max(bandwidth, 1e-12) ** 2))
+    taken = np.asarray(annotated, bool).copy()
+    cover = kernel[:, taken].max(1) if taken.any() else np.zeros(len(x))
+    picked = []
+    for _ in range(min(count, int((~taken).sum()))):
+        gain = np.maximum(kernel - cover[:, None], 0).sum(0) * (1 if weights is None else weights)
+        gain[taken] = -np.inf
+        picked.append(int(gain.argmax()))
+        taken[picked[-1]] = True
+        cover = np.maximum(cover, kernel[:, picked[-1]])
+    return picked
 
 
 def main(argv=None) -> None:
