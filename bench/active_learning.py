@@ -23,6 +23,7 @@ third of the pool's labels, and the labels the picked tasks cover. Arms:
   give at most).
 * ``herding`` / ``herding-doubt``: MaxHerding (Bae et al., ECCV 2024), :func:`max_herding` over the served
   features; ``herding-doubt`` weighs each task's coverage gain by its doubt, one minus its stream score.
+* ``probcover``: ProbCover (Yehuda et al., NeurIPS 2022), :func:`prob_cover` over the served features.
 
 The clustered arms run once per k-means seed (``--seeds``); a row gives their mean and spread, as random's
 draws do.
@@ -42,7 +43,7 @@ from backend.settings import Settings
 from backend.training import fit_served_confidence, restrict_to_annotated, train_config
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
-from model.acquisition import Pool, TaskView, acquire, cluster_tasks, label_rarity, label_stream
+from model.acquisition import Pool, TaskView, acquire, cluster_tasks, kmeans, label_rarity, label_stream
 from model.calibration import calibrate
 from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
@@ -52,8 +53,9 @@ from model.vocabulary import Vocabulary
 
 POOLS = {"uniform": lambda count: world.test_scenes(count, seed=2024), "long-tailed": world.long_tailed_scenes}
 ARMS = ("random", "lowest", "stream", "typical", "uncertain", "acquire", "oracle", "rare-oracle", "herding",
-        "herding-doubt")
+        "herding-doubt", "probcover")
 UNSEEDED = ("lowest", "oracle", "rare-oracle", "herding", "herding-doubt")  # no clusters, so one run each
+PURITY = 0.95  # ProbCover's ball radius: the largest whose balls stay this pure (the paper's value)
 
 
 class Loop:
@@ -120,6 +122,8 @@ class Loop:
         if arm in ("herding", "herding-doubt"):
             return max_herding(pool.features, pool.annotated, count,
                                1 - pool.stream_scores if arm == "herding-doubt" else None)
+        if arm == "probcover":
+            return prob_cover(pool.features, pool.annotated, count, seed)
         below = {"typical": 10 ** 9, "uncertain": 0}.get(arm, typical_below)
         if arm == "stream":
             return label_stream(cluster_tasks(pool, count, seed), pool.stream_scores, pool.annotated, count)
@@ -161,16 +165,21 @@ class Loop:
         return {"miou": confusion.miou(), "rare": confusion.miou(self.rare)}
 
 
+def _unit_distances(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features → their rows L2-normalised, and the (N, N) distances between them."""
+    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    return x, np.sqrt(np.maximum(((x[:, None] - x[None]) ** 2).sum(-1), 0))
+
+
 def max_herding(features: np.ndarray, annotated: np.ndarray, count: int, weights: np.ndarray | None = None) -> list[int]:
     """``count`` tasks, each the one that most raises the pool's kernel coverage ``sum_i max_s k(x_i, x_s)`` over the
     tasks annotated and picked (features (N, D), L2-normalised; a Gaussian kernel whose bandwidth is the median
     distance between tasks, so no constant), its gain times its ``weights`` (N,) if given."""
-    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    squared = np.maximum(((x[:, None] - x[None]) ** 2).sum(-1), 0)
-    bandwidth = np.median(np.sqrt(squared[np.triu_indices(len(x), 1)]))
-    kernel = np.exp(-squared / (2 * max(bandwidth, 1e-12) ** 2))
+    _, distance = _unit_distances(features)
+    bandwidth = np.median(distance[np.triu_indices(len(distance), 1)])
+    kernel = np.exp(-distance ** 2 / (2 * max(bandwidth, 1e-12) ** 2))
     taken = np.asarray(annotated, bool).copy()
-    cover = kernel[:, taken].max(1) if taken.any() else np.zeros(len(x))
+    cover = kernel[:, taken].max(1) if taken.any() else np.zeros(len(kernel))
     picked = []
     for _ in range(min(count, int((~taken).sum()))):
         gain = np.maximum(kernel - cover[:, None], 0).sum(0) * (1 if weights is None else weights)
@@ -178,6 +187,27 @@ def max_herding(features: np.ndarray, annotated: np.ndarray, count: int, weights
         picked.append(int(gain.argmax()))
         taken[picked[-1]] = True
         cover = np.maximum(cover, kernel[:, picked[-1]])
+    return picked
+
+
+def prob_cover(features: np.ndarray, annotated: np.ndarray, count: int, seed: int = 0) -> list[int]:
+    """``count`` tasks, each the one whose ball of radius delta holds the most tasks no ball of a task annotated or
+    picked holds yet (the most of them if every task is covered). delta is the largest radius whose balls hold only
+    tasks of their centre's k-means cluster (as many clusters as labels) for :data:`PURITY` of the tasks."""
+    x, distance = _unit_distances(features)
+    clusters = kmeans(x, x.shape[1], seed)
+    # A ball is pure while its radius is under the distance to the nearest task of another cluster.
+    pure_up_to = np.where(clusters[:, None] != clusters[None], distance, np.inf).min(1)
+    ball = distance <= np.quantile(pure_up_to, 1 - PURITY)  # ball[i, j]: task j lies in task i's ball
+    taken = np.asarray(annotated, bool).copy()
+    covered = ball[taken].any(0)
+    picked = []
+    for _ in range(min(count, int((~taken).sum()))):
+        gain = (ball & ~covered).sum(1) if not covered.all() else ball.sum(1)
+        gain = np.where(taken, -1, gain)
+        picked.append(int(gain.argmax()))
+        taken[picked[-1]] = True
+        covered |= ball[picked[-1]]
     return picked
 
 
