@@ -43,7 +43,17 @@ from backend.settings import Settings
 from backend.training import fit_served_confidence, restrict_to_annotated, train_config
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
-from model.acquisition import Pool, TaskView, acquire, cluster_tasks, kmeans, label_rarity, label_stream
+from model.acquisition import (
+    Pool,
+    TaskView,
+    acquire,
+    cluster_tasks,
+    kmeans,
+    label_rarity,
+    label_stream,
+    pairwise_distances,
+    unit_rows,
+)
 from model.calibration import calibrate
 from model.evaluation import ConfusionMatrix
 from model.predictor import Predictor
@@ -165,17 +175,11 @@ class Loop:
         return {"miou": confusion.miou(), "rare": confusion.miou(self.rare)}
 
 
-def _unit_distances(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) features → their rows L2-normalised, and the (N, N) distances between them."""
-    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    return x, np.sqrt(np.maximum(((x[:, None] - x[None]) ** 2).sum(-1), 0))
-
-
 def max_herding(features: np.ndarray, annotated: np.ndarray, count: int, weights: np.ndarray | None = None) -> list[int]:
     """``count`` tasks, each the one that most raises the pool's kernel coverage ``sum_i max_s k(x_i, x_s)`` over the
     tasks annotated and picked (features (N, D), L2-normalised; a Gaussian kernel whose bandwidth is the median
     distance between tasks, so no constant), its gain times its ``weights`` (N,) if given."""
-    _, distance = _unit_distances(features)
+    distance = pairwise_distances(unit_rows(features))
     bandwidth = np.median(distance[np.triu_indices(len(distance), 1)])
     kernel = np.exp(-distance ** 2 / (2 * max(bandwidth, 1e-12) ** 2))
     taken = np.asarray(annotated, bool).copy()
@@ -194,7 +198,8 @@ def prob_cover(features: np.ndarray, annotated: np.ndarray, count: int, seed: in
     """``count`` tasks, each the one whose ball of radius delta holds the most tasks no ball of a task annotated or
     picked holds yet (the most of them if every task is covered). delta is the largest radius whose balls hold only
     tasks of their centre's k-means cluster (as many clusters as labels) for :data:`PURITY` of the tasks."""
-    x, distance = _unit_distances(features)
+    x = unit_rows(features)
+    distance = pairwise_distances(x)
     clusters = kmeans(x, x.shape[1], seed)
     # A ball is pure while its radius is under the distance to the nearest task of another cluster.
     pure_up_to = np.where(clusters[:, None] != clusters[None], distance, np.inf).min(1)

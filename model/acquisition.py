@@ -129,7 +129,7 @@ def typicality(points: np.ndarray, clusters: np.ndarray) -> np.ndarray:
         if len(members) == 1:
             continue
         inside = points[members]
-        distances = np.sqrt(np.maximum(((inside[:, None] - inside[None]) ** 2).sum(-1), 0))
+        distances = pairwise_distances(inside)
         nearest = np.sort(distances, 1)[:, 1:1 + NEIGHBOURS]
         out[members] = 1 / (nearest.mean(1) + 1e-6)
     return out
@@ -140,7 +140,13 @@ def label_rarity(label_counts: np.ndarray) -> np.ndarray:
     return 1 / np.sqrt(1 + np.asarray(label_counts, float))
 
 
-def _unit(rows: np.ndarray) -> np.ndarray:
+def pairwise_distances(points: np.ndarray) -> np.ndarray:
+    """(N, D) points → (N, N) Euclidean distances between them."""
+    return np.sqrt(np.maximum(((points[:, None] - points[None]) ** 2).sum(-1), 0))
+
+
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    """(N, D) rows, each L2-normalised (a zero row stays zero)."""
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
@@ -151,7 +157,7 @@ def cluster_tasks(pool: Pool, batch: int, seed: int = 0) -> np.ndarray:
     clusters = np.full(len(pool.failed), -1)
     usable = np.flatnonzero(~pool.failed)
     if len(usable):
-        clusters[usable] = kmeans(_unit(pool.features[usable]), int(pool.annotated[usable].sum()) + batch, seed)
+        clusters[usable] = kmeans(unit_rows(pool.features[usable]), int(pool.annotated[usable].sum()) + batch, seed)
     return clusters
 
 
@@ -168,7 +174,7 @@ def acquire(pool: Pool, batch: int, label_counts: np.ndarray, typical_below: int
     if typical:
         value = np.zeros(len(clusters))
         if len(usable):
-            value[usable] = typicality(_unit(pool.features[usable]), clusters[usable])
+            value[usable] = typicality(unit_rows(pool.features[usable]), clusters[usable])
     else:
         presence = pool.presence / np.maximum(pool.presence.sum(1, keepdims=True), 1e-12)
         value = pool.expected_error * (presence @ label_rarity(label_counts))
