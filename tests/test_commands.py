@@ -32,6 +32,17 @@ def test_every_command_answers_help_without_side_effects(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["home"], "a --help wrote files"
 
 
+def test_the_serving_commands_start_without_the_sdks_converter():
+    """label-studio-sdk's converter imports nltk and scipy.stats (1.5 s of a 7 s start here): the backend, its
+    workers and its commands load it only when they read a brush annotation."""
+    modules = ["backend.__main__", "backend.worker", "backend.prelabel", "backend.training"]
+    probe = (f"import sys, {', '.join(modules)}; "
+             "print(sorted(n for n in sys.modules if n.startswith(('label_studio_sdk.converter', 'nltk'))))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert result.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize(("flags", "why"), [(["--queue", "--annotate-next", "20"], "without --queue"),
                                             (["--annotate-next", "-1"], "0 to stop ordering")])
 def test_prelabel_refuses_an_order_it_cannot_make(flags, why):

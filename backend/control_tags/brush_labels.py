@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle
 
 from backend.control_tags.base import AnnotationError, ControlTag
 from backend.control_tags.rle import label_map_runs, rle_for_label
 from model.predictor import SemanticPrediction
+
+
+def decode_rle(rle: list[int]) -> np.ndarray:
+    """label-studio-sdk's decoder, imported when an annotation is read: its module pulls in the SDK's whole
+    converter (nltk, scipy.stats), which every process serving or pre-labeling would otherwise load at start."""
+    from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
+
+    return sdk_decode_rle(rle)
 
 
 class BrushLabels(ControlTag):
