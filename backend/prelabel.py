@@ -50,6 +50,9 @@ RANK_FIELD = "annotate_next"  # the task data field holding a task's place in th
 # Places are written for this many next batches; Label Studio lists the tasks without one after them. Each place
 # is one request (there is no bulk update of task data), so a round costs a few batches, not the project.
 PLACED_BATCHES = 5
+# Label Studio has no bulk update of a prediction's cluster or a task's data: one request each, this many at a
+# time. 4 halved 200 cluster writes against a Label Studio on the same 2 cores (22 s to 11 s; 8 took 17 s).
+CONCURRENT_WRITES = 4
 
 
 def is_transient(error: Exception) -> bool:
@@ -70,6 +73,14 @@ def retrying(call, what: str, retries: int, delay: float = 1.0):
             wait = min(60.0, delay * 2 ** attempt)
             log.warning("%s failed (%s); retry %d/%d in %.0fs", what, str(error)[:200], attempt + 1, retries, wait)
             time.sleep(wait)
+
+
+def write_each(items: list, write, what: str, retries: int) -> None:
+    """``write(item)`` for every item, :data:`CONCURRENT_WRITES` at a time, each retried as :func:`retrying` does;
+    the first write that still fails raises, once the writes in flight have ended."""
+    with ThreadPoolExecutor(max_workers=CONCURRENT_WRITES) as pool:
+        for _ in pool.map(lambda item: retrying(lambda: write(item), what, retries), items):
+            pass
 
 
 def _versions(task) -> set[str]:
@@ -260,9 +271,8 @@ class Prelabeler:
                                self.retries)
         changed = [p for p in predictions if p.model_version == version and cluster_of.get(p.task, -1) >= 0
                    and p.cluster != cluster_of[p.task]]
-        for prediction in changed:
-            retrying(lambda p=prediction: self.client.predictions.update(id=p.id, cluster=cluster_of[p.task]),
-                     "writing a prediction's cluster", self.retries)
+        write_each(changed, lambda p: self.client.predictions.update(id=p.id, cluster=cluster_of[p.task]),
+                   "writing a prediction's cluster", self.retries)
         width = len(str(len(order)))  # zero-padded: the label stream sorts a data field as text
         places = {tasks[i].id: f"{place + 1:0{width}d}" for place, i in enumerate(order)}
         ranked = self._write_places(places)
@@ -284,14 +294,15 @@ class Prelabeler:
                                                            request_options={"max_retries": self.retries})),
                        "listing tasks' data", self.retries)
         moved = [task for task in raw if task.data.get(RANK_FIELD) != places.get(task.id)]
-        # One request a task (Label Studio has no bulk update of task data): about 0.1 s each on 2 cores.
         log.info("project %s: writing %d tasks' places in the order", self.project, len(moved))
-        for task in moved:
+
+        def write(task) -> None:
             data = {key: value for key, value in task.data.items() if key != RANK_FIELD}
             if task.id in places:
                 data[RANK_FIELD] = places[task.id]
-            retrying(lambda t=task, d=data: self.client.tasks.update(id=str(t.id), data=d),
-                     "writing a task's place in the order", self.retries)
+            self.client.tasks.update(id=str(task.id), data=data)
+
+        write_each(moved, write, "writing a task's place in the order", self.retries)
         return len(moved)
 
     def _tab(self) -> int:
