@@ -50,8 +50,8 @@ RANK_FIELD = "annotate_next"  # the task data field holding a task's place in th
 # Places are written for this many next batches; Label Studio lists the tasks without one after them. Each place
 # is one request (there is no bulk update of task data), so a round costs a few batches, not the project.
 PLACED_BATCHES = 5
-# Label Studio has no bulk update of a prediction's cluster or a task's data: one request each, this many at a
-# time. 4 halved 200 cluster writes against a Label Studio on the same 2 cores (22 s to 11 s; 8 took 17 s).
+# Those requests, and each prediction's cluster (one request too), go this many at a time: 4 took 200 cluster
+# writes from 18.6 s to 10.5 s against a Label Studio on the same 2 cores (8: 17 s).
 CONCURRENT_WRITES = 4
 
 

@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 def load_model(settings: Settings) -> SegmentationModel:
     """The :class:`model.build.SegmentationModel` the settings name (loads the CLIP)."""
     model = build_model(settings.model_config())
-    # A loaded CLIP leaves some 400,000 objects that the cyclic collector walks again as the interpreter exits:
-    # 1.4 s of the 2.6 s a stopped demo backend took to exit, and more with a real CLIP. They die with the
-    # process, so at exit they leave the collector's generations (unregistered first: loaded twice, frozen once).
+    # A loaded CLIP leaves some 400,000 objects that the cyclic collector walks again as the interpreter exits
+    # (1.4 s of the 2.6 s a stopped demo backend took to exit). They die with the process, so at exit they leave
+    # the collector's generations (unregistered first: loaded twice, frozen once).
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
     return model
