@@ -24,8 +24,8 @@ each vocabulary size of ``--labels``.
 ``runtimes``: the plain image tower at the photo's inference shape under eager torch fp32 and bf16,
 int8 dynamic quantization, ``torch.compile`` (``--compile``), OpenVINO f32 and bf16, and ONNX Runtime
 (those installed), with each output's difference from float32; then the whole /predict of the photo,
-alone and in batches of 8 (images/s), under each ``PRECISION``/``RUNTIME`` the backend offers, as
-ratios to the float32 bare tower and to the fastest bare tower; and fine-tuning steps/s, the loop as it
+alone and in batches of 8 (images/s), under each ``PRECISION``/``RUNTIME`` the backend offers and under the
+defaults (what ``auto`` chose on this machine), as ratios to the float32 bare tower and to the fastest bare tower; and fine-tuning steps/s, the loop as it
 was (float32, each batch augmented in the step) against the shipped one (``PRECISION=auto``, the next
 batch augmented in a thread).
 """
@@ -50,7 +50,8 @@ from backend.settings import Settings
 from model.build import SegmentationModel
 from model.clip import load_clip
 from model.config import ModelConfig
-from model.predictor import SemanticPrediction
+from model.openvino_tower import resolve_runtime
+from model.predictor import SemanticPrediction, uses_bf16
 from model.train import masked_crop, teacher_embeddings
 from model.vocabulary import TextEncoder, Vocabulary
 
@@ -385,7 +386,9 @@ def runtime_rows(args, clip, vocabulary: Vocabulary, picture: np.ndarray) -> dic
         difference = float((output - reference).abs().max() / (reference.max() - reference.min())) * 100
         rows[f"bare tower, {name}"] = (measure(call, args.images)[0], difference)
         print(f"  bare tower, {name}: {rows[f'bare tower, {name}'][0]:.0f} ms", flush=True)
-    served = [("fp32", "torch"), ("bf16", "torch")] + ([("bf16", "openvino")] if openvino_installed() else [])
+    runtimes = ["torch"] + (["openvino"] if openvino_installed() else [])
+    served = [(precision, runtime) for runtime in runtimes for precision in ("fp32", "bf16")] + [("auto", "auto")]
+    cpu = torch.device("cpu")
     for precision, runtime in served:
         options = {"precision": precision, "runtime": runtime}
         model = SegmentationModel(clip, ModelConfig(inference_size=args.size, **options))
@@ -393,8 +396,10 @@ def runtime_rows(args, clip, vocabulary: Vocabulary, picture: np.ndarray) -> dic
                                             inference_size=args.size, **options))
         one = measure(predict_call(client, [picture], vocabulary), args.images)[0]
         eight = measure(predict_call(client, [picture] * 8, vocabulary, http=False), max(1, args.images // 2))[0]
-        rows[f"/predict, PRECISION={precision} RUNTIME={runtime}"] = (one, 8000 / eight)
-        print(f"  /predict {precision} {runtime}: {one:.0f} ms, {8000 / eight:.2f} images/s", flush=True)
+        chosen = (f" (the defaults: {'bf16' if uses_bf16(precision, cpu) else 'fp32'} {resolve_runtime(runtime, cpu)})"
+                  if precision == "auto" else "")
+        rows[f"/predict, PRECISION={precision} RUNTIME={runtime}{chosen}"] = (one, 8000 / eight)
+        print(f"  /predict {precision} {runtime}{chosen}: {one:.0f} ms, {8000 / eight:.2f} images/s", flush=True)
     before = SegmentationModel(clip, ModelConfig(inference_size=args.size, **REFERENCE))
     rows["training, fp32, augmented in the step (the loop before)"] = (
         training_steps_per_second(before, args.size, args.train_steps, 4, "fp32", augment_in_step=True), 0.0)
@@ -426,7 +431,9 @@ def report_runtimes(args, rows: dict) -> None:
     before, now = training.values()
     best = min(served, key=lambda name: served[name][0])
     base = served["PRECISION=fp32 RUNTIME=torch"]
+    default = next(ms for name, (ms, _) in served.items() if name.startswith("PRECISION=auto RUNTIME=auto"))
     print(f"runtimes: fastest_tower={min(tower, key=lambda n: tower[n][0]).replace(' ', '_')} best='{best}' "
+          f"defaults_over_best={default / served[best][0]:.2f} "
           f"predict_over_fp32_bare={served[best][0] / fp32:.2f} predict_over_fastest_bare={served[best][0] / fastest:.2f} "
           f"batch_images_per_s={served[best][1]:.2f} batch_speedup={served[best][1] / base[1]:.2f} "
           f"training_speedup={now / before:.2f}")

@@ -79,7 +79,7 @@ class OpenVinoTower:
     """A frozen dense tower (:mod:`model.dense`) compiled by OpenVINO for any batch and input size; called
     like the tower: images (B, 3, H, W) normalised, H and W multiples of ``stride`` → :class:`TowerOutput`.
 
-    ``bf16``: OpenVINO's bfloat16 inference precision (where the CPU multiplies bfloat16), else float32.
+    ``bf16``: OpenVINO's bfloat16 inference precision (where the CPU runs bfloat16 faster), else float32.
     """
 
     def __init__(self, tower: nn.Module, bf16: bool):

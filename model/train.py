@@ -64,7 +64,7 @@ class TrainConfig:
     distill_unlabeled: bool = True  # also distil the unannotated parts of each image
     max_regions: int = 200  # per step, as in the paper's code
     paste: float = 0.5  # the share of crops that get one annotated label of another image pasted in (copy_paste)
-    precision: str = "auto"  # the forward pass under bfloat16 autocast where the hardware has it (PRECISION)
+    precision: str = "auto"  # the forward pass under bfloat16 autocast where the hardware runs it faster (PRECISION)
     log_every: int = 25
 
 

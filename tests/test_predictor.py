@@ -101,9 +101,11 @@ def test_precision_setting(demo_clip, scenes, monkeypatch):
     from model.predictor import uses_bf16
 
     cpu = torch.device("cpu")
-    for hardware in (False, True):  # auto: bfloat16 only where the CPU multiplies it, float32 elsewhere
+    # auto: bfloat16 only where the CPU has the instructions and they run at least 1.2x float32's speed
+    for hardware, speedup, expected in ((False, 3.0, False), (True, 3.0, True), (True, 1.19, False), (True, 0.56, False)):
         monkeypatch.setattr(predictor, "cpu_has_bf16", lambda hardware=hardware: hardware)
-        assert uses_bf16("auto", cpu) is hardware
+        monkeypatch.setattr(predictor, "cpu_bf16_speedup", lambda speedup=speedup: speedup)
+        assert uses_bf16("auto", cpu) is expected
         assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cpu)
     assert not uses_bf16("fp32", torch.device("cuda"))
     with pytest.raises(ValueError, match="PRECISION"):
@@ -122,6 +124,22 @@ def test_the_cpu_check_reads_what_the_cpu_has():
 
     flags = set(Path("/proc/cpuinfo").read_text().split())
     assert cpu_has_bf16() == bool(flags & {"amx_tile", "avx512_bf16"})
+
+
+def test_the_bf16_speed_probe_runs_only_where_the_cpu_has_bf16_and_leaves_the_seeds_alone(monkeypatch):
+    from model import predictor
+
+    def no_probe():
+        raise AssertionError("probed a CPU without bfloat16 instructions")
+
+    monkeypatch.setattr(predictor, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(predictor, "cpu_bf16_speedup", no_probe)
+    assert not predictor.uses_bf16("auto", torch.device("cpu"))
+    monkeypatch.undo()
+    predictor.cpu_bf16_speedup.cache_clear()
+    state = torch.random.get_rng_state()
+    assert predictor.cpu_bf16_speedup() > 0
+    assert torch.equal(torch.random.get_rng_state(), state)  # models seeded before it draw the same weights
 
 
 def test_bf16_batches_run_the_tower_as_matrix_products(demo_clip):
