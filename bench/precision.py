@@ -1,5 +1,6 @@
 """bfloat16 and OpenVINO against float32 torch on a demo CLIP: what ``PRECISION=auto`` and ``RUNTIME=auto``
-change on a CPU with AMX or AVX512-BF16 that runs bfloat16 faster (``auto`` measures it: :func:`model.predictor.cpu_bf16_speedup`).
+change on a CPU with AMX or AVX512-BF16 that runs bfloat16 faster (``auto`` measures whether it does:
+:func:`model.predictor.cpu_bf16_speedup`).
 
     python -m bench.precision [--clip demo-clip] [--test-images 80] [--train-images 100] [--steps 300]
 

@@ -25,9 +25,9 @@ each vocabulary size of ``--labels``.
 int8 dynamic quantization, ``torch.compile`` (``--compile``), OpenVINO f32 and bf16, and ONNX Runtime
 (those installed), with each output's difference from float32; then the whole /predict of the photo,
 alone and in batches of 8 (images/s), under each ``PRECISION``/``RUNTIME`` the backend offers and under the
-defaults (what ``auto`` chose on this machine), as ratios to the float32 bare tower and to the fastest bare tower; and fine-tuning steps/s, the loop as it
-was (float32, each batch augmented in the step) against the shipped one (``PRECISION=auto``, the next
-batch augmented in a thread).
+defaults (what ``auto`` chose on this machine), as ratios to the float32 bare tower and to the fastest bare
+tower; and fine-tuning steps/s, the loop as it was (float32, each batch augmented in the step) against the
+shipped one (``PRECISION=auto``, the next batch augmented in a thread).
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ def cpu_has_bf16() -> bool:
 @cache
 def cpu_bf16_speedup() -> float:
     """How many times faster this CPU runs a ViT-B/16 MLP (197 tokens, 768 → 3072 → 768) under bfloat16 autocast
-    than in float32, on torch's threads: the median of 5 runs after 2 warm-ups, about 0.1 s, once per process.
+    than in float32, on torch's threads: the median of 5 runs after 2 warm-ups, about 0.2 s, once per process.
 
     The CPU's flags do not tell it. With AVX512-BF16 and no AMX, an AMD EPYC (Zen 4) ran ViT-B/16's tower 2.0×
     faster in OpenVINO bf16 than in f32, and an Intel Xeon 0.68× as fast (torch alike: 2.3× and 0.75×); with AMX,
@@ -47,16 +48,13 @@ def cpu_bf16_speedup() -> float:
     tokens, up, down = (torch.randn(shape, generator=generator) * 0.05 for shape in ((197, 768), (3072, 768), (768, 3072)))
 
     def mlp_time(bf16: bool) -> float:
-        def run():
+        times = []
+        for _ in range(7):  # the first two warm up
+            start = time.perf_counter()
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 F.linear(F.gelu(F.linear(tokens, up)), down)
-        run(), run()
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            run()
             times.append(time.perf_counter() - start)
-        return sorted(times)[2]
+        return statistics.median(times[2:])
 
     speedup = mlp_time(False) / mlp_time(True)
     log.info("bfloat16 runs %.2f× as fast as float32 on this CPU: PRECISION=auto runs %s", speedup,
