@@ -61,6 +61,7 @@ bench: setup
 	$(PY) -m bench.throughput
 	$(PY) -m bench.postprocess
 	$(PY) -m bench.prelabel_quality
+	$(PY) -m bench.partial_labels
 	$(PY) -m bench.interactive
 	$(PY) -m bench.accuracy
 	$(PY) -m bench.calibration

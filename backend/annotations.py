@@ -25,7 +25,7 @@ def results_to_label_map(results: list[dict], target: ControlTag, height: int, w
     """
     if label_map is None:
         label_map = np.full((height, width), UNLABELED, np.int16)
-    index = {label: i for i, label in enumerate(target.vocabulary.labels)}
+    index = {label: i for i, label in enumerate(target.vocabulary.served)}
     for result in results:
         if result.get("from_name") != target.control:
             continue

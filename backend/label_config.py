@@ -64,9 +64,12 @@ def parse_targets(label_config: str) -> tuple[ControlTag, ...]:
         labels = list(control.labels_attrs)
         if not labels:
             raise LabelConfigError(f"<{control.tag} name=\"{control.name}\"> has no <Label> values: the vocabulary is empty")
-        if len(labels) > MAX_LABELS:
-            raise LabelConfigError(f"<{control.tag} name=\"{control.name[:40]}\"> has {len(labels)} labels; at most "
-                                   f"{MAX_LABELS} are served")
+        # What else the images show: classified beside the labels, so a pixel of none of them is left unlabeled.
+        others = [t.strip() for t in str(control.attr.get("model_background", "")).split(",") if t.strip()]
+        if len(labels) + len(others) > MAX_LABELS:
+            besides = f" and {len(others)} model_background names" if others else ""
+            raise LabelConfigError(f"<{control.tag} name=\"{control.name[:40]}\"> has {len(labels)} labels{besides}; "
+                                   f"at most {MAX_LABELS} are served")
         if len(targets) == MAX_CONTROL_TAGS:
             raise LabelConfigError(f"the label config has more than {MAX_CONTROL_TAGS} segmentation tags; each "
                                    "vocabulary costs its own image-tower pass")
@@ -78,7 +81,7 @@ def parse_targets(label_config: str) -> tuple[ControlTag, ...]:
             control=control.name,
             image=images[0].name,
             data_key=images[0].value_name,
-            vocabulary=Vocabulary.from_labels(labels, extra),
+            vocabulary=Vocabulary.from_labels(labels, extra, others),
             score_threshold=_fraction(control, "model_score_threshold"),
             min_region_area=_fraction(control, "model_min_region_area"),
         ))

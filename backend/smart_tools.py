@@ -128,7 +128,7 @@ def label_groups(regions: tuple[SmartRegion, ...],
     for image, label in dict.fromkeys((r.image, r.label) for r in regions):
         groups: dict[str, list[ControlTag]] = {}
         for target in targets:
-            if target.image == image and label in target.vocabulary.labels:
+            if target.image == image and label in target.vocabulary.served:
                 groups.setdefault(target.vocabulary.key, []).append(target)
         if not groups:
             raise ContextError(f"the label {label[:60]!r} is not a label of any segmentation tag "

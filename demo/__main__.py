@@ -39,7 +39,7 @@ ANNOTATE_NEXT_BATCH = 6  # the printed active-learning batch, unless TRAIN_AFTER
 def with_smart_tools(label_config: str) -> str:
     """``label_config`` with smart-only key points and boxes over its segmentation labels: there is no plain
     key-point tool to pick by mistake, and the toolbar's smart button picks the smart key point first."""
-    labels = "".join(f'<Label value="{escape(label)}"/>' for label in parse_targets(label_config)[0].vocabulary.labels)
+    labels = "".join(f'<Label value="{escape(label)}"/>' for label in parse_targets(label_config)[0].vocabulary.served)
     tags = "".join(f'  <{tag} name="{name}" toName="image" smart="true" smartOnly="true">{labels}</{tag}>\n'
                    for tag, name in (("KeyPointLabels", "click"), ("RectangleLabels", "box")))
     # The segmentation tag's own smart tool would come first in the toolbar's smart group; the backend answers clicks and boxes.

@@ -34,7 +34,7 @@ class TaskView:
     """What one task's pre-label tells the acquisition.
 
     Attributes:
-        features: (C,) the frozen CLIP's image-level probabilities of the project's labels.
+        features: (C,) the frozen CLIP's image-level probabilities of the vocabulary's labels (and other things).
         expected_error: one minus the calibrated mean confidence (pixels left unlabeled count 0).
         presence: (C,) the pre-label's pixels of each label.
         stream_score: what the label stream orders a cluster's tasks by (:func:`model.task_scores.stream_score`).

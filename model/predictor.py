@@ -125,6 +125,15 @@ class SemanticPrediction:
     def found_scores(self) -> dict[int, float]:
         return self.region_scores if self.found is None else self.found
 
+    def served(self, count: int) -> SemanticPrediction:
+        """This prediction with the labels from index ``count`` on (a vocabulary's other things) left out: their
+        pixels unlabeled, as a pruned region's are, and nothing of them in the scores."""
+        kept = lambda scores: None if scores is None else {c: v for c, v in scores.items() if c < count}  # noqa: E731
+        return SemanticPrediction(np.where(self.label_map >= count, UNLABELED, self.label_map).astype(np.int16),
+                                  self.confidence, kept(self.found), kept(self.missed),
+                                  None if self.peaks is None else self.peaks[:count], kept(self.checked_out),
+                                  kept(self.ordering))
+
 
 class Calibrated(NamedTuple):
     """One image's calibrated pass.
@@ -355,16 +364,18 @@ class Predictor:
                  vocabulary: Vocabulary | None = None) -> list[SemanticPrediction]:
         """:meth:`calibrated`'s output for ``images`` of ``vocabulary`` → their predictions (refined if
         :attr:`refine_boundaries`; regions checked by their crops if ``rules.region_check``, which needs
-        ``vocabulary``)."""
+        ``vocabulary``; its other things left out)."""
         predictions = [self.to_semantic(scores, *image.shape[:2], 1.0, rules,
                                         image if self.refine_boundaries else None, prior, offsets,
                                         self.confidence_scale)
                        for image, (scores, prior, offsets) in zip(images, passes, strict=True)]
-        if not rules.region_check:
-            return predictions
-        if vocabulary is None:
-            raise ValueError("checking regions by their crops needs the vocabulary")
-        return self.check_regions(images, predictions, vocabulary)
+        if rules.region_check:
+            if vocabulary is None:
+                raise ValueError("checking regions by their crops needs the vocabulary")
+            predictions = self.check_regions(images, predictions, vocabulary)
+        if vocabulary is not None and vocabulary.others:
+            return [p.served(len(vocabulary.served)) for p in predictions]
+        return predictions
 
     @torch.no_grad()
     def check_regions(self, images: list[np.ndarray], predictions: list[SemanticPrediction],
@@ -380,7 +391,8 @@ class Predictor:
         mIoU better; the acquisition's order reads the stream score, which keeps its found score, since the tasks
         whose confusions the check removed are those that teach a version most (README, *Measured → Active
         learning*)."""
-        kept = [list(p.region_scores) for p in predictions]  # cached: the task score and the tags read it too
+        # Cached: the task score and the tags read it too. Other things are never served: nothing to check.
+        kept = [[c for c in p.region_scores if c < len(vocabulary.served)] for p in predictions]
         weights = self.segmenter.ensemble_weights(vocabulary.labels)
         size = self.segmenter.native_size
         crops, coverages = [], []  # the version's view reads the crop's cells its region covers

@@ -43,13 +43,17 @@ class Vocabulary:
     """The labels a project segments, each with the texts that describe it.
 
     Attributes:
-        labels: label values exactly as in the Label Studio config, in config order.
+        labels: label values exactly as in the Label Studio config, in config order, then the ``others``.
         texts: per label, the texts whose embeddings are averaged (the label itself first,
             then its ``predicted_values``).
+        others: how many of the last labels are other things the images show (a control tag's
+            ``model_background``): classified beside the project's labels, so that a pixel of none of them
+            has somewhere to go, and never served (:meth:`model.predictor.SemanticPrediction.served`).
     """
 
     labels: tuple[str, ...]
     texts: tuple[tuple[str, ...], ...] = field(default=())
+    others: int = 0
 
     def __post_init__(self):
         if not self.labels:
@@ -58,28 +62,46 @@ class Vocabulary:
             object.__setattr__(self, "texts", tuple((label,) for label in self.labels))
         if len(self.texts) != len(self.labels):
             raise ValueError("one tuple of texts per label is required")
+        if not 0 <= self.others < len(self.labels):
+            raise EmptyVocabulary("the vocabulary is empty: every label is another thing")
 
     @classmethod
-    def from_labels(cls, labels, extra_texts: dict[str, list[str]] | None = None) -> "Vocabulary":
+    def from_labels(cls, labels, extra_texts: dict[str, list[str]] | None = None, others=()) -> "Vocabulary":
+        """``others``: other things the images show (:attr:`others`); one that is also a label is the label."""
         extra_texts = extra_texts or {}
         labels = tuple(dict.fromkeys(labels))
-        texts = tuple(tuple(dict.fromkeys([label, *extra_texts.get(label, [])])) for label in labels)
-        return cls(labels, texts)
+        others = tuple(other for other in dict.fromkeys(others) if other not in labels)
+        texts = tuple(tuple(dict.fromkeys([label, *extra_texts.get(label, [])])) for label in labels + others)
+        return cls(labels + others, texts, len(others))
 
     @classmethod
     def merge(cls, vocabularies) -> "Vocabulary":
-        """One vocabulary with every label of ``vocabularies``, in order of first appearance; a label
-        found in several keeps all their texts."""
+        """One vocabulary with every label of ``vocabularies``, in order of first appearance, then their other
+        things that no vocabulary has as a label; a label found in several keeps all their texts."""
+        vocabularies = list(vocabularies)
         texts: dict[str, list[str]] = {}
         for vocabulary in vocabularies:
-            for label, label_texts in zip(vocabulary.labels, vocabulary.texts, strict=True):
+            for label, label_texts in zip(vocabulary.served, vocabulary.texts, strict=False):
                 texts.setdefault(label, []).extend(label_texts)
-        return cls(tuple(texts), tuple(tuple(dict.fromkeys(t)) for t in texts.values()))
+        others: dict[str, list[str]] = {}
+        for vocabulary in vocabularies:
+            for other, other_texts in zip(vocabulary.labels[len(vocabulary.served):],
+                                          vocabulary.texts[len(vocabulary.served):], strict=True):
+                if other not in texts:
+                    others.setdefault(other, []).extend(other_texts)
+        return cls(tuple(texts) + tuple(others), tuple(tuple(dict.fromkeys(t)) for t in (*texts.values(),
+                                                                                         *others.values())),
+                   len(others))
+
+    @property
+    def served(self) -> tuple[str, ...]:
+        """The project's labels: those a prediction may draw."""
+        return self.labels[:len(self.labels) - self.others]
 
     @property
     def key(self) -> str:
-        """A short stable hash of labels and texts."""
-        payload = json.dumps([self.labels, self.texts])
+        """A short stable hash of labels and texts (and how many are other things, where any are)."""
+        payload = json.dumps([self.labels, self.texts, *([self.others] if self.others else [])])
         return hashlib.sha1(payload.encode()).hexdigest()[:10]
 
     def __len__(self) -> int:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backend.label_config import parse_targets
 from backend.settings import Settings
 from demo import world
 from demo.train_clip import DENSE_METHOD
@@ -209,6 +210,37 @@ def test_the_region_check_unlabels_a_region_its_crop_does_not_show_and_keeps_the
     assert len(predictor.semantic(images[:2], passes[:2], RegionRules(region_check=True), vocabulary)) == 2
     with pytest.raises(ValueError, match="vocabulary"):
         predictor.semantic(images[:1], passes[:1], RegionRules(region_check=True))
+
+
+def test_a_label_the_image_does_not_show_gets_no_pixels_when_the_config_names_what_else_it_shows(demo_clip,
+                                                                                                  scenes):
+    # A project with one label: alone, softmax over one label paints every pixel with it at 1.0. With the
+    # tag's model_background naming the world's other things, pixels of none of the labels are left unlabeled.
+    model = SegmentationModel(demo_clip, ModelConfig(dense_method=DENSE_METHOD, inference_size=128,
+                                                     precision="fp32", runtime="torch"))
+    label = "snow"
+    others = [name for name in world.NAMES if name != label]
+    config = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image"{}>'
+              '<Label value="snow"/></BrushLabels></View>')
+    (alone,), (named,) = parse_targets(config.format("")), parse_targets(
+        config.format(f' model_background="{",".join(others)}"'))
+    assert named.vocabulary.served == (label,) and named.vocabulary.others == len(others)
+    images, truths = [image for image, _ in scenes], [truth == world.NAMES.index(label) for _, truth in scenes]
+    rules = Settings().region_rules()
+    painted = model.predictor().predict(images, alone.vocabulary, rules)
+    assert all((p.label_map == 0).all() and p.region_scores == {0: pytest.approx(1.0)} for p in painted)
+    served = model.predictor().predict(images, named.vocabulary, rules)
+    for p in served:  # nothing of the other things reaches the results or the scores
+        assert set(np.unique(p.label_map)) <= {-1, 0} and set(p.found_scores) <= {0} and set(p.missed) <= {0}
+        assert len(p.peaks) == 1 and set(p.checked_out) <= {0}
+        assert [r["value"]["brushlabels"] for r in named.build(p)] == [[label]] * bool(p.region_scores)
+    precision = sum((p.label_map == 0)[t].sum() for p, t in zip(served, truths, strict=True)) / max(
+        1, sum((p.label_map == 0).sum() for p in served))
+    assert sum(t.any() for t in truths) < len(truths)  # some scenes show no snow: painting them all is wrong
+    assert precision > 0.5 > sum(t.mean() for t in truths) / len(truths)
+    # Naming everything else, the label gets the pixels it gets in a vocabulary of the whole world.
+    whole = model.predictor().predict(images, Vocabulary.from_labels([label, *others]), rules)
+    assert all(((p.label_map == 0) == (w.label_map == 0)).all() for p, w in zip(served, whole, strict=True))
 
 
 def test_a_fine_tuned_version_keeps_a_region_its_own_view_of_the_crop_shows(demo_clip, scenes):

@@ -277,9 +277,11 @@ def test_fine_tuned_segmenter_ensembles_with_the_frozen_clip(demo_clip, tmp_path
 
 
 def test_training_learns_every_segmentation_tag_of_the_config():
-    """A brush tag and a polygon tag on one image: both tags' regions are learnt, in one label map."""
+    """A brush tag and a polygon tag on one image: both tags' regions are learnt, in one label map; the other
+    things the brush tag names are served as its pre-labels are (classified), never trained on."""
     config = """<View><Image name="image" value="$image"/>
-      <BrushLabels name="stuff" toName="image"><Label value="grass"/><Label value="sky"/></BrushLabels>
+      <BrushLabels name="stuff" toName="image" model_background="road,car">
+        <Label value="grass"/><Label value="sky"/></BrushLabels>
       <PolygonLabels name="things" toName="image"><Label value="car"/><Label value="sky"/></PolygonLabels></View>"""
     image = np.zeros((40, 60, 3), np.uint8)
     brush = np.zeros((40, 60), np.uint8)
@@ -293,7 +295,8 @@ def test_training_learns_every_segmentation_tag_of_the_config():
     uri = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
     samples, vocabulary = build_samples([{"task_id": 1, "data": {"image": uri}, "result": results}], config,
                                         ImageFetcher())
-    assert vocabulary.labels == ("grass", "sky", "car")  # the config's labels, as pre-labels are served
+    # The config's labels, as pre-labels are served, then the other things no tag has as a label.
+    assert vocabulary.served == ("grass", "sky", "car") and vocabulary.labels[3:] == ("road",)
     samples, trained = restrict_to_annotated(samples, vocabulary)
     assert trained.labels == ("grass", "car")  # both tags' annotated labels, none of the others
     (sample,) = samples

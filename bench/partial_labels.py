@@ -1,0 +1,169 @@
+"""A project whose labels name only some of what its images show, zero-shot as served.
+
+    python -m bench.partial_labels --clip NAME [--test-images 80] [--sizes 1,3,8] [--draws 4]
+                                   [--train-images 100 --train-sizes 3,8 --train-draws 2 --steps 300]
+
+The demo world's scenes show 30 concepts; a project here labels ``--sizes`` of them, drawn at random
+(``--draws`` draws each), and its ground truth is their pixels alone (an annotator leaves the rest
+unlabeled). Three label configs, through :func:`backend.label_config.parse_targets` as the backend reads them:
+
+* ``labels alone``: the ``BrushLabels`` tag lists the project's labels;
+* ``background, all``: its ``model_background`` also names every other concept of the world;
+* ``background, half``: it names half of them, drawn at random (a user who names some of what else the
+  images show).
+
+With ``--train-images N``, the same for versions fine-tuned as a training job does on N other demo scenes
+annotated with the project's labels alone (the rest left unlabeled, as an annotator leaves it), for
+``--train-sizes`` labels and ``--train-draws`` draws: one fine-tuning per draw (training sees the annotated
+labels alone, whatever the tag names besides), calibrated and its rule fitted in each config's vocabulary.
+
+Cells: pixel precision (labeled pixels whose label is right), pixel recall, region precision (regions
+whose label the image shows), regions per image and mIoU over the project's labels (a pixel predicted
+where the truth is unlabeled counts against its label), each the mean over the draws.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from backend.label_config import parse_targets
+from backend.settings import Settings
+from backend.training import fit_serving_rules, restrict_to_annotated, train_config
+from demo import world
+from demo.train_clip import DEMO_CLIPS, add_clip_argument
+from model.train import Sample, finetune
+
+ARMS = ("labels alone", "background, all", "background, half")
+METRICS = ("pixel_precision", "pixel_recall", "region_precision", "regions", "miou")
+
+
+def label_config(labels: list[str], background: list[str]) -> str:
+    names = "".join(f'<Label value="{label}"/>' for label in labels)
+    attribute = f' model_background="{",".join(background)}"' if background else ""
+    return (f'<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image"{attribute}>'
+            f"{names}</BrushLabels></View>")
+
+
+def project_truth(truth: np.ndarray, classes: list[int]) -> np.ndarray:
+    """(H, W) int64: each pixel's position in ``classes``, -1 (unlabeled) elsewhere."""
+    mine = np.full(truth.shape, -1, np.int64)
+    for k, concept in enumerate(classes):
+        mine[truth == concept] = k
+    return mine
+
+
+def configs(labels: list[str], others: list[str], half: list[str]) -> dict:
+    """Each arm's control tag, as the backend reads its config."""
+    return {arm: parse_targets(label_config(labels, background))[0]
+            for arm, background in zip(ARMS, ([], others, half), strict=True)}
+
+
+def fine_tuned(model, classes: list[int], targets: dict, count: int, steps: int, inference_size: int) -> dict:
+    """Per arm, a predictor of one version trained as a job does on ``count`` demo scenes annotated with the
+    project's labels alone, calibrated with its rule fitted in that arm's vocabulary; and that arm's rules."""
+    settings = Settings()
+    samples = [Sample(image, mine) for image, truth in world.test_scenes(count, seed=777)
+               if ((mine := project_truth(truth, classes)) >= 0).any()]  # an empty annotation teaches nothing
+    trained_samples, trained = restrict_to_annotated(samples, next(iter(targets.values())).vocabulary)
+    segmenter = model.segmenter()
+    with torch.enable_grad():
+        finetune(segmenter, model.clip, model.encoder, trained_samples, trained,
+                 train_config(settings, steps=steps, size=inference_size))
+    served = {}
+    for arm, target in targets.items():
+        predictor = model.predictor(segmenter, temperature=1.0)
+        fitted = fit_serving_rules(predictor, samples, target.vocabulary, settings)
+        served[arm] = predictor, target.rules(settings.region_rules(fitted["min_region_score"], zero_shot=False))
+    return served
+
+
+def measure(predictions, truths: list[np.ndarray], classes: list[int]) -> dict[str, float]:
+    """The cells, for predictions indexed by position in ``classes`` (world concept indices)."""
+    count = len(classes)
+    right = labeled = found = shown = regions = regions_right = 0
+    inter, union = np.zeros(count), np.zeros(count)
+    for prediction, truth in zip(predictions, truths, strict=True):
+        mine = project_truth(truth, classes)
+        label_map = prediction.label_map
+        right += ((label_map >= 0) & (label_map == mine)).sum()
+        labeled += (label_map >= 0).sum()
+        found += ((mine >= 0) & (label_map == mine)).sum()
+        shown += (mine >= 0).sum()
+        for k in range(count):
+            inter[k] += ((label_map == k) & (mine == k)).sum()
+            union[k] += ((label_map == k) | (mine == k)).sum()
+            if (label_map == k).any():
+                regions += 1
+                regions_right += bool((mine == k).any())
+    occurring = union > 0
+    return {"pixel_precision": right / max(labeled, 1), "pixel_recall": found / max(shown, 1),
+            "region_precision": regions_right / max(regions, 1), "regions": regions / len(truths),
+            "miou": float((inter[occurring] / union[occurring]).mean() * 100) if occurring.any() else 0.0}
+
+
+def report(title: str, rows: dict) -> dict:
+    """Print one table (rows: (size, arm) → the cells of each draw); the means by (size, arm)."""
+    print(f"\n{title}\nlabels | config | " + " | ".join(METRICS))
+    summary = {}
+    for (size, arm), cells in rows.items():
+        means = {metric: float(np.mean([cell[metric] for cell in cells])) for metric in METRICS}
+        summary[size, arm] = means
+        print(f"{size} | {arm} | " + " | ".join(f"{means[m]:.3f}" if m != "miou" else f"{means[m]:.1f}" for m in METRICS))
+    return summary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.partial_labels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--test-images", type=int, default=80)
+    parser.add_argument("--sizes", default="1,3,8", help="how many labels a project has, comma-separated")
+    parser.add_argument("--draws", type=int, default=4)
+    parser.add_argument("--train-images", type=int, default=0, help="also fine-tuned versions, on this many scenes")
+    parser.add_argument("--train-sizes", default="3,8")
+    parser.add_argument("--train-draws", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=300)
+    add_clip_argument(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_grad_enabled(False)
+    clip = DEMO_CLIPS[args.clip]
+    model = clip.model()
+    scenes = world.test_scenes(args.test_images)
+    images, truths = [image for image, _ in scenes], [truth for _, truth in scenes]
+    rng = np.random.default_rng(0)
+    zero_shot, tuned = defaultdict(list), defaultdict(list)
+    train_sizes = {int(s) for s in args.train_sizes.split(",")} if args.train_images else set()
+    for size in (int(s) for s in args.sizes.split(",")):
+        for draw in range(args.draws):
+            classes = sorted(rng.choice(len(world.NAMES), size, replace=False).tolist())
+            labels = [world.NAMES[c] for c in classes]
+            others = [name for name in world.NAMES if name not in labels]
+            half = [others[i] for i in sorted(rng.choice(len(others), len(others) // 2, replace=False))]
+            targets = configs(labels, others, half)
+            for arm, target in targets.items():
+                predictions = model.predictor().predict(images, target.vocabulary,
+                                                        target.rules(Settings().region_rules()))
+                zero_shot[size, arm].append(measure(predictions, truths, classes))
+            if size in train_sizes and draw < args.train_draws:
+                versions = fine_tuned(model, classes, targets, args.train_images, args.steps, clip.inference_size)
+                for arm, (predictor, rules) in versions.items():
+                    predictions = predictor.predict(images, targets[arm].vocabulary, rules)
+                    tuned[size, arm].append(measure(predictions, truths, classes))
+    print(f"{args.clip}, {args.test_images} demo scenes, as served; each cell the mean over the draws")
+    summary = report(f"zero-shot, {args.draws} draws", zero_shot)
+    line = " ".join(f"precision_{size}={summary[size, ARMS[0]]['pixel_precision']:.2f}->"
+                    f"{summary[size, ARMS[1]]['pixel_precision']:.2f}" for size, _ in list(summary)[::len(ARMS)])
+    if tuned:
+        fine = report(f"fine-tuned on {args.train_images} scenes annotated with the labels alone, "
+                      f"{args.train_draws} draws", tuned)
+        line += " " + " ".join(f"tuned_precision_{size}={fine[size, ARMS[0]]['pixel_precision']:.2f}->"
+                               f"{fine[size, ARMS[1]]['pixel_precision']:.2f}" for size, _ in list(fine)[::len(ARMS)])
+    print(f"\npartial_labels: clip={args.clip} {line}")
+
+
+if __name__ == "__main__":
+    main()
