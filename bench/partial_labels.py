@@ -18,8 +18,10 @@ annotated with the project's labels alone (the rest left unlabeled, as an annota
 labels alone, whatever the tag names besides), calibrated and its rule fitted in each config's vocabulary.
 
 Cells: pixel precision (labeled pixels whose label is right), pixel recall, region precision (regions
-whose label the image shows), regions per image and mIoU over the project's labels (a pixel predicted
-where the truth is unlabeled counts against its label), each the mean over the draws.
+whose label the image shows), regions per image, mIoU over the project's labels (a pixel predicted
+where the truth is unlabeled counts against its label), and the Spearman correlation between the task score
+and the share of the task's pixels its pre-label gets right (labeled right, or left unlabeled where the truth
+is): the review score's ranking. Each cell is the mean over the draws.
 """
 from __future__ import annotations
 
@@ -29,16 +31,18 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 from backend.label_config import parse_targets
 from backend.settings import Settings
 from backend.training import fit_serving_rules, restrict_to_annotated, train_config
 from demo import world
 from demo.train_clip import DEMO_CLIPS, add_clip_argument
+from model.task_scores import task_score
 from model.train import Sample, finetune
 
 ARMS = ("labels alone", "background, all", "background, half")
-METRICS = ("pixel_precision", "pixel_recall", "region_precision", "regions", "miou")
+METRICS = ("pixel_precision", "pixel_recall", "region_precision", "regions", "miou", "spearman")
 
 
 def label_config(labels: list[str], background: list[str]) -> str:
@@ -86,9 +90,12 @@ def measure(predictions, truths: list[np.ndarray], classes: list[int]) -> dict[s
     count = len(classes)
     right = labeled = found = shown = regions = regions_right = 0
     inter, union = np.zeros(count), np.zeros(count)
+    scores, agreement = [], []
     for prediction, truth in zip(predictions, truths, strict=True):
         mine = project_truth(truth, classes)
         label_map = prediction.label_map
+        scores.append(task_score(prediction))
+        agreement.append(float((np.where(label_map >= 0, label_map, -1) == mine).mean()))
         right += ((label_map >= 0) & (label_map == mine)).sum()
         labeled += (label_map >= 0).sum()
         found += ((mine >= 0) & (label_map == mine)).sum()
@@ -102,7 +109,8 @@ def measure(predictions, truths: list[np.ndarray], classes: list[int]) -> dict[s
     occurring = union > 0
     return {"pixel_precision": right / max(labeled, 1), "pixel_recall": found / max(shown, 1),
             "region_precision": regions_right / max(regions, 1), "regions": regions / len(truths),
-            "miou": float((inter[occurring] / union[occurring]).mean() * 100) if occurring.any() else 0.0}
+            "miou": float((inter[occurring] / union[occurring]).mean() * 100) if occurring.any() else 0.0,
+            "spearman": spearmanr(scores, agreement).statistic if np.ptp(scores) and np.ptp(agreement) else np.nan}
 
 
 def report(title: str, rows: dict) -> dict:
@@ -110,9 +118,9 @@ def report(title: str, rows: dict) -> dict:
     print(f"\n{title}\nlabels | config | " + " | ".join(METRICS))
     summary = {}
     for (size, arm), cells in rows.items():
-        means = {metric: float(np.mean([cell[metric] for cell in cells])) for metric in METRICS}
+        means = {metric: float(np.nanmean([cell[metric] for cell in cells])) for metric in METRICS}
         summary[size, arm] = means
-        print(f"{size} | {arm} | " + " | ".join(f"{means[m]:.3f}" if m != "miou" else f"{means[m]:.1f}" for m in METRICS))
+        print(f"{size} | {arm} | " + " | ".join(f"{means[m]:.1f}" if m == "miou" else f"{means[m]:.2f}" for m in METRICS))
     return summary
 
 

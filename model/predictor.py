@@ -102,6 +102,8 @@ class SemanticPrediction:
             in one round led random by 0.4 to 1.3 less on 3 of 5 pools and CLIPs (by 0.1 and 0.6 more on the
             others), and in four rounds of 5 on one pool by 1.2 and 8.6 less (two seeds; README, *Measured →
             Active learning*).
+        background: its vocabulary named other things (:meth:`served`): a pixel left unlabeled may be right, and a
+            pre-label of no label at all is an answer the task score reads (:mod:`model.task_scores`).
     """
 
     label_map: np.ndarray
@@ -111,6 +113,7 @@ class SemanticPrediction:
     peaks: np.ndarray | None = None
     checked_out: dict[int, float] = field(default_factory=dict)
     ordering: dict[int, float] | None = None
+    background: bool = False
 
     @cached_property
     def region_scores(self) -> dict[int, float]:
@@ -132,7 +135,7 @@ class SemanticPrediction:
         return SemanticPrediction(np.where(self.label_map >= count, UNLABELED, self.label_map).astype(np.int16),
                                   self.confidence, kept(self.found), kept(self.missed),
                                   None if self.peaks is None else self.peaks[:count], kept(self.checked_out),
-                                  kept(self.ordering))
+                                  kept(self.ordering), background=True)
 
 
 class Calibrated(NamedTuple):

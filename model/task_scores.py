@@ -3,7 +3,8 @@
 Each is a function of a :class:`model.predictor.SemanticPrediction` with calibrated confidences, named
 in :data:`TASK_SCORES` (the backend's ``TASK_SCORE``). Measured by ``python -m bench.prelabel_quality``
 (Spearman against the task's own mIoU, on two worlds) and ``python -m bench.active_learning`` (README).
-An empty prediction scores 0.
+An empty prediction scores 0, but one whose vocabulary named other things under :func:`mean_score` and
+:func:`stream_score`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ def mean_score(prediction, sure_at: float = 0.5) -> float:
     looks. Each label the pre-label leaves out (:attr:`~model.predictor.SemanticPrediction.missed`, and the
     regions the region check unlabeled, :attr:`~model.predictor.SemanticPrediction.checked_out`) counts 0,
     weighed by its peak probability in the dense map: what a pre-label gets wrong is mostly the labels it leaves
-    out, which no score of its regions reads, and a label the dense view nowhere names counts next to nothing."""
+    out, which no score of its regions reads, and a label the dense view nowhere names counts next to nothing.
+    Where the control tag names what else its images show (:attr:`~model.predictor.SemanticPrediction.background`),
+    a pre-label that leaves every label out says the image shows none of them, and scores how sure that is: one minus
+    the largest of those peaks. Elsewhere every pixel is some label, and such a pre-label scores 0."""
     return _mean_with_left_out(prediction, {**prediction.missed, **prediction.checked_out})
 
 
@@ -37,8 +41,9 @@ def _mean_with_left_out(prediction, left_out: dict[int, float], found: dict[int,
     those counting 0 weighed by its value."""
     found = prediction.found_scores if found is None else found
     scores = [score for label, score in found.items() if label not in left_out]
-    counted = len(scores) + sum(left_out.values())
-    return float(sum(scores) / counted) if counted else 0.0
+    if not scores:  # nothing kept: with other things named, no label is there, as sure as its likeliest is absent
+        return float(1 - max(left_out.values())) if prediction.background and left_out else 0.0
+    return float(sum(scores) / (len(scores) + sum(left_out.values())))
 
 
 def product_score(prediction, sure_at: float = 0.5) -> float:

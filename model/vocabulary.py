@@ -78,20 +78,15 @@ class Vocabulary:
     def merge(cls, vocabularies) -> "Vocabulary":
         """One vocabulary with every label of ``vocabularies``, in order of first appearance, then their other
         things that no vocabulary has as a label; a label found in several keeps all their texts."""
-        vocabularies = list(vocabularies)
-        texts: dict[str, list[str]] = {}
-        for vocabulary in vocabularies:
-            for label, label_texts in zip(vocabulary.served, vocabulary.texts, strict=False):
-                texts.setdefault(label, []).extend(label_texts)
+        labels: dict[str, list[str]] = {}
         others: dict[str, list[str]] = {}
         for vocabulary in vocabularies:
-            for other, other_texts in zip(vocabulary.labels[len(vocabulary.served):],
-                                          vocabulary.texts[len(vocabulary.served):], strict=True):
-                if other not in texts:
-                    others.setdefault(other, []).extend(other_texts)
-        return cls(tuple(texts) + tuple(others), tuple(tuple(dict.fromkeys(t)) for t in (*texts.values(),
-                                                                                         *others.values())),
-                   len(others))
+            served = len(vocabulary.served)
+            for index, (label, label_texts) in enumerate(zip(vocabulary.labels, vocabulary.texts, strict=True)):
+                (labels if index < served else others).setdefault(label, []).extend(label_texts)
+        others = {other: texts for other, texts in others.items() if other not in labels}
+        return cls(tuple(labels) + tuple(others),
+                   tuple(tuple(dict.fromkeys(t)) for t in (*labels.values(), *others.values())), len(others))
 
     @property
     def served(self) -> tuple[str, ...]:

@@ -82,5 +82,15 @@ def test_task_scores():
     assert unsure_fraction(confidence, 0.5) == pytest.approx(0.04)
     empty = SemanticPrediction(np.full((4, 4), -1, np.int16), np.zeros((4, 4), np.float32))
     assert task_score(empty) == task_score(empty, "product") == task_score(empty, "pixel_accuracy") == 0.0
+    # A pre-label that leaves every label out (a tag that names what else its images show) claims none is there:
+    # as sure as the likeliest label is absent. Its score is low where a label left out peaks high (likely missed),
+    # high where none does (likely an image of none of them), and its own cut labels count as left out.
+    # Without other things named, every pixel is some label and that pre-label misses them all: 0.
+    nothing = dataclasses.replace(empty, found={3: 0.3}, missed={3: 0.6, 5: 0.1}, background=True)
+    assert task_score(nothing) == pytest.approx(0.4) and stream_score(nothing) == pytest.approx(0.4)
+    assert task_score(dataclasses.replace(nothing, missed={3: 0.05, 5: 0.1})) == pytest.approx(0.9)
+    cut = dataclasses.replace(empty, found={4: 0.7}, checked_out={4: 0.8}, background=True)
+    assert task_score(cut) == pytest.approx(0.2) and stream_score(cut) == pytest.approx(0.7)
+    assert task_score(dataclasses.replace(nothing, background=False)) == 0.0
     with pytest.raises(ValueError, match="unknown task score"):
         task_score(prediction, "entropy")

@@ -287,6 +287,28 @@ def test_a_click_answers_with_the_labels_refined_mask(make_client, file_server, 
     assert passes == [] and len(service.passes) == 1
 
 
+def test_clicks_on_a_tag_that_names_what_else_its_images_show(make_client, file_server, scenes):
+    # Three labels, every other concept named as background: a click on a label's pixel answers its mask; an other
+    # thing is no label of the tag, so a click naming it is an error for its task, as any unknown label is.
+    client, _ = make_client()
+    image, truth = scenes[0]
+    label = NAMES[np.bincount(truth.ravel()).argmax()]
+    labels = [label, "car", "grass"] if label not in ("car", "grass") else ["car", "grass", "sky"]
+    others = [name for name in NAMES if name not in labels]
+    config = (f'<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image" '
+              f'model_background="{",".join(others)}">' + "".join(f'<Label value="{n}"/>' for n in labels)
+              + '</BrushLabels><KeyPointLabels name="click" toName="image" smart="true">'
+              + "".join(f'<Label value="{n}"/>' for n in labels + others[:1]) + "</KeyPointLabels></View>")
+    y, x = np.argwhere(truth == NAMES.index(label))[len(np.argwhere(truth == NAMES.index(label))) // 2]
+    click = keypoint(100 * (x + 0.5) / 128, 100 * (y + 0.5) / 128, label)
+    entry = _interactive(client, tasks_on(file_server, scenes[:1]), {"result": [click]}, config)["results"][0]
+    assert "error" not in entry and {r["value"]["brushlabels"][0] for r in entry["result"]} == {label}
+    assert BrushLabels.mask(entry["result"][0], 128, 128)[y, x]
+    other = keypoint(100 * (x + 0.5) / 128, 100 * (y + 0.5) / 128, others[0])
+    entry = _interactive(client, tasks_on(file_server, scenes[:1]), {"result": [other]}, config)["results"][0]
+    assert "is not a label of any segmentation tag" in entry["error"]
+
+
 def test_a_clicks_answer_takes_the_id_of_the_prelabels_region(make_client, file_server, scenes):
     """Accepting the suggestion in the editor then replaces the pre-label's region of the label (Label Studio
     keeps a prediction's result ids as region ids) instead of adding a second region beside it."""

@@ -232,7 +232,9 @@ def test_a_label_the_image_does_not_show_gets_no_pixels_when_the_config_names_wh
     served = model.predictor().predict(images, named.vocabulary, rules)
     for p in served:  # nothing of the other things reaches the results or the scores
         assert set(np.unique(p.label_map)) <= {-1, 0} and set(p.found_scores) <= {0} and set(p.missed) <= {0}
-        assert len(p.peaks) == 1 and set(p.checked_out) <= {0}
+        assert len(p.peaks) == 1 and set(p.checked_out) <= {0} and p.background
+        if not p.region_scores:  # "no snow here" is an answer: as sure as the snow's dense peak is low
+            assert task_score(p) == pytest.approx(1 - max({**p.missed, **p.checked_out}.values()))
         assert [r["value"]["brushlabels"] for r in named.build(p)] == [[label]] * bool(p.region_scores)
     precision = sum((p.label_map == 0)[t].sum() for p, t in zip(served, truths, strict=True)) / max(
         1, sum((p.label_map == 0).sum() for p in served))
