@@ -1,4 +1,4 @@
-"""A project whose labels name only some of what its images show, zero-shot as served.
+"""A project whose labels name only some of what its images show, as served, zero-shot and fine-tuned.
 
     python -m bench.partial_labels --clip NAME [--test-images 80] [--sizes 1,3,8] [--draws 4]
                                    [--train-images 100 --train-sizes 3,8 --train-draws 2 --steps 300]
@@ -124,6 +124,12 @@ def report(title: str, rows: dict) -> dict:
     return summary
 
 
+def precision_change(summary: dict, prefix: str = "") -> str:
+    """The summary line's pixel precision per label count, with nothing named → with everything else named."""
+    return " ".join(f"{prefix}precision_{size}={summary[size, ARMS[0]]['pixel_precision']:.2f}->"
+                    f"{summary[size, ARMS[1]]['pixel_precision']:.2f}" for size in dict.fromkeys(s for s, _ in summary))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.partial_labels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,14 +168,10 @@ def main(argv=None) -> None:
                     predictions = predictor.predict(images, targets[arm].vocabulary, rules)
                     tuned[size, arm].append(measure(predictions, truths, classes))
     print(f"{args.clip}, {args.test_images} demo scenes, as served; each cell the mean over the draws")
-    summary = report(f"zero-shot, {args.draws} draws", zero_shot)
-    line = " ".join(f"precision_{size}={summary[size, ARMS[0]]['pixel_precision']:.2f}->"
-                    f"{summary[size, ARMS[1]]['pixel_precision']:.2f}" for size, _ in list(summary)[::len(ARMS)])
+    line = precision_change(report(f"zero-shot, {args.draws} draws", zero_shot))
     if tuned:
-        fine = report(f"fine-tuned on {args.train_images} scenes annotated with the labels alone, "
-                      f"{args.train_draws} draws", tuned)
-        line += " " + " ".join(f"tuned_precision_{size}={fine[size, ARMS[0]]['pixel_precision']:.2f}->"
-                               f"{fine[size, ARMS[1]]['pixel_precision']:.2f}" for size, _ in list(fine)[::len(ARMS)])
+        line += " " + precision_change(report(f"fine-tuned on {args.train_images} scenes annotated with the labels "
+                                              f"alone, {args.train_draws} draws", tuned), "tuned_")
     print(f"\npartial_labels: clip={args.clip} {line}")
 
 

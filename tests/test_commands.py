@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).parents[1]
 COMMANDS = ["backend", "backend check", "backend.training", "backend.prelabel", "backend.worker", "demo", "demo.train_clip", "bench.postprocess",
             "bench.speed", "bench.prelabel_quality", "bench.interactive", "bench.accuracy", "bench.calibration", "bench.active_learning",
-            "bench.queue", "bench.attack", "bench.precision", "bench.gpu", "bench.throughput"]
+            "bench.queue", "bench.attack", "bench.precision", "bench.gpu", "bench.throughput",
+            "bench.partial_labels"]
 
 
 def test_every_command_answers_help_without_side_effects(tmp_path):
