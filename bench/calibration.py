@@ -16,7 +16,6 @@ training fitted.
 from __future__ import annotations
 
 import argparse
-import logging
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from scipy.stats import spearmanr
 from backend.settings import Settings
 from backend.training import fit_serving_rules, train_config
 from demo import world
-from demo.train_clip import DEMO_CLIPS, add_clip_argument
+from demo.train_clip import DEMO_CLIPS, parse_bench_arguments
 from model import presence
 from model.calibration import calibrate, expected_calibration_error
 from model.config import RegionRules
@@ -99,10 +98,7 @@ def main(argv=None) -> None:
     parser.add_argument("--test-world", choices=("demo", "shifted"), default="demo",
                         help="the test scenes' world (the annotated ones are the demo world's)")
     parser.add_argument("--steps", type=int, default=300)
-    add_clip_argument(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_grad_enabled(False)
+    args = parse_bench_arguments(parser, argv)
 
     clip = DEMO_CLIPS[args.clip]
     model = clip.model(refine_boundaries=False)

@@ -26,7 +26,6 @@ whole /predict through the backend, with a real architecture's random weights (:
 from __future__ import annotations
 
 import argparse
-import logging
 import threading
 import time
 
@@ -36,7 +35,7 @@ import torch
 
 from backend.settings import Settings
 from demo import world
-from demo.train_clip import DEMO_CLIPS, add_clip_argument
+from demo.train_clip import DEMO_CLIPS, parse_bench_arguments
 from model.build import SegmentationModel
 from model.clip import load_clip
 from model.config import ModelConfig
@@ -322,10 +321,7 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=448, help="its inference size")
     parser.add_argument("--photo", default="1920x1080", help="the photo clicked on, WIDTHxHEIGHT")
     parser.add_argument("--repeats", type=int, default=5)
-    add_clip_argument(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_grad_enabled(False)
+    args = parse_bench_arguments(parser, argv)
     model = DEMO_CLIPS[args.clip].model(refine_boundaries=True)
     predictor = model.predictor()  # its pre-labels as the backend serves them
     rules = Settings().region_rules()

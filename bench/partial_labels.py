@@ -26,7 +26,6 @@ is): the review score's ranking. Each cell is the mean over the draws.
 from __future__ import annotations
 
 import argparse
-import logging
 from collections import defaultdict
 
 import numpy as np
@@ -37,7 +36,7 @@ from backend.label_config import parse_targets
 from backend.settings import Settings
 from backend.training import fit_serving_rules, restrict_to_annotated, train_config
 from demo import world
-from demo.train_clip import DEMO_CLIPS, add_clip_argument
+from demo.train_clip import DEMO_CLIPS, parse_bench_arguments
 from model.task_scores import task_score
 from model.train import Sample, finetune
 
@@ -140,10 +139,7 @@ def main(argv=None) -> None:
     parser.add_argument("--train-sizes", default="3,8")
     parser.add_argument("--train-draws", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
-    add_clip_argument(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_grad_enabled(False)
+    args = parse_bench_arguments(parser, argv)
     clip = DEMO_CLIPS[args.clip]
     model = clip.model()
     scenes = world.test_scenes(args.test_images)

@@ -14,7 +14,6 @@ scenes, ms per image of the forward pass, and training steps/s. The last line ho
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
 import numpy as np
@@ -23,7 +22,7 @@ from scipy.stats import spearmanr
 
 from bench.calibration import task_miou
 from demo import world
-from demo.train_clip import DEMO_CLIPS, add_clip_argument
+from demo.train_clip import DEMO_CLIPS, parse_bench_arguments
 from model.calibration import calibrate, expected_calibration_error
 from model.config import openvino_installed
 from model.evaluation import ConfusionMatrix
@@ -73,10 +72,7 @@ def main(argv=None) -> None:
     parser.add_argument("--test-images", type=int, default=80)
     parser.add_argument("--train-images", type=int, default=100)
     parser.add_argument("--steps", type=int, default=300)
-    add_clip_argument(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_grad_enabled(False)
+    args = parse_bench_arguments(parser, argv)
     clip, vocabulary = DEMO_CLIPS[args.clip], Vocabulary.from_labels(world.NAMES)
     test, train = world.test_scenes(args.test_images), world.test_scenes(args.train_images, seed=777)
     settings = [REFERENCE, ("bf16", "torch")] + ([("bf16", "openvino")] if openvino_installed() else [])

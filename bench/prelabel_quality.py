@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import time
 
 import cv2
@@ -39,7 +38,7 @@ from backend.settings import Settings
 from backend.training import fit_served_confidence, region_scores, train_config
 from bench.calibration import task_miou
 from demo import world
-from demo.train_clip import DEMO_CLIPS, add_clip_argument
+from demo.train_clip import DEMO_CLIPS, parse_bench_arguments
 from model import presence
 from model.calibration import calibrate, fit_min_score
 from model.config import NO_PRUNING, RegionRules
@@ -268,10 +267,7 @@ def main(argv=None) -> None:
                         help="the fine-tuned rows also show the rule fitted on this many held-out annotated scenes")
     parser.add_argument("--train-world", choices=("demo", "shifted"), default="demo",
                         help="the world of the fine-tuned version's annotated scenes")
-    add_clip_argument(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_grad_enabled(False)
+    args = parse_bench_arguments(parser, argv)
     bench = Bench(args)
     zero_shot = bench.model.predictor()
     with torch.enable_grad():

@@ -112,6 +112,18 @@ def add_clip_argument(parser) -> None:
     """A benchmark's ``--clip``: which demo CLIP it reports on (run it once per CLIP)."""
     parser.add_argument("--clip", choices=DEMO_CLIPS, default=DEMO_CLIP.name,
                         help="the demo CLIP to measure: demo-clip (defaults were chosen on it) or one never tuned on")
+
+
+def parse_bench_arguments(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """A benchmark's arguments, with its ``--clip`` last; it then logs warnings alone and runs without gradients
+    (its fine-tunings turn them on)."""
+    add_clip_argument(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_grad_enabled(False)
+    return args
+
+
 # The demo CLIP's, kept for the modules that serve it alone.
 CONFIG, FIXTURE, DENSE_METHOD, INFERENCE_SIZE = (DEMO_CLIP.config, DEMO_CLIP.fixture, DEMO_CLIP.dense_method,
                                                  DEMO_CLIP.inference_size)

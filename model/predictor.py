@@ -6,7 +6,7 @@ import math
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
 from typing import NamedTuple
 
@@ -131,11 +131,13 @@ class SemanticPrediction:
     def served(self, count: int) -> SemanticPrediction:
         """This prediction with the labels from index ``count`` on (a vocabulary's other things) left out: their
         pixels unlabeled, as a pruned region's are, and nothing of them in the scores."""
-        kept = lambda scores: None if scores is None else {c: v for c, v in scores.items() if c < count}  # noqa: E731
-        return SemanticPrediction(np.where(self.label_map >= count, UNLABELED, self.label_map).astype(np.int16),
-                                  self.confidence, kept(self.found), kept(self.missed),
-                                  None if self.peaks is None else self.peaks[:count], kept(self.checked_out),
-                                  kept(self.ordering), background=True)
+        def kept(scores):
+            return None if scores is None else {c: v for c, v in scores.items() if c < count}
+
+        return replace(self, label_map=np.where(self.label_map >= count, UNLABELED, self.label_map).astype(np.int16),
+                       found=kept(self.found), missed=kept(self.missed), checked_out=kept(self.checked_out),
+                       ordering=kept(self.ordering), peaks=None if self.peaks is None else self.peaks[:count],
+                       background=True)
 
 
 class Calibrated(NamedTuple):
