@@ -82,6 +82,12 @@ class WebhookHandler:
             task = {**task, "id": id_of(task["id"], "task")}
         if not isinstance(task.get("data", {}), dict):
             raise ServiceError(f"{action}: the task's 'data' must be an object")
+        if annotation.get("was_cancelled"):
+            # A skipped task says nothing of its image: stored, its empty result would read "none of the labels is
+            # here" where the tag names other things (backend.training.build_samples).
+            self.store.delete_annotations(project, [annotation["id"]])
+            answer["annotation"] = "not stored: the task was skipped"
+            return
         try:
             validate_results(annotation.get("result") or [], self.settings.max_image_pixels)
         except AnnotationError as error:

@@ -40,6 +40,26 @@ def test_health_setup_versions_metrics(make_client):
     assert scraped[("gkc_model_ready", ())] == 1
 
 
+def test_a_skipped_task_is_not_stored_as_an_annotation(make_client):
+    """Label Studio sends a skip as an annotation created (or updated) with ``was_cancelled`` and no result (seen
+    in the editor, 1.23.2). It says nothing of the image: stored, its empty result would teach "none of the labels"
+    where the tag names other things (``model_background``)."""
+    client, service = make_client()
+
+    def event(action, annotation_id, cancelled):
+        return {"action": action, "project": {"id": 4, "label_config": LABEL_CONFIG},
+                "task": {"id": 40 + annotation_id, "data": {"image": "http://x/i.png"}},
+                "annotation": {"id": annotation_id, "result": [], "was_cancelled": cancelled}}
+
+    assert client.post("/webhook", json=event("ANNOTATION_CREATED", 1, False)).status_code == 201
+    answer = client.post("/webhook", json=event("ANNOTATION_CREATED", 2, True)).get_json()
+    assert answer["annotation"] == "not stored: the task was skipped"
+    assert [a["task_id"] for a in service.store.annotations("4")] == [41]
+    client.post("/webhook", json=event("ANNOTATION_UPDATED", 1, True))  # submitted, then skipped
+    assert service.store.annotations("4") == []
+    service.runtime.model(wait=60)  # the model's start ends before the process does
+
+
 def _scrape(client) -> dict:
     """``/metrics`` as Prometheus parses it: (sample name, sorted labels) → value."""
     response = client.get("/metrics", headers={"Accept": "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"})
