@@ -102,7 +102,7 @@ class SegmentationService:
     def versions(self) -> dict:
         versions = [{"project": v.project, "version": v.name, "created": v.created,
                      "model_version": self.runtime.version_model_version(v),
-                     "summary": {k: v.summary.get(k) for k in ("images", "classes", "steps", "seconds", "loss",
+                     "summary": {k: v.summary.get(k) for k in ("images", "classes", "background", "steps", "seconds", "loss",
                                                                   "temperature", "presence_weight", "ece_before", "ece_after",
                                                                   "confidence_scale", "served_ece_before",
                                                                   "served_ece_after", "min_region_score", "region_recall_weight", "frozen_trust",

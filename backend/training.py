@@ -99,7 +99,9 @@ def build_samples(annotations: list[dict], label_config: str, fetcher: ImageFetc
     in; :func:`restrict_to_annotated` gives the classes training learns).
 
     Every segmentation target of the config is learnt from: the targets reading one image are
-    painted into one label map, over all their labels. An annotation that can't be used (an
+    painted into one label map, over all their labels. Where one of them names other things the images show
+    (``model_background``), what the annotation leaves unpainted is one of those (``Sample.background``), and an
+    annotation that paints nothing says the image shows none of the labels. An annotation that can't be used (an
     image can't be fetched, or its regions are malformed, e.g. stored before the webhook
     validated them) is skipped and appended to ``skipped``.
     """
@@ -108,11 +110,12 @@ def build_samples(annotations: list[dict], label_config: str, fetcher: ImageFetc
     by_image: dict[str, list[ControlTag]] = {}
     for target in targets:  # each target's results painted in the merged vocabulary's indices
         by_image.setdefault(target.data_key, []).append(dataclasses.replace(target, vocabulary=vocabulary))
+    background = {key for key in by_image if any(t.vocabulary.others for t in targets if t.data_key == key)}
     samples = []
     for annotation in annotations:
         try:
             validate_results(annotation["result"], fetcher.max_pixels)
-            samples.extend(_annotation_samples(annotation, by_image, fetcher))
+            samples.extend(_annotation_samples(annotation, by_image, background, fetcher))
         except (ImageError, AnnotationError, KeyError, TypeError, ValueError) as error:
             reason = str(error) if isinstance(error, (ImageError, AnnotationError)) else \
                 f"{error.__class__.__name__}: {error}"
@@ -122,22 +125,23 @@ def build_samples(annotations: list[dict], label_config: str, fetcher: ImageFetc
     return samples, vocabulary
 
 
-def _annotation_samples(annotation: dict, by_image: dict[str, list[ControlTag]],
+def _annotation_samples(annotation: dict, by_image: dict[str, list[ControlTag]], background: set[str],
                         fetcher: ImageFetcher) -> list[Sample]:
-    """One sample per image of the annotation that has annotated pixels."""
+    """One sample per image of the annotation that has annotated pixels, or whose tags name other things."""
     samples = []
     for data_key, targets in by_image.items():
         image = fetcher.fetch((annotation["data"] or {})[data_key], annotation["task_id"])
         labels = None
         for target in targets:
             labels = results_to_label_map(annotation["result"], target, *image.shape[:2], label_map=labels)
-        if (labels >= 0).any():
-            samples.append(Sample(image, labels))
+        if data_key in background or (labels >= 0).any():
+            samples.append(Sample(image, labels, background=data_key in background))
     return samples
 
 
 def restrict_to_annotated(samples: list[Sample], vocabulary: Vocabulary) -> tuple[list[Sample], Vocabulary]:
-    """Re-index the samples into the vocabulary of the classes annotated in them.
+    """Re-index the samples into the vocabulary of the classes annotated in them, then, where a sample's unpainted
+    pixels are other things (``Sample.background``), every other thing ``vocabulary`` names.
 
     Labels nobody annotated are not negatives: a class absent from the annotations would
     otherwise be trained towards never being predicted.
@@ -145,11 +149,13 @@ def restrict_to_annotated(samples: list[Sample], vocabulary: Vocabulary) -> tupl
     classes = sorted({int(c) for sample in samples for c in np.unique(sample.labels) if c >= 0})
     if not classes:
         return [], vocabulary
+    others = list(range(len(vocabulary.served), len(vocabulary))) if any(s.background for s in samples) else []
     remap = np.full(len(vocabulary) + 1, UNLABELED, np.int64)
     remap[classes] = np.arange(len(classes))
-    restricted = [Sample(sample.image, remap[sample.labels]) for sample in samples]
-    return restricted, Vocabulary(tuple(vocabulary.labels[c] for c in classes),
-                                  tuple(vocabulary.texts[c] for c in classes))
+    restricted = [dataclasses.replace(sample, labels=remap[sample.labels]) for sample in samples]
+    kept = classes + others
+    return restricted, Vocabulary(tuple(vocabulary.labels[c] for c in kept), tuple(vocabulary.texts[c] for c in kept),
+                                  len(others))
 
 
 def train_config(settings: Settings, **overrides) -> TrainConfig:
@@ -197,8 +203,8 @@ def train_project(settings: Settings, project: str, pull: bool = False,
     # The fine-tuned model's own annotations calibrate it about as well as held-out ones would
     # (bench.calibration), so no annotation is set aside from training.
     summary.update(fit_serving_rules(model.predictor(segmenter, temperature=1.0), samples, vocabulary, settings))
-    summary.update(images=len(samples), classes=list(trained.labels), skipped_annotations=len(skipped),
-                   skipped=skipped[:20])
+    summary.update(images=len(samples), classes=list(trained.served), background=list(trained.labels[len(trained.served):]),
+                   skipped_annotations=len(skipped), skipped=skipped[:20])
     version = store.add_version(project, summary, lambda number, path: save_checkpoint(
         path, segmenter, model.identity, project=project, version=number, **summary))
     if store.changes_since_training(project) == changes:
@@ -250,7 +256,8 @@ def fit_served_confidence(predictor, samples: list[Sample], vocabulary: Vocabula
                           chunk: int = 32, pixels_per_image: int = 4096,
                           min_images: int = CONFIDENCE_SCALE_MIN_IMAGES) -> dict:
     """Fit how a calibrated fine-tuned ``predictor``'s served confidences map to how often they are right, on the
-    annotated pixels its unpruned pre-labels label (:func:`model.calibration.fit_confidence_scale`), and set it.
+    annotated pixels its unpruned pre-labels label, and on those the annotation leaves to other things the tag names
+    (:func:`model.calibration.fit_confidence_scale`), and set it.
     The temperature is fitted on the upsampled map; refinement then moves boundaries to the image's edges and gets
     right more pixels than those probabilities say (served, the versions of three CLIPs read a pixel ECE of 7 to
     13 %; README, *Measured → Calibration*). Below ``min_images`` images nothing is fitted (the version knows them by
@@ -267,7 +274,8 @@ def fit_served_confidence(predictor, samples: list[Sample], vocabulary: Vocabula
     for start in range(0, len(samples), chunk):
         batch = samples[start:start + chunk]
         for sample, p in zip(batch, predictor.predict([s.image for s in batch], vocabulary, unpruned), strict=True):
-            judged = np.flatnonzero((sample.labels >= 0) & (p.label_map >= 0))
+            # Where the tag names other things, a pixel the annotation leaves unpainted is one of them: labeled, wrong.
+            judged = np.flatnonzero(((sample.labels >= 0) | sample.background) & (p.label_map >= 0))
             pick = rng.choice(judged, min(len(judged), pixels_per_image), replace=False)
             confidence.append(p.confidence.ravel()[pick])
             correct.append(p.label_map.ravel()[pick] == sample.labels.ravel()[pick])

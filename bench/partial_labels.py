@@ -14,8 +14,8 @@ unlabeled). Three label configs, through :func:`backend.label_config.parse_targe
 
 With ``--train-images N``, the same for versions fine-tuned as a training job does on N other demo scenes
 annotated with the project's labels alone (the rest left unlabeled, as an annotator leaves it), for
-``--train-sizes`` labels and ``--train-draws`` draws: one fine-tuning per draw (training sees the annotated
-labels alone, whatever the tag names besides), calibrated and its rule fitted in each config's vocabulary.
+``--train-sizes`` labels and ``--train-draws`` draws: one fine-tuning per draw and config (where the tag names
+other things, training reads the unlabeled pixels as theirs), calibrated and its rule fitted in its vocabulary.
 
 Cells: pixel precision (labeled pixels whose label is right), pixel recall, region precision (regions
 whose label the image shows), regions per image, mIoU over the project's labels (a pixel predicted
@@ -66,18 +66,21 @@ def configs(labels: list[str], others: list[str], half: list[str]) -> dict:
 
 
 def fine_tuned(model, classes: list[int], targets: dict, count: int, steps: int, inference_size: int) -> dict:
-    """Per arm, a predictor of one version trained as a job does on ``count`` demo scenes annotated with the
-    project's labels alone, calibrated with its rule fitted in that arm's vocabulary; and that arm's rules."""
+    """Per arm, a predictor of a version trained as a job does on ``count`` demo scenes annotated with the project's
+    labels alone (where the arm's tag names other things, the unlabeled pixels are taken as those), calibrated with
+    its rule fitted in that arm's vocabulary; and that arm's rules."""
     settings = Settings()
-    samples = [Sample(image, mine) for image, truth in world.test_scenes(count, seed=777)
-               if ((mine := project_truth(truth, classes)) >= 0).any()]  # an empty annotation teaches nothing
-    trained_samples, trained = restrict_to_annotated(samples, next(iter(targets.values())).vocabulary)
-    segmenter = model.segmenter()
-    with torch.enable_grad():
-        finetune(segmenter, model.clip, model.encoder, trained_samples, trained,
-                 train_config(settings, steps=steps, size=inference_size))
+    scenes = [(image, project_truth(truth, classes)) for image, truth in world.test_scenes(count, seed=777)]
     served = {}
     for arm, target in targets.items():
+        background = bool(target.vocabulary.others)
+        # Without other things named, an empty annotation teaches nothing; with them, that none of the labels is there.
+        samples = [Sample(image, mine, background) for image, mine in scenes if background or (mine >= 0).any()]
+        trained_samples, trained = restrict_to_annotated(samples, target.vocabulary)
+        segmenter = model.segmenter()
+        with torch.enable_grad():
+            finetune(segmenter, model.clip, model.encoder, trained_samples, trained,
+                     train_config(settings, steps=steps, size=inference_size))
         predictor = model.predictor(segmenter, temperature=1.0)
         fitted = fit_serving_rules(predictor, samples, target.vocabulary, settings)
         served[arm] = predictor, target.rules(settings.region_rules(fitted["min_region_score"], zero_shot=False))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.vocabulary import UNLABELED
+from model.vocabulary import BACKGROUND
 
 
 def diversified_logits(embeddings: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
@@ -43,11 +43,24 @@ def diversified_logits(embeddings: torch.Tensor, text: torch.Tensor, logit_scale
     return torch.stack(rows)
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over classes; ``labels`` (B, H, W) with ``UNLABELED`` for unannotated pixels."""
-    if (labels != UNLABELED).sum() == 0:
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, others: int = 0) -> torch.Tensor:
+    """Cross-entropy over classes, averaged over the pixels it reads.
+
+    Args:
+        logits: (B, C, H, W); the last ``others`` classes are other things the images show.
+        labels: (B, H, W) class indices; ``UNLABELED`` pixels are not read; ``BACKGROUND`` pixels (with
+            ``others``) are one of the other things, whichever: their loss is ``-log Σ_o p_o``.
+    """
+    labels = labels.long()
+    named = labels >= 0
+    background = labels == BACKGROUND if others else torch.zeros_like(named)
+    if not (named | background).any():
         return logits.sum() * 0
-    return F.cross_entropy(logits, labels.long(), ignore_index=UNLABELED)
+    log_p = logits.log_softmax(1)
+    loss = -log_p.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    if others:
+        loss = torch.where(background, -log_p[:, -others:].logsumexp(1), loss)
+    return loss[named | background].mean()
 
 
 def pool_regions(embeddings: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

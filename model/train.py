@@ -33,17 +33,20 @@ from model.losses import (
 from model.predictor import uses_bf16
 from model.presence import masked_crop
 from model.synonyms import candidate_names, filter_synonyms
-from model.vocabulary import UNLABELED, TextEncoder, Vocabulary
+from model.vocabulary import BACKGROUND, UNLABELED, TextEncoder, Vocabulary
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Sample:
-    """One annotated image: ``labels`` (H, W) holds vocabulary indices, ``UNLABELED`` where unannotated."""
+    """One annotated image: ``labels`` (H, W) holds vocabulary indices, ``UNLABELED`` where unannotated.
+    ``background``: its tag names other things the images show (:attr:`Vocabulary.others`), so a pixel left
+    unannotated is one of them (the annotator painted every label the image shows); else it says nothing."""
 
     image: np.ndarray
     labels: np.ndarray
+    background: bool = False
 
 
 @dataclass
@@ -197,7 +200,7 @@ class Batch:
     """One training step's augmented crops and, per image, its regions (annotated ones first)."""
 
     images: torch.Tensor  # (B, H, W, 3) uint8
-    labels: torch.Tensor  # (B, H, W) class indices, UNLABELED elsewhere
+    labels: torch.Tensor  # (B, H, W) class indices, BACKGROUND or UNLABELED elsewhere
     masks: list[torch.Tensor]  # per image (R_b, H, W): its annotated regions
     classes: list[torch.Tensor]  # per image (R_b,): their classes
     drawn_text: list[torch.Tensor]  # per image (R_b, D): the embedding of each region's drawn name
@@ -214,6 +217,7 @@ class _Trainer:
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.text = encoder.embed(vocabulary)
+        self.others = vocabulary.others
         self.regions, self.maps = prepare_regions(clip, encoder, samples, vocabulary, config)
         names = list(dict.fromkeys(n for r in self.regions.values() for n in r.names))
         self.name_embedding = dict(zip(names, encoder.embed_texts(names), strict=True)) if names else {}
@@ -246,7 +250,9 @@ class _Trainer:
             unlabeled = [(int(v), self.regions[(int(index), int(v))]) for v in np.unique(ids)
                          if v >= UNLABELED_BASE and (int(index), int(v)) in self.regions]
             images.append(torch.from_numpy(image))
-            labels.append(torch.from_numpy(np.where(ids < UNLABELED_BASE, ids, UNLABELED).astype(np.int64)))
+            unannotated = BACKGROUND if self.samples[index].background else UNLABELED
+            labels.append(torch.from_numpy(np.where((ids >= 0) & (ids < UNLABELED_BASE), ids, unannotated)
+                                           .astype(np.int64)))
             masks.append(torch.from_numpy(np.stack([ids == r.cls for r in annotated])) if annotated else empty)
             classes.append(torch.tensor([r.cls for r in annotated], dtype=torch.long))
             names = [r.names[self.rng.integers(len(r.names))] if self.config.diversify else r.names[0]
@@ -268,7 +274,7 @@ class _Trainer:
                                     [m.to(device) for m in batch.masks], batch.classes,
                                     [t.to(device) for t in batch.drawn_text] if config.diversify else None,
                                     (self.size, self.size))
-        loss_ce = classification_loss(logits, batch.labels.to(device))
+        loss_ce = classification_loss(logits, batch.labels.to(device), self.others)
         loss_kd = self.distillation(embeddings, batch) if config.distill else None
         loss = config.classification_weight * loss_ce
         if loss_kd is not None:

@@ -32,6 +32,9 @@ TEMPLATES = (
 
 # The vocabulary index of a pixel no label covers: unpredicted in a label map, unannotated in training.
 UNLABELED = -1
+# In a training crop, a pixel the annotation leaves unpainted where its tag names other things the images show
+# (:attr:`Vocabulary.others`): it is one of them, whichever.
+BACKGROUND = -2
 
 
 class EmptyVocabulary(ValueError):

@@ -29,7 +29,7 @@ from model.losses import (
 from model.segmenter import build_segmenter
 from model.synonyms import candidate_names, filter_synonyms
 from model.train import Sample, TrainConfig, copy_paste, cutouts, finetune, masked_crop
-from model.vocabulary import TextEncoder, Vocabulary
+from model.vocabulary import BACKGROUND, TextEncoder, Vocabulary
 from tests.conftest import png_bytes
 
 
@@ -71,6 +71,20 @@ def test_classification_loss_ignores_unannotated_pixels():
     logits = torch.tensor([[[[0.0, 5.0]], [[math.log(3), -5.0]]]])  # (1, 2, 1, 2)
     labels = torch.tensor([[[1, -1]]])
     assert classification_loss(logits, labels).item() == pytest.approx(math.log(4) - math.log(3))
+
+
+def test_a_background_pixel_is_one_of_the_other_things_whichever():
+    """Classes a, b, then the other things o1, o2: an unpainted pixel of an image whose tag names them costs
+    -log(p_o1 + p_o2), and the mean runs over it and the painted pixels; without other things it is not read."""
+    p = torch.tensor([[1 / 4, 1 / 8], [1 / 4, 1 / 8], [1 / 4, 1 / 2], [1 / 4, 1 / 4]])  # (classes, pixels)
+    logits = p.log()[None, :, None]  # (1, 4, 1, 2)
+    labels = torch.tensor([[[0, BACKGROUND]]])
+    # Pixel 0 (class a): p_a = 1/4; pixel 1 (background): p_o1 + p_o2 = 3/4.
+    expected = (math.log(4) + math.log(4 / 3)) / 2
+    assert classification_loss(logits, labels, others=2).item() == pytest.approx(expected, rel=1e-5)
+    assert classification_loss(logits, labels).item() == pytest.approx(math.log(4), rel=1e-5)
+    only_background = torch.tensor([[[BACKGROUND, BACKGROUND]]])
+    assert classification_loss(logits, only_background).item() == 0
 
 
 def test_synonym_filter_keeps_fitting_names_and_always_the_class_name():
@@ -277,8 +291,9 @@ def test_fine_tuned_segmenter_ensembles_with_the_frozen_clip(demo_clip, tmp_path
 
 
 def test_training_learns_every_segmentation_tag_of_the_config():
-    """A brush tag and a polygon tag on one image: both tags' regions are learnt, in one label map; the other
-    things the brush tag names are served as its pre-labels are (classified), never trained on."""
+    """A brush tag and a polygon tag on one image: both tags' regions are learnt, in one label map. The brush tag
+    names other things the image shows, so what the annotation leaves unpainted is one of them: training learns
+    them as a group, and an annotation that paints nothing says the image shows none of the labels."""
     config = """<View><Image name="image" value="$image"/>
       <BrushLabels name="stuff" toName="image" model_background="road,car">
         <Label value="grass"/><Label value="sky"/></BrushLabels>
@@ -293,14 +308,40 @@ def test_training_learns_every_segmentation_tag_of_the_config():
          "original_height": 40, "value": {"points": [[10, 5], [40, 5], [40, 40], [10, 40]], "polygonlabels": ["car"]}},
     ]
     uri = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
-    samples, vocabulary = build_samples([{"task_id": 1, "data": {"image": uri}, "result": results}], config,
-                                        ImageFetcher())
+    annotations = [{"task_id": 1, "data": {"image": uri}, "result": results},
+                   {"task_id": 2, "data": {"image": uri}, "result": []}]
+    samples, vocabulary = build_samples(annotations, config, ImageFetcher())
     # The config's labels, as pre-labels are served, then the other things no tag has as a label.
     assert vocabulary.served == ("grass", "sky", "car") and vocabulary.labels[3:] == ("road",)
+    assert [s.background for s in samples] == [True, True] and (samples[1].labels == -1).all()
     samples, trained = restrict_to_annotated(samples, vocabulary)
-    assert trained.labels == ("grass", "car")  # both tags' annotated labels, none of the others
-    (sample,) = samples
-    assert (sample.labels[30, 50], sample.labels[5, 15], sample.labels[2, 2]) == (0, 1, -1)
+    # Both tags' annotated labels, then the other things (as one group: the unpainted pixels' class).
+    assert trained.labels == ("grass", "car", "road") and trained.others == 1
+    assert (samples[0].labels[30, 50], samples[0].labels[5, 15], samples[0].labels[2, 2]) == (0, 1, -1)
+    # Without model_background an unpainted pixel says nothing, and an empty annotation teaches nothing.
+    plain, vocabulary = build_samples(annotations, config.replace(' model_background="road,car"', ""), ImageFetcher())
+    assert [s.background for s in plain] == [False]
+    assert restrict_to_annotated(plain, vocabulary)[1].labels == ("grass", "car")
+
+
+def test_fine_tuning_learns_that_unpainted_pixels_are_other_things(demo_clip, tiny_samples):
+    """Where the tag names other things, the pixels the annotations leave unpainted move towards them; where it
+    does not, they are not read."""
+    vocabulary = Vocabulary(("sky", "grass", "road", "car"), others=2)
+    config = TrainConfig(steps=30, batch_size=2, size=64, seed=5, paste=0)
+    unpainted = np.stack([s.labels < 0 for s in tiny_samples])
+    images = torch.from_numpy(np.stack([s.image for s in tiny_samples]))
+    text = TextEncoder(demo_clip).embed(vocabulary)
+    share = {}
+    for background in (False, True):
+        segmenter = build_segmenter(demo_clip, seed=5)
+        samples = [dataclasses.replace(s, background=background) for s in tiny_samples]
+        finetune(segmenter, demo_clip, TextEncoder(demo_clip), samples, vocabulary, config)
+        with torch.no_grad():
+            logits, _ = segmenter(segmenter.preprocess(images), text)
+        p = F.interpolate(logits, size=unpainted.shape[1:], mode="bilinear").softmax(1)
+        share[background] = float(p[:, 2:].sum(1)[torch.from_numpy(unpainted)].mean())
+    assert share[True] > share[False] + 0.2, share
 
 
 class _RecordingPredictor:
@@ -348,6 +389,15 @@ def test_a_version_is_calibrated_in_every_label_it_serves_and_its_rule_on_the_an
     served = scale_confidence(torch.tensor([0.6]), predictor.confidence_scale)
     assert float(served) == pytest.approx(0.75, abs=0.02)
     assert summary["served_ece_after"] < 2 < 10 < summary["served_ece_before"]
+    # Where the tag names other things, the pixels an annotation leaves unpainted are theirs: labeled, they are
+    # wrong. Half of each image is, so the pixels saying 0.6 are right half of the time; without it, always.
+    half = np.full((8, 8), -1, np.int64)
+    half[:4] = 0
+    for background, right in ((True, 0.5), (False, 1.0)):
+        predictor = _RecordingPredictor()
+        fit_serving_rules(predictor, [Sample(np.zeros((8, 8, 3), np.uint8), half, background)] * 20,
+                          Vocabulary.from_labels(["a", "b"], others=["c"]), Settings())
+        assert float(scale_confidence(torch.tensor([0.6]), predictor.confidence_scale)) == pytest.approx(right, abs=0.02)
     # A version trained on 10 images knows them by heart: a scale fitted on them made served pre-labels of two CLIPs
     # overconfident (README, *Measured → Calibration*).
     fewer = _RecordingPredictor()
