@@ -116,13 +116,13 @@ class Store:
             self._count_change(db, project)
 
     def delete_annotations(self, project: str, annotation_ids: list[int]) -> None:
-        """Delete these annotations in one transaction (each counts as a change)."""
+        """Delete these annotations in one transaction (each one stored counts as a change)."""
         with self._db() as db:
-            db.executemany("DELETE FROM annotations WHERE project=? AND annotation_id=?",
-                           [(project, int(annotation_id)) for annotation_id in annotation_ids])
+            deleted = db.executemany("DELETE FROM annotations WHERE project=? AND annotation_id=?",
+                                     [(project, int(annotation_id)) for annotation_id in annotation_ids]).rowcount
             db.execute("INSERT INTO projects (project, changes_since_training) VALUES (?, ?) ON CONFLICT(project) "
                        "DO UPDATE SET changes_since_training = changes_since_training + excluded.changes_since_training",
-                       (project, len(annotation_ids)))
+                       (project, max(deleted, 0)))
 
     def replace_annotations(self, project: str, tasks: list[dict]) -> int:
         """Make the stored annotations exactly those in ``tasks`` (Label Studio's JSON export)."""

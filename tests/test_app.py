@@ -55,8 +55,10 @@ def test_a_skipped_task_is_not_stored_as_an_annotation(make_client):
     answer = client.post("/webhook", json=event("ANNOTATION_CREATED", 2, True)).get_json()
     assert answer["annotation"] == "not stored: the task was skipped"
     assert [a["task_id"] for a in service.store.annotations("4")] == [41]
+    assert service.store.annotation_counts()["4"] == {"stored": 1, "changes_since_training": 1}
     client.post("/webhook", json=event("ANNOTATION_UPDATED", 1, True))  # submitted, then skipped
     assert service.store.annotations("4") == []
+    assert service.store.annotation_counts()["4"] == {"stored": 0, "changes_since_training": 2}
     service.runtime.model(wait=60)  # the model's start ends before the process does
 
 

@@ -213,6 +213,11 @@ def test_label_studio_annotation_events_reach_the_store(servers):
     stored(1, changes=2)  # replaced, not added
     label_studio.api("DELETE", f"/api/annotations/{annotation['id']}")
     stored(0, changes=3)
+    # A skip (what the editor's Skip posts) is not stored and changes nothing.
+    label_studio.api("POST", f"/api/tasks/{task['id']}/annotations", json={"result": [], "was_cancelled": True})
+    annotation = label_studio.api("POST", f"/api/tasks/{label_studio.tasks(project)[1]['id']}/annotations",
+                                  json={"result": annotation_results(scenes[1][1])})
+    stored(1, changes=4)  # the skip's webhook came first
 
 
 def prelabel(servers, project: int, *args: str) -> subprocess.Popen:
