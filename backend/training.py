@@ -110,7 +110,7 @@ def build_samples(annotations: list[dict], label_config: str, fetcher: ImageFetc
     by_image: dict[str, list[ControlTag]] = {}
     for target in targets:  # each target's results painted in the merged vocabulary's indices
         by_image.setdefault(target.data_key, []).append(dataclasses.replace(target, vocabulary=vocabulary))
-    background = {key for key in by_image if any(t.vocabulary.others for t in targets if t.data_key == key)}
+    background = {target.data_key for target in targets if target.vocabulary.others}  # images whose tags name others
     samples = []
     for annotation in annotations:
         try:
@@ -203,8 +203,9 @@ def train_project(settings: Settings, project: str, pull: bool = False,
     # The fine-tuned model's own annotations calibrate it about as well as held-out ones would
     # (bench.calibration), so no annotation is set aside from training.
     summary.update(fit_serving_rules(model.predictor(segmenter, temperature=1.0), samples, vocabulary, settings))
-    summary.update(images=len(samples), classes=list(trained.served), background=list(trained.labels[len(trained.served):]),
-                   skipped_annotations=len(skipped), skipped=skipped[:20])
+    summary.update(images=len(samples), classes=list(trained.served),
+                   background=list(trained.labels[len(trained.served):]), skipped_annotations=len(skipped),
+                   skipped=skipped[:20])
     version = store.add_version(project, summary, lambda number, path: save_checkpoint(
         path, segmenter, model.identity, project=project, version=number, **summary))
     if store.changes_since_training(project) == changes:
